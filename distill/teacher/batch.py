@@ -1,0 +1,110 @@
+"""TeacherBatch: the unit that travels teacher -> buffer -> student and lands in the offline cache.
+
+Arrays are numpy so Ray's object store shares them zero-copy. numpy has no bfloat16, so bf16 payloads are
+stored as their raw uint16 bit pattern and tagged in `float_dtypes`; `to_torch()` restores the real dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import numpy as np
+import torch
+
+BatchId = tuple[int, int]  # (epoch, index): global order; decides which rank and micro-step consume it
+
+_TORCH_FLOAT = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_FLOAT_FIELDS = ("topk_logits", "hidden", "attention")
+
+
+def tensor_to_numpy(t: torch.Tensor) -> tuple[np.ndarray, str]:
+    """Detach to CPU numpy; bf16 goes out as its uint16 bit pattern. Returns (array, dtype name)."""
+    t = t.detach().cpu().contiguous()
+    name = str(t.dtype).removeprefix("torch.")
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.uint16).numpy(), name
+    return t.numpy(), name
+
+
+def numpy_to_tensor(a: np.ndarray, dtype_name: str) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    if dtype_name == "bfloat16":
+        return t.view(torch.bfloat16)
+    return t
+
+
+@dataclass
+class TeacherBatch:
+    """Compact teacher outputs for one batch of B sequences of length T.
+
+    input_ids      [B, T] int32   tokens (shared tokenizer unless a token map is configured)
+    attention_mask [B, T] bool    real tokens (False on padding)
+    loss_mask      [B, T] bool    positions whose *next* token is trained (prompt and padding masked)
+    topk_ids       [B, T, k] int32  teacher's k most likely next tokens
+    topk_logits    [B, T, k] float  their raw logits at T=1 (temperature is the loss's business)
+    log_normalizer [B, T] fp32    full-vocab logsumexp at T=1, so the tail mass outside top-k is known
+    hidden         [B, T, L_sel, H_t] optional teacher hidden states of the configured layers
+    attention      [B, L_sel, T, T] optional head-averaged attention maps of the configured layers
+    """
+
+    batch_id: BatchId
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    loss_mask: np.ndarray
+    topk_ids: np.ndarray
+    topk_logits: np.ndarray
+    log_normalizer: np.ndarray
+    hidden: np.ndarray | None = None
+    attention: np.ndarray | None = None
+    float_dtypes: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def k(self) -> int:
+        return int(self.topk_ids.shape[-1])
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.loss_mask.sum())
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays().values())
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Every array field that is present, by name."""
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, np.ndarray):
+                out[f.name] = v
+        return out
+
+    @classmethod
+    def from_torch(cls, batch_id: BatchId, **tensors: torch.Tensor | None) -> TeacherBatch:
+        """Build from torch tensors (any device); floats keep their dtype (bf16 via uint16 bits)."""
+        arrays: dict[str, np.ndarray | None] = {}
+        dtypes: dict[str, str] = {}
+        for name, t in tensors.items():
+            if t is None:
+                arrays[name] = None
+                continue
+            arrays[name], dtypes[name] = tensor_to_numpy(t)
+        return cls(batch_id=tuple(batch_id), float_dtypes=dtypes, **arrays)  # type: ignore[arg-type]
+
+    def tensor(self, name: str) -> torch.Tensor | None:
+        """One field as a torch tensor (zero-copy from numpy where possible)."""
+        a = getattr(self, name)
+        if a is None:
+            return None
+        return numpy_to_tensor(a, self.float_dtypes.get(name, str(a.dtype)))
+
+    def to_torch(self, device: torch.device | str = "cpu") -> dict[str, torch.Tensor | None]:
+        """All fields as tensors on `device`; ids as int64 (what embedding/gather kernels want)."""
+        out: dict[str, torch.Tensor | None] = {}
+        for f in fields(self):
+            if f.name in ("batch_id", "float_dtypes"):
+                continue
+            t = self.tensor(f.name)
+            if t is not None and f.name in ("input_ids", "topk_ids"):
+                t = t.long()
+            out[f.name] = None if t is None else t.to(device)
+        return out
