@@ -1,0 +1,26 @@
+# The two commands a fresh machine needs: `make demo` and `make test`. Both set up .venv first.
+VENV ?= .venv
+export HF_HUB_OFFLINE := 1
+export DS_ACCELERATOR := cpu
+export RAY_AUTH_MODE := disabled
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup demo test test-fast lint bench
+
+setup:
+	@bash scripts/setup.sh
+
+demo: setup
+	$(VENV)/bin/distill demo
+
+test: setup
+	$(VENV)/bin/python -m pytest tests
+
+test-fast: setup
+	$(VENV)/bin/python -m pytest tests -m "not slow"
+
+lint: setup
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+bench: setup
+	$(VENV)/bin/python bench/loss_memory.py

@@ -1,0 +1,210 @@
+"""Typed configuration schema: one dataclass per component, registered in Hydra's ConfigStore.
+
+YAML under `hydra_configs/` only sets values; every key must exist here, so a misspelt key fails when Hydra
+composes the config (OmegaConf structured configs are closed), before any model is loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import MISSING
+
+
+@dataclass
+class ClusterConfig:
+    """Where processes run and how work is split. Validated by `distill.config.topology.Topology`."""
+
+    name: str = "local_single"
+    mode: str = "local"
+    """`local`: the single-process reference trainer; `ray`: teacher and student actor groups."""
+    address: str | None = None
+    """Ray address to connect to (`auto` or host:port); None starts a local Ray instance."""
+    nodes: int = 1
+    cpus_per_node: int = 2
+    gpus_per_node: int = 0
+    device: str = "cpu"
+    """`cpu` or `cuda`; the code path is the same, only the device and backend differ."""
+    backend: str = "gloo"
+    """torch.distributed backend: `gloo` on CPU, `nccl` on GPUs."""
+    teacher_replicas: int = 1
+    teacher_tp: int = 1
+    student_world_size: int = 1
+    micro_batch_size: int = 8
+    grad_accum_steps: int = 1
+    global_batch_size: int = 8
+    """Sequences per optimizer step; must equal micro_batch_size * grad_accum_steps * student_world_size."""
+    buffer_shards: int = 1
+    buffer_capacity: int = 8
+    """Teacher batches held in the buffer before the teacher side is made to wait (backpressure)."""
+    cpus_per_teacher_actor: float = 1.0
+    cpus_per_student_actor: float = 1.0
+    gpus_per_teacher_actor: float = 0.0
+    gpus_per_student_actor: float = 0.0
+
+
+@dataclass
+class TeacherConfig:
+    name: str = MISSING
+    arch: str | None = None
+    """A tiny architecture from `distill.models.tiny` (trained by `distill prepare-demo`), or a production
+    architecture name whose config ships in `distill/models/arch_configs` (validates without weights)."""
+    path: str | None = None
+    """Any Hugging Face causal-LM folder; None with a tiny `arch` means the prepare-demo teacher."""
+    dtype: str = "float32"
+    topk: int = 16
+    """k: how many teacher logits per position travel to the student."""
+    logits_dtype: str = "float32"
+    attn_implementation: str | None = None
+    """None picks `eager` when an attention-transfer term is on (sdpa returns no attention maps)."""
+
+
+@dataclass
+class StudentConfig:
+    name: str = MISSING
+    arch: str | None = None
+    """A tiny architecture built fresh with the teacher's tokenizer and vocabulary, or a production arch name."""
+    path: str | None = None
+    """Any Hugging Face causal-LM folder to start from; None builds `arch` from scratch."""
+    dtype: str = "float32"
+    init_seed: int = 0
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """Extra architecture fields for a tiny `arch` (hidden_size, num_hidden_layers, ...)."""
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DataConfig:
+    name: str = "gsm_synth"
+    path: str | None = None
+    """None: the embedded task. Else a jsonl / parquet / `datasets` folder with a text or messages field."""
+    text_field: str = "text"
+    messages_field: str = "messages"
+    domains: list[str] = field(default_factory=lambda: ["shopping", "travel", "baking", "garden"])
+    levels: list[int] = field(default_factory=lambda: [1, 2])
+    num_train: int = 4000
+    num_eval: int = 200
+    eval_fraction: float = 0.05
+    """Held-out share for user datasets without an eval split."""
+    max_length: int = 128
+    packing: bool = False
+    seed: int = 0
+
+
+@dataclass
+class LossTermConfig:
+    """One weighted term of the objective; `name` is a `distill.losses` registry name."""
+
+    name: str = MISSING
+    weight: float = 1.0
+    beta: float = 0.5
+    """Generalized JSD interpolation weight (term `jsd`)."""
+    alpha: float = 0.1
+    """Skew KL mixing weight (terms `skew_forward_kl`, `skew_reverse_kl`)."""
+    select_by: str | None = None
+    """Selective distillation: `confidence` or `entropy` of the teacher; None trains every token."""
+    select_threshold: float = 0.0
+    select_keep: str = "above"
+    layer_map: list[list[int]] = field(default_factory=list)
+    """Hidden-state transfer: [[student_layer, teacher_layer], ...] as hidden_states indices (0 = embeddings)."""
+    metric: str = "kl"
+    """Attention transfer: `kl` between attention rows, or `mse`."""
+
+
+@dataclass
+class LossConfig:
+    temperature: float = 2.0
+    chunk_size: int = 1024
+    """Tokens per chunk in the chunked loss: bounds the fp32 [chunk, V] working set."""
+    terms: dict[str, LossTermConfig] = field(default_factory=dict)
+    """Terms by label; weights 0 disable a term."""
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    schedule: str = "cosine"
+    """`cosine`, `linear` or `constant`, after `warmup_steps` of linear warm-up."""
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    """Optimizer steps."""
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 0
+    """Held-out CE every N steps (0: only at the end)."""
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0
+    """0 disables periodic checkpoints (the final student export still happens)."""
+    keep: int = 2
+
+
+@dataclass
+class EvalConfig:
+    model: str | None = None
+    """`distill eval`: the Hugging Face folder to evaluate (e.g. a run's student/); None evaluates the teacher."""
+    max_batches: int = 0
+    """0: the whole held-out split."""
+    batch_size: int = 32
+    generate_examples: int = 100
+    """How many held-out prompts are greedy-decoded for exact-match."""
+    max_new_tokens: int = 96
+
+
+@dataclass
+class TrackingConfig:
+    wandb: bool = False
+    project: str = "distill"
+    wandb_mode: str = "offline"
+    progress: bool = True
+
+
+@dataclass
+class PrepareConfig:
+    """`distill prepare-demo`: the tokenizer and the task-trained tiny teacher, cached by their config."""
+
+    cache_dir: str = "${oc.env:DISTILL_CACHE,${oc.env:HOME}/.cache/distill}"
+    vocab_size: int = 768
+    teacher_arch_overrides: dict[str, Any] = field(default_factory=dict)
+    teacher_train_size: int = 8000
+    """Problems (all domains, `teacher_levels`) the teacher is trained on; held-out questions never appear."""
+    teacher_levels: list[int] = field(default_factory=lambda: [1, 2, 3])
+    teacher_steps: int = 600
+    teacher_lr: float = 3e-3
+    teacher_batch_size: int = 32
+    eval_examples: int = 100
+    seed: int = 0
+    force: bool = False
+    """Retrain even if a cached teacher with the same key exists."""
+
+
+@dataclass
+class RunConfig:
+    """The root config of `distill`."""
+
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    run_dir: str = "."
+    """Where config.yaml, metrics.jsonl, checkpoints/ and student/ go (Hydra's run dir by default)."""
+    resume: bool = False

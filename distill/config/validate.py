@@ -1,0 +1,75 @@
+"""Run-level checks that need the models' architecture numbers (read from config.json, never the weights).
+
+Everything here runs before any model is loaded or any process starts, so a bad run fails in a second.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from distill.config.topology import ModelShape, Topology
+from distill.errors import ConfigError
+from distill.losses.validation import validate_layer_map, validate_term
+
+
+@dataclass(frozen=True)
+class PairFacts:
+    """What validation needs to know about the teacher and the student."""
+
+    teacher_vocab: int
+    student_vocab: int
+    teacher_layers: int
+    student_layers: int
+    teacher_shape: ModelShape
+    same_tokenizer: bool
+    """False when the two tokenizers are known to differ (or the vocab sizes do)."""
+
+
+def validate_run(cfg, facts: PairFacts) -> Topology:
+    """Check the loss terms, layer maps, vocabularies and topology of a composed RunConfig."""
+    topology = Topology.from_config(cfg.cluster)
+    topology.check_model(facts.teacher_shape)
+    if cfg.cluster.mode == "ray":
+        topology.check_fits()
+    elif cfg.cluster.mode != "local":
+        raise ConfigError(f"cluster.mode={cfg.cluster.mode!r}: use 'local' (reference) or 'ray'.")
+    _validate_terms(cfg, facts)
+    if not facts.same_tokenizer:
+        raise ConfigError(
+            f"teacher vocabulary ({facts.teacher_vocab} tokens) and student vocabulary ({facts.student_vocab} "
+            "tokens) differ, and logit distillation needs a shared token space. Use a student built with the "
+            "teacher's tokenizer (a tiny `student.arch` does this), or a student checkpoint that shares it; "
+            "cross-tokenizer distillation with a token map is not available in this version."
+        )
+    return topology
+
+
+def _validate_terms(cfg, facts: PairFacts) -> None:
+    terms = cfg.loss.terms
+    if not terms or all(t.weight == 0 for t in terms.values()):
+        raise ConfigError("loss.terms is empty or every weight is 0: the run would train nothing. Give a term weight.")
+    for label, t in terms.items():
+        if t.weight < 0:
+            raise ConfigError(f"loss.terms.{label}.weight={t.weight} is negative; weights must be >= 0.")
+        params = {"beta": t.beta, "alpha": t.alpha, "select_by": t.select_by, "select_keep": t.select_keep}
+        validate_term(
+            t.name,
+            temperature=cfg.loss.temperature,
+            k=cfg.teacher.topk,
+            vocab_size=min(facts.teacher_vocab, facts.student_vocab),
+            params=params,
+        )
+        if t.name.startswith("hidden"):
+            if not t.layer_map:
+                raise ConfigError(f"loss.terms.{label} ({t.name}) needs a layer_map [[student, teacher], ...].")
+            validate_layer_map([tuple(p) for p in t.layer_map], facts.student_layers, facts.teacher_layers)
+        if t.name == "attention_transfer":
+            if not t.layer_map:
+                raise ConfigError(f"loss.terms.{label} (attention_transfer) needs a layer_map [[student, teacher]].")
+            for s, tl in t.layer_map:
+                if not (0 <= s < facts.student_layers and 0 <= tl < facts.teacher_layers):
+                    raise ConfigError(
+                        f"loss.terms.{label}.layer_map pair [{s}, {tl}] is out of range: attention layers are "
+                        f"0..{facts.student_layers - 1} for the student and 0..{facts.teacher_layers - 1} for "
+                        "the teacher."
+                    )

@@ -1,0 +1,165 @@
+"""The distillation objective: a weighted sum of registry loss terms over one micro-batch.
+
+The objective never branches on which algorithm is configured: every term is looked up by name and called
+with the inputs its `kind` asks for. Terms return (loss_sum, num_tokens); the trainer divides by the global
+number of trained tokens of the whole optimizer step once, so gradient accumulation and data parallelism
+give the same loss as one big batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from distill import losses
+from distill.losses.projection import HiddenProjector
+
+TEACHER_FREE_TERMS = frozenset({"ce"})
+
+
+@dataclass
+class TermSpec:
+    """One configured term: registry name, weight and its keyword parameters."""
+
+    label: str
+    name: str
+    weight: float
+    params: dict = field(default_factory=dict)
+    layer_map: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def kind(self) -> str:
+        return losses.get(self.name).kind
+
+
+def term_specs_from_config(terms_cfg: Mapping) -> list[TermSpec]:
+    """Turn `loss.terms` (label -> LossTermConfig) into TermSpecs, keeping only each kind's parameters."""
+    specs = []
+    for label, t in terms_cfg.items():
+        params: dict = {}
+        if t.name == "jsd":
+            params["beta"] = t.beta
+        if t.name.startswith("skew_"):
+            params["alpha"] = t.alpha
+        if t.select_by is not None:
+            params.update(select_by=t.select_by, select_threshold=t.select_threshold, select_keep=t.select_keep)
+        if t.name == "attention_transfer":
+            params["metric"] = t.metric
+        layer_map = [(int(s), int(tl)) for s, tl in t.layer_map]
+        specs.append(TermSpec(str(label), t.name, float(t.weight), params, layer_map))
+    return specs
+
+
+class Objective(nn.Module):
+    """Weighted loss terms. Holds the learned hidden-state projections (trained with the student, not exported)."""
+
+    def __init__(
+        self,
+        terms: list[TermSpec],
+        *,
+        temperature: float,
+        chunk_size: int,
+        student_hidden_size: int = 0,
+        teacher_hidden_size: int = 0,
+    ) -> None:
+        super().__init__()
+        self.terms = [t for t in terms if t.weight != 0.0]
+        self.temperature = temperature
+        self.chunk_size = chunk_size
+        self.projectors = nn.ModuleDict()
+        for t in self.terms:
+            if t.kind == "hidden":
+                self.projectors[t.label] = HiddenProjector(student_hidden_size, teacher_hidden_size, len(t.layer_map))
+
+    # ---- what the teacher and the student forward must provide ---------------------------------------------
+    @property
+    def needs_teacher(self) -> bool:
+        return any(t.name not in TEACHER_FREE_TERMS for t in self.terms)
+
+    @property
+    def teacher_hidden_layers(self) -> list[int]:
+        """Teacher hidden_states indices to ship, sorted; hidden terms index into this list."""
+        return sorted({tl for t in self.terms if t.kind == "hidden" for _, tl in t.layer_map})
+
+    @property
+    def teacher_attention_layers(self) -> list[int]:
+        return sorted({tl for t in self.terms if t.kind == "attention" for _, tl in t.layer_map})
+
+    @property
+    def needs_student_hidden(self) -> bool:
+        return any(t.kind == "hidden" for t in self.terms)
+
+    @property
+    def needs_student_attention(self) -> bool:
+        return any(t.kind == "attention" for t in self.terms)
+
+    # ---- the computation ---------------------------------------------------------------------------
+    def forward(self, student_out, batch: Mapping[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
+        """Per-term loss sums for one micro-batch.
+
+        student_out: HF CausalLMOutput with `logits` [B, T, V] (+ `hidden_states`, `attentions` if asked).
+        batch: `TeacherBatch.to_torch()` tensors, or just input_ids/attention_mask/loss_mask without a teacher.
+        Returns {label: loss_sum} (unweighted sums; the caller weights and normalises).
+        """
+        logits = student_out.logits
+        b, t, v = logits.shape
+        mask = batch["loss_mask"].reshape(-1).bool()
+        labels = next_token_labels(batch["input_ids"]).reshape(-1)
+        teacher = self._teacher(batch)
+        sums: dict[str, torch.Tensor] = {}
+        for spec in self.terms:
+            fn = losses.get(spec.name)
+            if spec.kind == "logits":
+                loss_sum, _ = fn(
+                    logits.reshape(b * t, v),
+                    teacher,
+                    mask,
+                    temperature=self.temperature,
+                    labels=labels,
+                    chunk_size=self.chunk_size,
+                    **spec.params,
+                )
+            elif spec.kind == "hidden":
+                s_feats, t_feats = self._hidden_pairs(spec, student_out, batch)
+                loss_sum, _ = fn(s_feats, t_feats, mask, **spec.params)
+            else:
+                s_attn, t_attn = self._attention_pairs(spec, student_out, batch)
+                loss_sum, _ = fn(s_attn, t_attn, batch["loss_mask"].bool(), **spec.params)
+            sums[spec.label] = loss_sum
+        return sums
+
+    def weighted_total(self, sums: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return sum(spec.weight * sums[spec.label] for spec in self.terms)  # type: ignore[return-value]
+
+    def _teacher(self, batch):
+        if batch.get("topk_ids") is None:
+            return None
+        return losses.TopKTeacher(
+            ids=batch["topk_ids"].reshape(-1, batch["topk_ids"].shape[-1]),
+            logits=batch["topk_logits"].reshape(-1, batch["topk_logits"].shape[-1]),
+            log_normalizer=batch["log_normalizer"].reshape(-1),
+        )
+
+    def _hidden_pairs(self, spec: TermSpec, student_out, batch):
+        shipped = self.teacher_hidden_layers
+        student = torch.stack([student_out.hidden_states[s] for s, _ in spec.layer_map], dim=2)  # [B,T,L,Hs]
+        teacher = batch["hidden"][:, :, [shipped.index(tl) for _, tl in spec.layer_map]]  # [B,T,L,Ht]
+        n = student.shape[0] * student.shape[1]
+        projected = self.projectors[spec.label](student.reshape(n, *student.shape[2:]).float())
+        return projected, teacher.reshape(n, *teacher.shape[2:]).float()
+
+    def _attention_pairs(self, spec: TermSpec, student_out, batch):
+        shipped = self.teacher_attention_layers
+        student = torch.stack([student_out.attentions[s].mean(dim=1) for s, _ in spec.layer_map], dim=1)
+        teacher = batch["attention"][:, [shipped.index(tl) for _, tl in spec.layer_map]]
+        return student.float(), teacher.float()
+
+
+def next_token_labels(input_ids: torch.Tensor) -> torch.Tensor:
+    """labels[b, t] = input_ids[b, t + 1]; the last position has no next token (its loss_mask is False)."""
+    labels = torch.zeros_like(input_ids)
+    labels[:, :-1] = input_ids[:, 1:]
+    return labels

@@ -1,0 +1,126 @@
+"""The single-process reference trainer: TeacherBatch -> weighted loss terms -> plain torch optimizer step.
+
+Every distributed path is tested against this one, so it stays small and obviously correct.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from distill.training.objective import Objective
+
+MicroBatch = dict[str, torch.Tensor | None]
+
+
+@dataclass
+class StepMetrics:
+    step: int
+    loss: float
+    terms: dict[str, float]
+    tokens: int
+    lr: float
+    grad_norm: float
+    seconds: float
+    batch_ids: list[tuple[int, int]] = field(default_factory=list)
+
+    def as_record(self) -> dict:
+        return {
+            "step": self.step,
+            "loss": self.loss,
+            **{f"loss/{k}": v for k, v in self.terms.items()},
+            "tokens": self.tokens,
+            "lr": self.lr,
+            "grad_norm": self.grad_norm,
+            "tokens_per_s": self.tokens / max(self.seconds, 1e-9),
+        }
+
+
+def student_forward(model: nn.Module, objective: Objective, batch: MicroBatch):
+    """The student forward with exactly the extra outputs the objective's terms need."""
+    return model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"].long(),
+        output_hidden_states=objective.needs_student_hidden,
+        output_attentions=objective.needs_student_attention,
+        use_cache=False,
+    )
+
+
+class ReferenceTrainer:
+    """One process, one student, a plain torch optimizer; gradient accumulation over micro-batches."""
+
+    def __init__(
+        self,
+        student: nn.Module,
+        objective: Objective,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        *,
+        grad_clip: float,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.student = student
+        self.objective = objective
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.grad_clip = grad_clip
+        self.device = torch.device(device)
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [*self.student.parameters(), *self.objective.parameters()]
+
+    def train_step(self, step: int, micro_batches: Sequence[MicroBatch]) -> StepMetrics:
+        """One optimizer step over all micro-batches of the global batch."""
+        start = time.perf_counter()
+        self.student.train()
+        # The global token count is known before any forward, so each micro-batch's loss is already divided
+        # by it: the accumulated gradient equals that of one big batch.
+        num_tokens = int(sum(int(mb["loss_mask"].sum()) for mb in micro_batches))
+        denom = max(num_tokens, 1)
+        self.optimizer.zero_grad(set_to_none=True)
+        term_sums: dict[str, torch.Tensor] = {}
+        for mb in micro_batches:
+            mb = {k: (v.to(self.device) if v is not None else None) for k, v in mb.items()}
+            out = student_forward(self.student, self.objective, mb)
+            sums = self.objective(out, mb)
+            (self.objective.weighted_total(sums) / denom).backward()
+            for label, s in sums.items():
+                term_sums[label] = term_sums.get(label, 0.0) + s.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters(), self.grad_clip or float("inf"))
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        terms = {label: float(s) / denom for label, s in term_sums.items()}  # one sync point per step
+        total = sum(spec.weight * terms[spec.label] for spec in self.objective.terms)
+        return StepMetrics(step, total, terms, num_tokens, lr, float(grad_norm), time.perf_counter() - start)
+
+
+def build_optimizer(params, *, lr: float, weight_decay: float, betas: Sequence[float], eps: float):
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps)
+
+
+def run_steps(
+    trainer: ReferenceTrainer,
+    batches: Iterator[tuple[tuple[int, int], MicroBatch]],
+    teacher: Callable[[tuple[int, int], MicroBatch], MicroBatch] | None,
+    *,
+    start_step: int,
+    steps: int,
+    accum: int,
+    on_step: Callable[[StepMetrics], None],
+) -> None:
+    """Pull `accum` numbered batches per step, add the teacher's outputs when the objective needs them, step."""
+    for step in range(start_step, steps):
+        micro, ids = [], []
+        for _ in range(accum):
+            batch_id, batch = next(batches)
+            micro.append(teacher(batch_id, batch) if teacher is not None else batch)
+            ids.append(batch_id)
+        metrics = trainer.train_step(step, micro)
+        metrics.batch_ids = ids
+        on_step(metrics)

@@ -1,0 +1,24 @@
+"""Learning-rate schedules as pure functions of the step (the curriculum may restart them per stage)."""
+
+from __future__ import annotations
+
+import math
+
+from distill.errors import ConfigError
+
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+def lr_multiplier(step: int, total_steps: int, *, schedule: str, warmup_steps: int, min_ratio: float) -> float:
+    """Multiplier of the peak LR at optimizer step `step` (0-based): linear warm-up, then decay to min_ratio."""
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"optim.schedule={schedule!r} is not one of {SCHEDULES}.")
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    span = max(total_steps - warmup_steps, 1)
+    progress = min(max(step - warmup_steps, 0) / span, 1.0)
+    if schedule == "linear":
+        return 1.0 - (1.0 - min_ratio) * progress
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))

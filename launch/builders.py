@@ -1,0 +1,210 @@
+"""Build the run's objects from the composed config. Entry points call these and pass the objects in."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from distill.config.topology import ModelShape
+from distill.config.validate import PairFacts
+from distill.data import BatchStream, build_task_dataset, encode_example, load_user_dataset
+from distill.errors import CheckpointError, ConfigError
+from distill.models.facts import ModelFacts, arch_config_path
+from distill.models.loading import load_causal_lm, load_tokenizer
+from distill.models.tiny import TINY_ARCHS, build_model, tiny_config
+from distill.models.tokenizer import tokenizer_hash
+from distill.teacher.engine import TeacherEngine
+from distill.training.objective import Objective, term_specs_from_config
+from distill.training.reference import ReferenceTrainer, build_optimizer
+from distill.training.schedule import lr_multiplier
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Bump when the demo teacher's training recipe changes so stale caches are not reused.
+DEMO_RECIPE_VERSION = 1
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ConfigError(f"dtype {name!r} is not one of {sorted(DTYPES)}.")
+    return DTYPES[name]
+
+
+# ---- where the teacher lives ---------------------------------------------------------------------------
+def demo_teacher_dir(cfg) -> Path:
+    """The prepare-demo teacher's folder, keyed by everything that shapes it."""
+    prep = OmegaConf.to_container(cfg.prepare, resolve=True)
+    for volatile in ("cache_dir", "force", "eval_examples"):
+        prep.pop(volatile)
+    key_src = json.dumps({"arch": cfg.teacher.arch, "prepare": prep, "v": DEMO_RECIPE_VERSION}, sort_keys=True)
+    key = hashlib.sha256(key_src.encode()).hexdigest()[:12]
+    return Path(cfg.prepare.cache_dir) / "teachers" / f"{cfg.teacher.arch}-{key}"
+
+
+def teacher_dir(cfg) -> Path:
+    if cfg.teacher.path:
+        return Path(cfg.teacher.path)
+    if cfg.teacher.arch in TINY_ARCHS:
+        return demo_teacher_dir(cfg)
+    raise ConfigError(
+        f"teacher={cfg.teacher.name} has no weights on this machine: set teacher.path=<Hugging Face folder>."
+    )
+
+
+def require_teacher(cfg) -> Path:
+    path = teacher_dir(cfg)
+    if not (path / "config.json").is_file():
+        hint = "run `distill prepare-demo` first" if not cfg.teacher.path else "check teacher.path"
+        raise CheckpointError(f"teacher checkpoint {path} does not exist or has no config.json; {hint}.")
+    return path
+
+
+# ---- architecture facts (config.json only) -----------------------------------------------------------
+def model_facts(model_cfg, vocab_size: int) -> ModelFacts:
+    """Facts of a teacher/student config: its folder, a tiny arch, or a shipped production arch config."""
+    if model_cfg.path:
+        return ModelFacts.from_path(model_cfg.path)
+    if model_cfg.arch in TINY_ARCHS:
+        overrides = dict(getattr(model_cfg, "overrides", {}) or {})
+        return ModelFacts.from_config(tiny_config(model_cfg.arch, vocab_size, **overrides))
+    if model_cfg.arch:
+        return ModelFacts.from_path(arch_config_path(model_cfg.arch))
+    raise ConfigError(f"{model_cfg.name}: set either `arch` or `path`.")
+
+
+def pair_facts(cfg, tokenizer=None) -> PairFacts:
+    """Teacher and student facts. A tiny student borrows the teacher's tokenizer, so it shares the vocab."""
+    vocab = len(tokenizer) if tokenizer is not None else cfg.prepare.vocab_size
+    t = model_facts(cfg.teacher, vocab)
+    s_vocab = t.vocab_size if (cfg.student.arch in TINY_ARCHS and not cfg.student.path) else None
+    s = model_facts(cfg.student, s_vocab or vocab)
+    same = t.vocab_size == s.vocab_size
+    if cfg.teacher.path and cfg.student.path:
+        same = _tokenizers_match(Path(cfg.teacher.path), Path(cfg.student.path), same)
+    return PairFacts(
+        teacher_vocab=t.vocab_size,
+        student_vocab=s.vocab_size,
+        teacher_layers=t.num_layers,
+        student_layers=s.num_layers,
+        teacher_shape=ModelShape(t.num_attention_heads, t.num_key_value_heads, t.num_experts, t.vocab_size),
+        same_tokenizer=same,
+    )
+
+
+def _tokenizers_match(teacher: Path, student: Path, fallback: bool) -> bool:
+    """Same tokenizer means same token ids, even when embedding tables are padded to different sizes."""
+    try:
+        return tokenizer_hash(load_tokenizer(teacher)) == tokenizer_hash(load_tokenizer(student))
+    except (OSError, ValueError, CheckpointError):
+        return fallback
+
+
+# ---- models ----------------------------------------------------------------------------------------------
+def build_student(cfg, tokenizer):
+    """A student from a checkpoint folder, or a fresh tiny architecture on the teacher's vocabulary."""
+    s = cfg.student
+    attn = "eager" if _needs_attention(cfg) else None
+    if s.path:
+        return load_causal_lm(s.path, dtype=s.dtype, attn_implementation=attn)
+    if s.arch in TINY_ARCHS:
+        overrides = dict(s.overrides or {})
+        if attn:
+            overrides["attn_implementation"] = attn
+        config = tiny_config(
+            s.arch,
+            len(tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            **overrides,
+        )
+        return build_model(config, seed=s.init_seed).to(torch_dtype(s.dtype))
+    raise ConfigError(f"student={s.name} has no weights on this machine: set student.path=<Hugging Face folder>.")
+
+
+def _needs_attention(cfg) -> bool:
+    return any(t.name == "attention_transfer" and t.weight != 0 for t in cfg.loss.terms.values())
+
+
+def build_objective(cfg, student, teacher_hidden_size: int) -> Objective:
+    return Objective(
+        term_specs_from_config(cfg.loss.terms),
+        temperature=cfg.loss.temperature,
+        chunk_size=cfg.loss.chunk_size,
+        student_hidden_size=student.config.hidden_size,
+        teacher_hidden_size=teacher_hidden_size,
+    )
+
+
+def build_teacher_engine(cfg, path: Path, objective: Objective | None, device: str = "cpu") -> TeacherEngine:
+    attn = cfg.teacher.attn_implementation
+    if objective is not None and objective.teacher_attention_layers and attn is None:
+        attn = "eager"
+    model = load_causal_lm(path, dtype=cfg.teacher.dtype, attn_implementation=attn)
+    return TeacherEngine(
+        model,
+        topk=cfg.teacher.topk,
+        hidden_layers=objective.teacher_hidden_layers if objective else (),
+        attention_layers=objective.teacher_attention_layers if objective else (),
+        logits_dtype=torch_dtype(cfg.teacher.logits_dtype),
+        device=device,
+    )
+
+
+# ---- data ------------------------------------------------------------------------------------------------
+@dataclass
+class RunData:
+    train_rows: list[dict]
+    eval_rows: list[dict]
+    eval_examples: list[dict]
+    """Raw held-out examples (with `answer` on the embedded task) for exact-match generation."""
+
+
+def build_data(cfg, tokenizer) -> RunData:
+    d = cfg.data
+    if d.path:
+        ds = load_user_dataset(
+            d.path, text_field=d.text_field, messages_field=d.messages_field, eval_fraction=d.eval_fraction, seed=d.seed
+        )
+    else:
+        ds = build_task_dataset(list(d.domains), list(d.levels), d.num_train, d.num_eval, d.seed)
+    train = [encode_example(tokenizer, ex, d.max_length) for ex in ds["train"]]
+    heldout = [encode_example(tokenizer, ex, d.max_length) for ex in ds["eval"]]
+    return RunData(train, heldout, list(ds["eval"]))
+
+
+def batch_stream(cfg, rows: list[dict], tokenizer, *, batch_size: int | None = None) -> BatchStream:
+    return BatchStream(
+        rows,
+        batch_size=batch_size or cfg.cluster.micro_batch_size,
+        seed=cfg.data.seed,
+        pad_id=tokenizer.pad_token_id,
+        packing=cfg.data.packing,
+        seq_len=cfg.data.max_length,
+        eos_id=tokenizer.eos_token_id,
+    )
+
+
+def generation_stop_id(tokenizer) -> int:
+    """Chat replies end with <|im_end|>; plain-text models end with EOS."""
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    return im_end if isinstance(im_end, int) and im_end != tokenizer.unk_token_id else tokenizer.eos_token_id
+
+
+# ---- training ---------------------------------------------------------------------------------------------
+def build_reference_trainer(model, objective: Objective, optim, steps: int, lr: float | None = None):
+    """AdamW over the student and the objective's projections, with the configured warm-up + decay."""
+    params = [*model.parameters(), *objective.parameters()]
+    optimizer = build_optimizer(
+        params, lr=lr or optim.lr, weight_decay=optim.weight_decay, betas=optim.betas, eps=optim.eps
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: lr_multiplier(
+            step, steps, schedule=optim.schedule, warmup_steps=optim.warmup_steps, min_ratio=optim.min_lr_ratio
+        ),
+    )
+    return ReferenceTrainer(model, objective, optimizer, scheduler, grad_clip=optim.grad_clip)

@@ -1,0 +1,100 @@
+"""`distill`: one distillation run. Validates everything first, then trains, exports and evaluates.
+
+Run folder: config.yaml (resolved), metrics.jsonl, student/ (Hugging Face folder), eval.json.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+
+from distill.config import register_configs, resolved_yaml
+from distill.config.validate import validate_run
+from distill.errors import ConfigError
+from distill.eval import evaluate_model
+from distill.io import atomic_write_json, atomic_write_text
+from distill.models.loading import load_tokenizer, save_model
+from distill.tracking.metrics_log import MetricsLog
+from distill.training.reference import run_steps
+from launch import builders
+
+log = logging.getLogger("distill")
+
+
+def run(cfg: DictConfig) -> dict:
+    """Validate, train with the reference trainer, export the student, evaluate. Returns the eval summary."""
+    run_dir = Path(cfg.run_dir)
+    teacher_path = builders.require_teacher(cfg)
+    tokenizer = load_tokenizer(teacher_path)
+    validate_run(cfg, builders.pair_facts(cfg, tokenizer))
+    if cfg.cluster.mode != "local":
+        raise ConfigError("cluster.mode=ray is not available yet in this version; use cluster=local_single.")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", resolved_yaml(cfg))
+
+    torch.manual_seed(cfg.train.seed)
+    student = builders.build_student(cfg, tokenizer)
+    teacher_hidden = builders.model_facts(cfg.teacher, len(tokenizer)).hidden_size
+    objective = builders.build_objective(cfg, student, teacher_hidden)
+    engine = builders.build_teacher_engine(cfg, teacher_path, objective)
+    data = builders.build_data(cfg, tokenizer)
+    stream = builders.batch_stream(cfg, data.train_rows, tokenizer)
+
+    trainer = builders.build_reference_trainer(student, objective, cfg.optim, cfg.train.steps)
+    teacher_fn = None
+    if objective.needs_teacher:
+
+        def teacher_fn(batch_id, batch):
+            return engine.score(batch_id, batch["input_ids"], batch["attention_mask"], batch["loss_mask"]).to_torch()
+
+    bar = tqdm(total=cfg.train.steps, desc="distill", disable=not cfg.tracking.progress, dynamic_ncols=True)
+    with MetricsLog(run_dir / "metrics.jsonl") as metrics:
+
+        def on_step(m):
+            bar.update(1)
+            bar.set_postfix(loss=f"{m.loss:.4f}", refresh=False)
+            if (m.step + 1) % cfg.train.log_every == 0 or m.step + 1 == cfg.train.steps:
+                metrics.write({**m.as_record(), "stage": "main", "temperature": cfg.loss.temperature})
+
+        run_steps(
+            trainer,
+            stream.forever(),
+            teacher_fn,
+            start_step=0,
+            steps=cfg.train.steps,
+            accum=cfg.cluster.grad_accum_steps,
+            on_step=on_step,
+        )
+    bar.close()
+
+    save_model(student, tokenizer, run_dir / "student")
+    summary = evaluate_model(
+        student,
+        tokenizer,
+        data.eval_rows,
+        data.eval_examples,
+        teacher_logits=lambda b: engine.logits(b["input_ids"], b["attention_mask"]),
+        stop_id=builders.generation_stop_id(tokenizer),
+        batch_size=cfg.eval.batch_size,
+        max_batches=cfg.eval.max_batches,
+        generate_examples=cfg.eval.generate_examples,
+        max_new_tokens=cfg.eval.max_new_tokens,
+    )
+    atomic_write_json(run_dir / "eval.json", summary)
+    log.info("eval %s", json.dumps(summary, sort_keys=True))
+    return summary
+
+
+register_configs()
+
+
+@hydra.main(config_path="../hydra_configs", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> float:
+    summary = run(cfg)
+    return summary["ce"]  # the sweep objective for Hydra multirun / optimizers

@@ -1,0 +1,54 @@
+"""`distill eval eval.model=<HF folder>`: held-out CE, perplexity, KL to the teacher, agreement, exact-match.
+
+Prints a table and writes `eval.json` into the run folder.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from distill.config import register_configs
+from distill.eval import evaluate_model
+from distill.io import atomic_write_json
+from distill.models.loading import load_causal_lm, load_tokenizer
+from launch import builders
+from launch.demo import print_table
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    teacher_path = builders.require_teacher(cfg)
+    tokenizer = load_tokenizer(teacher_path)
+    data = builders.build_data(cfg, tokenizer)
+    engine = builders.build_teacher_engine(cfg, teacher_path, objective=None)
+    model_path = Path(cfg.eval.model) if cfg.eval.model else teacher_path
+    model = engine.model if model_path == teacher_path else load_causal_lm(model_path)
+    result = evaluate_model(
+        model,
+        tokenizer,
+        data.eval_rows,
+        data.eval_examples,
+        teacher_logits=lambda b: engine.logits(b["input_ids"], b["attention_mask"]),
+        stop_id=builders.generation_stop_id(tokenizer),
+        batch_size=cfg.eval.batch_size,
+        max_batches=cfg.eval.max_batches,
+        generate_examples=cfg.eval.generate_examples,
+        max_new_tokens=cfg.eval.max_new_tokens,
+    )
+    result["model"] = str(model_path)
+    out = Path(cfg.run_dir) / "eval.json"
+    atomic_write_json(out, result)
+    print_table({str(model_path): result})
+    print(json.dumps(result, indent=2, sort_keys=True))
+    return result
+
+
+register_configs()
+
+
+@hydra.main(config_path="../hydra_configs", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    evaluate(cfg)

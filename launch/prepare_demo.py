@@ -1,0 +1,109 @@
+"""`distill prepare-demo`: train the local tokenizer and the tiny DeepSeek-V3 teacher on the embedded task.
+
+Cached by everything that shapes the teacher (see `builders.demo_teacher_dir`): a second call is instant.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+
+from distill.config import register_configs
+from distill.data import DOMAINS, build_task_dataset, encode_example
+from distill.errors import ConfigError
+from distill.eval import evaluate_model
+from distill.io import atomic_dir, atomic_write_json
+from distill.models.loading import load_causal_lm, load_tokenizer, save_model
+from distill.models.tiny import TINY_ARCHS, build_model, tiny_config
+from distill.models.tokenizer import task_corpus, train_tokenizer
+from distill.training.objective import Objective, TermSpec
+from distill.training.reference import run_steps
+from launch import builders
+
+log = logging.getLogger("distill.prepare")
+EVAL_FILE = "task_eval.json"
+
+
+def prepare_demo(cfg: DictConfig) -> dict:
+    """Return the teacher's held-out metrics, training and caching the teacher first if needed."""
+    if cfg.teacher.arch not in TINY_ARCHS or cfg.teacher.path:
+        raise ConfigError(
+            f"prepare-demo trains a tiny teacher; teacher={cfg.teacher.name} is not one of {TINY_ARCHS}."
+        )
+    out = builders.demo_teacher_dir(cfg)
+    if (out / EVAL_FILE).is_file() and not cfg.prepare.force:
+        summary = json.loads((out / EVAL_FILE).read_text())
+        print(f"cached teacher: {out}\n{_describe(summary)}")
+        return summary
+    p = cfg.prepare
+    tokenizer = train_tokenizer(task_corpus(p.seed), p.vocab_size)
+    data = build_task_dataset(list(DOMAINS), list(p.teacher_levels), p.teacher_train_size, p.eval_examples, p.seed)
+    rows = [encode_example(tokenizer, ex, cfg.data.max_length) for ex in data["train"]]
+    heldout = [encode_example(tokenizer, ex, cfg.data.max_length) for ex in data["eval"]]
+
+    torch.manual_seed(p.seed)
+    config = tiny_config(
+        cfg.teacher.arch,
+        len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **dict(p.teacher_arch_overrides),
+    )
+    teacher = build_model(config, seed=p.seed)
+    objective = Objective([TermSpec("ce", "ce", 1.0)], temperature=1.0, chunk_size=cfg.loss.chunk_size)
+    trainer = builders.build_reference_trainer(teacher, objective, cfg.optim, p.teacher_steps, lr=p.teacher_lr)
+    stream = builders.batch_stream(cfg, rows, tokenizer, batch_size=p.teacher_batch_size)
+    n_params = sum(x.numel() for x in teacher.parameters())
+    print(f"training the {cfg.teacher.arch} teacher ({n_params / 1e6:.2f}M params) for {p.teacher_steps} steps")
+    bar = tqdm(total=p.teacher_steps, desc="teacher", disable=not cfg.tracking.progress, dynamic_ncols=True)
+
+    def on_step(m):
+        bar.update(1)
+        bar.set_postfix(ce=f"{m.loss:.3f}", refresh=False)
+
+    run_steps(trainer, stream.forever(), None, start_step=0, steps=p.teacher_steps, accum=1, on_step=on_step)
+    bar.close()
+
+    summary = evaluate_model(
+        teacher,
+        tokenizer,
+        heldout,
+        list(data["eval"]),
+        teacher_logits=None,
+        stop_id=builders.generation_stop_id(tokenizer),
+        batch_size=cfg.eval.batch_size,
+        max_batches=0,
+        generate_examples=p.eval_examples,
+        max_new_tokens=cfg.eval.max_new_tokens,
+    )
+
+    def fill(tmp: Path) -> None:
+        save_model(teacher, tokenizer, tmp)
+        atomic_write_json(tmp / EVAL_FILE, summary)
+
+    atomic_dir(out, fill)
+    # Reload once: the cache is only trusted if transformers can load what was written.
+    load_causal_lm(out)
+    load_tokenizer(out)
+    print(f"teacher saved: {out}\n{_describe(summary)}")
+    return summary
+
+
+def _describe(summary: dict) -> str:
+    em = summary.get("exact_match")
+    em_text = f", held-out exact-match {em:.1%}" if em is not None else ""
+    return f"teacher held-out CE {summary['ce']:.4f} nats/token{em_text}"
+
+
+register_configs()
+
+
+@hydra.main(config_path="../hydra_configs", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    prepare_demo(cfg)
