@@ -1,0 +1,205 @@
+"""TeacherEngine: one teacher forward -> TeacherBatch (top-k logits, log-normaliser, optional features).
+
+No Ray and no process groups here: the Ray actor wraps this engine, and a tensor-parallel teacher swaps in a
+vocab-parallel `topk_with_normalizer` (each rank holds a vocabulary slice; a global top-k and logsumexp need
+one all-gather and one all-reduce). The device is a constructor argument, never assumed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel
+
+from distill.errors import ConfigError
+from distill.models.loading import load_causal_lm
+from distill.teacher.batch import BatchId, TeacherBatch
+
+TopKFn = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+# Rows of the [B*T, V] logits turned into fp32 at a time: bounds the fp32 copy of a bf16 teacher's logits
+# (129k vocab x 4096 rows x 4 B = 2 GiB) instead of materialising all B*T rows at once.
+_LSE_CHUNK_ROWS = 4096
+
+
+def topk_with_normalizer(
+    logits: torch.Tensor, k: int, *, chunk_rows: int = _LSE_CHUNK_ROWS
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k of the next-token logits plus the full-vocabulary log-normaliser.
+
+    logits [B, T, V] (any float dtype) -> ids [B, T, k] int32, values [B, T, k] (logits' dtype, sorted
+    descending), log_normalizer [B, T] fp32 = logsumexp over all V at temperature 1.
+    """
+    values, ids = torch.topk(logits, k, dim=-1)
+    rows = logits.reshape(-1, logits.shape[-1])
+    lse = torch.cat([torch.logsumexp(chunk.float(), dim=-1) for chunk in rows.split(chunk_rows)])
+    return ids.to(torch.int32), values, lse.view(logits.shape[:-1])
+
+
+class TeacherEngine:
+    """Scores token batches with a loaded causal LM.
+
+    model             a transformers causal LM (any device; moved to `device`)
+    topk              k of the top-k next-token distribution kept per position
+    hidden_layers     indices into HF `hidden_states`: 0 = embeddings, i = output of the i-th decoder layer; the last
+                      index (num_layers) is the final-norm output that feeds the lm_head
+    attention_layers  decoder-layer indices (0-based) whose head-averaged attention maps are kept; needs a model
+                      loaded with attn_implementation="eager"
+    logits_dtype      dtype of the stored top-k logits (the log-normaliser is always fp32)
+    hidden_dtype      dtype of stored hidden states; attention_dtype likewise for attention maps
+    topk_fn           the top-k/log-normaliser step; a vocab-parallel teacher passes its own
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        topk: int,
+        *,
+        hidden_layers: Sequence[int] = (),
+        attention_layers: Sequence[int] = (),
+        logits_dtype: torch.dtype = torch.float32,
+        hidden_dtype: torch.dtype = torch.bfloat16,
+        attention_dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str = "cpu",
+        topk_fn: TopKFn = topk_with_normalizer,
+    ) -> None:
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.config = model.config
+        self.topk = topk
+        self.hidden_layers = tuple(hidden_layers)
+        self.attention_layers = tuple(attention_layers)
+        self.logits_dtype = logits_dtype
+        self.hidden_dtype = hidden_dtype
+        self.attention_dtype = attention_dtype
+        self.topk_fn = topk_fn
+        self._validate()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        topk: int,
+        *,
+        dtype: str | torch.dtype = "float32",
+        hint: str | None = None,
+        **kwargs,
+    ) -> TeacherEngine:
+        """Load a teacher folder and wrap it; eager attention is chosen when attention maps are asked for."""
+        attn = "eager" if kwargs.get("attention_layers") else None
+        model = load_causal_lm(path, dtype=dtype, attn_implementation=attn, hint=hint)
+        return cls(model, topk, **kwargs)
+
+    # ----------------------------------------------------------------------------------------- validation
+    @property
+    def vocab_size(self) -> int:
+        # The lm_head width, which may exceed the tokenizer's vocabulary (padded embeddings).
+        return self.model.get_output_embeddings().weight.shape[0]
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    def _validate(self) -> None:
+        if not 1 <= self.topk <= self.vocab_size:
+            raise ConfigError(f"teacher topk={self.topk} must be in [1, vocab size {self.vocab_size}]")
+        self._check_indices("hidden_layers", self.hidden_layers, self.num_layers + 1, "0 = embeddings")
+        self._check_indices("attention_layers", self.attention_layers, self.num_layers, "decoder layers")
+        impl = self.config._attn_implementation
+        if self.attention_layers and impl != "eager":
+            raise ConfigError(
+                f"attention_layers={list(self.attention_layers)} needs attention weights, but the teacher uses "
+                f"attn_implementation={impl!r}, which returns none; load it with attn_implementation='eager'"
+            )
+
+    @staticmethod
+    def _check_indices(name: str, indices: tuple[int, ...], count: int, meaning: str) -> None:
+        bad = [i for i in indices if not 0 <= i < count]
+        if bad:
+            raise ConfigError(f"{name} {bad} out of range: valid indices are 0..{count - 1} ({meaning})")
+
+    # ------------------------------------------------------------------------------------------- scoring
+    @torch.inference_mode()
+    def score(
+        self,
+        batch_id: BatchId,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        loss_mask: torch.Tensor,
+    ) -> TeacherBatch:
+        """One teacher forward. input_ids, attention_mask, loss_mask [B, T] -> TeacherBatch.
+
+        Position t of topk_* / log_normalizer is the distribution of token t+1 (HF logits are not shifted).
+        Hidden states come out as [B, T, L_sel, H]; attention maps as [B, L_sel, T, T] (mean over heads).
+        """
+        out = self.model(
+            input_ids=input_ids.to(self.device),
+            attention_mask=attention_mask.to(self.device),
+            output_hidden_states=bool(self.hidden_layers),
+            output_attentions=bool(self.attention_layers),
+            use_cache=False,
+        )
+        ids, values, lse = self.topk_fn(out.logits, self.topk)
+        return TeacherBatch.from_torch(
+            batch_id,
+            input_ids=input_ids.to(torch.int32),
+            attention_mask=attention_mask.bool(),
+            loss_mask=loss_mask.bool(),
+            topk_ids=ids,
+            topk_logits=values.to(self.logits_dtype),
+            log_normalizer=lse.float(),
+            hidden=self._select_hidden(out.hidden_states),
+            attention=self._select_attention(out.attentions),
+        )
+
+    def _select_hidden(self, hidden_states: tuple[torch.Tensor, ...] | None) -> torch.Tensor | None:
+        """(L+1) x [B, T, H] -> [B, T, L_sel, H] in hidden_dtype."""
+        if not self.hidden_layers:
+            return None
+        return torch.stack([hidden_states[i] for i in self.hidden_layers], dim=2).to(self.hidden_dtype)
+
+    def _select_attention(self, attentions: tuple[torch.Tensor, ...] | None) -> torch.Tensor | None:
+        """L x [B, heads, T, T] -> [B, L_sel, T, T] in attention_dtype; averaged in fp32 before the cast."""
+        if not self.attention_layers:
+            return None
+        maps = [attentions[i].float().mean(dim=1) for i in self.attention_layers]
+        return torch.stack(maps, dim=1).to(self.attention_dtype)
+
+    @torch.inference_mode()
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Full next-token logits [B, T, V] in fp32 (evaluation; training uses `score`)."""
+        out = self.model(
+            input_ids=input_ids.to(self.device),
+            attention_mask=None if attention_mask is None else attention_mask.to(self.device),
+            use_cache=False,
+        )
+        return out.logits.float()
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompt_ids: torch.Tensor,
+        max_new_tokens: int,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        eos_token_id: int | None = None,
+        pad_token_id: int | None = None,
+    ) -> torch.Tensor:
+        """Greedy decoding. prompt_ids [B, T] (left-padded when B > 1) -> [B, T + n], n <= max_new_tokens.
+
+        Rows that finish early are filled with pad_token_id (falls back to eos) up to the longest row.
+        """
+        eos = self.config.eos_token_id if eos_token_id is None else eos_token_id
+        pad = self.config.pad_token_id if pad_token_id is None else pad_token_id
+        if attention_mask is None:
+            attention_mask = torch.ones_like(prompt_ids)
+        return self.model.generate(
+            input_ids=prompt_ids.to(self.device),
+            attention_mask=attention_mask.to(self.device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=eos if pad is None else pad,
+        )
