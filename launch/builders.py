@@ -40,7 +40,9 @@ def demo_teacher_dir(cfg) -> Path:
     prep = OmegaConf.to_container(cfg.prepare, resolve=True)
     for volatile in ("cache_dir", "force", "eval_examples"):
         prep.pop(volatile)
-    key_src = json.dumps({"arch": cfg.teacher.arch, "prepare": prep, "v": DEMO_RECIPE_VERSION}, sort_keys=True)
+    key_src = json.dumps(
+        {"arch": cfg.teacher.arch, "prepare": prep, "v": DEMO_RECIPE_VERSION}, sort_keys=True
+    )
     key = hashlib.sha256(key_src.encode()).hexdigest()[:12]
     return Path(cfg.prepare.cache_dir) / "teachers" / f"{cfg.teacher.arch}-{key}"
 
@@ -122,7 +124,9 @@ def build_student(cfg, tokenizer):
             **overrides,
         )
         return build_model(config, seed=s.init_seed).to(torch_dtype(s.dtype))
-    raise ConfigError(f"student={s.name} has no weights on this machine: set student.path=<Hugging Face folder>.")
+    raise ConfigError(
+        f"student={s.name} has no weights on this machine: set student.path=<Hugging Face folder>."
+    )
 
 
 def _needs_attention(cfg) -> bool:
@@ -167,7 +171,11 @@ def build_data(cfg, tokenizer) -> RunData:
     d = cfg.data
     if d.path:
         ds = load_user_dataset(
-            d.path, text_field=d.text_field, messages_field=d.messages_field, eval_fraction=d.eval_fraction, seed=d.seed
+            d.path,
+            text_field=d.text_field,
+            messages_field=d.messages_field,
+            eval_fraction=d.eval_fraction,
+            seed=d.seed,
         )
     else:
         ds = build_task_dataset(list(d.domains), list(d.levels), d.num_train, d.num_eval, d.seed)
@@ -183,8 +191,8 @@ def batch_stream(cfg, rows: list[dict], tokenizer, *, batch_size: int | None = N
         seed=cfg.data.seed,
         pad_id=tokenizer.pad_token_id,
         packing=cfg.data.packing,
-        seq_len=cfg.data.max_length,
-        eos_id=tokenizer.eos_token_id,
+        # Fixed-length rows only when packing; otherwise each batch pads to its longest row (less waste).
+        seq_len=cfg.data.max_length if cfg.data.packing else None,
     )
 
 
@@ -204,7 +212,11 @@ def build_reference_trainer(model, objective: Objective, optim, steps: int, lr: 
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda step: lr_multiplier(
-            step, steps, schedule=optim.schedule, warmup_steps=optim.warmup_steps, min_ratio=optim.min_lr_ratio
+            step,
+            steps,
+            schedule=optim.schedule,
+            warmup_steps=optim.warmup_steps,
+            min_ratio=optim.min_lr_ratio,
         ),
     )
     return ReferenceTrainer(model, objective, optimizer, scheduler, grad_clip=optim.grad_clip)

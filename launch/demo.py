@@ -8,23 +8,28 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from distill.config import LossConfig, register_configs
+from distill.config import LossConfig
 from distill.config.store import CONFIG_DIR
 from distill.eval import evaluate_model
 from distill.io import atomic_write_json, atomic_write_text
 from distill.models.loading import load_causal_lm, load_tokenizer
 from launch import builders
+from launch.app import hydra_app
 from launch.distill import run
 from launch.prepare_demo import prepare_demo
 
 BASELINE_LOSS = "ce_only"  # the no-teacher baseline: hard-label cross-entropy only
-COLUMNS = (("ce", "held-out CE"), ("ppl", "ppl"), ("kl_to_teacher", "KL to teacher"),
-           ("agreement", "top-1 agreement"), ("exact_match", "exact-match"))
+COLUMNS = (
+    ("ce", "held-out CE"),
+    ("ppl", "ppl"),
+    ("kl_to_teacher", "KL to teacher"),
+    ("agreement", "top-1 agreement"),
+    ("exact_match", "exact-match"),
+)
 
 
 def with_changes(cfg: DictConfig, **changes) -> DictConfig:
@@ -94,9 +99,6 @@ def _fmt(key: str, value) -> str:
     return f"{value:.1%}" if key in ("agreement", "exact_match") else f"{value:.4f}"
 
 
-register_configs()
-
-
-@hydra.main(config_path="../hydra_configs", config_name="config", version_base="1.3")
+@hydra_app
 def main(cfg: DictConfig) -> None:
     compare(cfg)

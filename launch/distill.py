@@ -9,12 +9,11 @@ import json
 import logging
 from pathlib import Path
 
-import hydra
 import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from distill.config import register_configs, resolved_yaml
+from distill.config import resolved_yaml
 from distill.config.validate import validate_run
 from distill.errors import ConfigError
 from distill.eval import evaluate_model
@@ -23,6 +22,7 @@ from distill.models.loading import load_tokenizer, save_model
 from distill.tracking.metrics_log import MetricsLog
 from distill.training.reference import run_steps
 from launch import builders
+from launch.app import hydra_app
 
 log = logging.getLogger("distill")
 
@@ -51,7 +51,9 @@ def run(cfg: DictConfig) -> dict:
     if objective.needs_teacher:
 
         def teacher_fn(batch_id, batch):
-            return engine.score(batch_id, batch["input_ids"], batch["attention_mask"], batch["loss_mask"]).to_torch()
+            return engine.score(
+                batch_id, batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
+            ).to_torch()
 
     bar = tqdm(total=cfg.train.steps, desc="distill", disable=not cfg.tracking.progress, dynamic_ncols=True)
     with MetricsLog(run_dir / "metrics.jsonl") as metrics:
@@ -91,10 +93,7 @@ def run(cfg: DictConfig) -> dict:
     return summary
 
 
-register_configs()
-
-
-@hydra.main(config_path="../hydra_configs", config_name="config", version_base="1.3")
+@hydra_app
 def main(cfg: DictConfig) -> float:
     summary = run(cfg)
     return summary["ce"]  # the sweep objective for Hydra multirun / optimizers

@@ -8,14 +8,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
-from distill.config import register_configs
 from distill.eval import evaluate_model
 from distill.io import atomic_write_json
 from distill.models.loading import load_causal_lm, load_tokenizer
 from launch import builders
+from launch.app import hydra_app
 from launch.demo import print_table
 
 
@@ -46,9 +45,6 @@ def evaluate(cfg: DictConfig) -> dict:
     return result
 
 
-register_configs()
-
-
-@hydra.main(config_path="../hydra_configs", config_name="config", version_base="1.3")
+@hydra_app
 def main(cfg: DictConfig) -> None:
     evaluate(cfg)

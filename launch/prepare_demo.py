@@ -9,12 +9,10 @@ import json
 import logging
 from pathlib import Path
 
-import hydra
 import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from distill.config import register_configs
 from distill.data import DOMAINS, build_task_dataset, encode_example
 from distill.errors import ConfigError
 from distill.eval import evaluate_model
@@ -25,6 +23,7 @@ from distill.models.tokenizer import task_corpus, train_tokenizer
 from distill.training.objective import Objective, TermSpec
 from distill.training.reference import run_steps
 from launch import builders
+from launch.app import hydra_app
 
 log = logging.getLogger("distill.prepare")
 EVAL_FILE = "task_eval.json"
@@ -43,7 +42,9 @@ def prepare_demo(cfg: DictConfig) -> dict:
         return summary
     p = cfg.prepare
     tokenizer = train_tokenizer(task_corpus(p.seed), p.vocab_size)
-    data = build_task_dataset(list(DOMAINS), list(p.teacher_levels), p.teacher_train_size, p.eval_examples, p.seed)
+    data = build_task_dataset(
+        list(DOMAINS), list(p.teacher_levels), p.teacher_train_size, p.eval_examples, p.seed
+    )
     rows = [encode_example(tokenizer, ex, cfg.data.max_length) for ex in data["train"]]
     heldout = [encode_example(tokenizer, ex, cfg.data.max_length) for ex in data["eval"]]
 
@@ -57,10 +58,14 @@ def prepare_demo(cfg: DictConfig) -> dict:
     )
     teacher = build_model(config, seed=p.seed)
     objective = Objective([TermSpec("ce", "ce", 1.0)], temperature=1.0, chunk_size=cfg.loss.chunk_size)
-    trainer = builders.build_reference_trainer(teacher, objective, cfg.optim, p.teacher_steps, lr=p.teacher_lr)
+    trainer = builders.build_reference_trainer(
+        teacher, objective, cfg.optim, p.teacher_steps, lr=p.teacher_lr
+    )
     stream = builders.batch_stream(cfg, rows, tokenizer, batch_size=p.teacher_batch_size)
     n_params = sum(x.numel() for x in teacher.parameters())
-    print(f"training the {cfg.teacher.arch} teacher ({n_params / 1e6:.2f}M params) for {p.teacher_steps} steps")
+    print(
+        f"training the {cfg.teacher.arch} teacher ({n_params / 1e6:.2f}M params) for {p.teacher_steps} steps"
+    )
     bar = tqdm(total=p.teacher_steps, desc="teacher", disable=not cfg.tracking.progress, dynamic_ncols=True)
 
     def on_step(m):
@@ -101,9 +106,6 @@ def _describe(summary: dict) -> str:
     return f"teacher held-out CE {summary['ce']:.4f} nats/token{em_text}"
 
 
-register_configs()
-
-
-@hydra.main(config_path="../hydra_configs", config_name="config", version_base="1.3")
+@hydra_app
 def main(cfg: DictConfig) -> None:
     prepare_demo(cfg)

@@ -95,7 +95,9 @@ class Topology:
         if self.device not in ("cpu", "cuda"):
             raise TopologyError(f"cluster.device={self.device!r}: use 'cpu' or 'cuda'.")
         if self.device == "cpu" and self.backend == "nccl":
-            raise TopologyError("cluster.backend='nccl' needs cluster.device='cuda'; use backend=gloo on CPU.")
+            raise TopologyError(
+                "cluster.backend='nccl' needs cluster.device='cuda'; use backend=gloo on CPU."
+            )
         if self.device == "cuda" and self.gpus_per_node < 1:
             raise TopologyError(
                 f"cluster.device='cuda' but cluster.gpus_per_node={self.gpus_per_node}; set gpus_per_node or "

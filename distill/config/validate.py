@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from distill.config.topology import ModelShape, Topology
 from distill.errors import ConfigError
+from distill.losses import get as get_term
 from distill.losses.validation import validate_layer_map, validate_term
 
 
@@ -44,28 +45,39 @@ def validate_run(cfg, facts: PairFacts) -> Topology:
     return topology
 
 
+def term_params(term_cfg) -> dict:
+    """The LossTermConfig fields that the named term declares as parameters (beta, alpha, select_*, metric)."""
+    declared = get_term(term_cfg.name).params
+    return {name: term_cfg[name] for name in declared if name in term_cfg}
+
+
 def _validate_terms(cfg, facts: PairFacts) -> None:
     terms = cfg.loss.terms
     if not terms or all(t.weight == 0 for t in terms.values()):
-        raise ConfigError("loss.terms is empty or every weight is 0: the run would train nothing. Give a term weight.")
+        raise ConfigError(
+            "loss.terms is empty or every weight is 0: the run would train nothing. Give a term weight."
+        )
     for label, t in terms.items():
         if t.weight < 0:
             raise ConfigError(f"loss.terms.{label}.weight={t.weight} is negative; weights must be >= 0.")
-        params = {"beta": t.beta, "alpha": t.alpha, "select_by": t.select_by, "select_keep": t.select_keep}
         validate_term(
             t.name,
             temperature=cfg.loss.temperature,
             k=cfg.teacher.topk,
             vocab_size=min(facts.teacher_vocab, facts.student_vocab),
-            params=params,
+            params=term_params(t),
         )
         if t.name.startswith("hidden"):
             if not t.layer_map:
-                raise ConfigError(f"loss.terms.{label} ({t.name}) needs a layer_map [[student, teacher], ...].")
+                raise ConfigError(
+                    f"loss.terms.{label} ({t.name}) needs a layer_map [[student, teacher], ...]."
+                )
             validate_layer_map([tuple(p) for p in t.layer_map], facts.student_layers, facts.teacher_layers)
         if t.name == "attention_transfer":
             if not t.layer_map:
-                raise ConfigError(f"loss.terms.{label} (attention_transfer) needs a layer_map [[student, teacher]].")
+                raise ConfigError(
+                    f"loss.terms.{label} (attention_transfer) needs a layer_map [[student, teacher]]."
+                )
             for s, tl in t.layer_map:
                 if not (0 <= s < facts.student_layers and 0 <= tl < facts.teacher_layers):
                     raise ConfigError(

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from distill import losses
+from distill.config.validate import term_params
 from distill.losses.projection import HiddenProjector
 
 TEACHER_FREE_TERMS = frozenset({"ce"})
@@ -36,20 +37,11 @@ class TermSpec:
 
 
 def term_specs_from_config(terms_cfg: Mapping) -> list[TermSpec]:
-    """Turn `loss.terms` (label -> LossTermConfig) into TermSpecs, keeping only each kind's parameters."""
+    """Turn `loss.terms` (label -> LossTermConfig) into TermSpecs with the parameters each term declares."""
     specs = []
     for label, t in terms_cfg.items():
-        params: dict = {}
-        if t.name == "jsd":
-            params["beta"] = t.beta
-        if t.name.startswith("skew_"):
-            params["alpha"] = t.alpha
-        if t.select_by is not None:
-            params.update(select_by=t.select_by, select_threshold=t.select_threshold, select_keep=t.select_keep)
-        if t.name == "attention_transfer":
-            params["metric"] = t.metric
         layer_map = [(int(s), int(tl)) for s, tl in t.layer_map]
-        specs.append(TermSpec(str(label), t.name, float(t.weight), params, layer_map))
+        specs.append(TermSpec(str(label), t.name, float(t.weight), term_params(t), layer_map))
     return specs
 
 
@@ -72,7 +64,9 @@ class Objective(nn.Module):
         self.projectors = nn.ModuleDict()
         for t in self.terms:
             if t.kind == "hidden":
-                self.projectors[t.label] = HiddenProjector(student_hidden_size, teacher_hidden_size, len(t.layer_map))
+                self.projectors[t.label] = HiddenProjector(
+                    student_hidden_size, teacher_hidden_size, len(t.layer_map)
+                )
 
     # ---- what the teacher and the student forward must provide ---------------------------------------------
     @property

@@ -9,7 +9,9 @@ from distill.errors import ConfigError
 SCHEDULES = ("constant", "linear", "cosine")
 
 
-def lr_multiplier(step: int, total_steps: int, *, schedule: str, warmup_steps: int, min_ratio: float) -> float:
+def lr_multiplier(
+    step: int, total_steps: int, *, schedule: str, warmup_steps: int, min_ratio: float
+) -> float:
     """Multiplier of the peak LR at optimizer step `step` (0-based): linear warm-up, then decay to min_ratio."""
     if schedule not in SCHEDULES:
         raise ConfigError(f"optim.schedule={schedule!r} is not one of {SCHEDULES}.")

@@ -1,0 +1,129 @@
+"""Turn one example into token ids and a loss mask.
+
+Mask convention, shared with the loss code and TeacherBatch: `loss_mask[t]` is True iff token `t + 1` is a
+trained token, i.e. the next-token prediction made at position t is trained. The last position predicts
+nothing inside the example, so it is always False; this is also what stops loss across packed documents.
+
+Which tokens are trained:
+  - `messages` examples: the tokens of every assistant reply, including the template's closing marker
+    (`<|im_end|>` for ChatML), so the model learns to stop. System and user turns, the assistant header
+    (`<|im_start|>assistant\\n`) and the newline between turns are not trained.
+  - `text` examples: every token (plus the eos token appended at the end).
+"""
+
+from __future__ import annotations
+
+from transformers import PreTrainedTokenizerBase
+
+from distill.errors import ConfigError
+
+
+def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], add_generation_prompt: bool) -> str:
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(
+            f"tokenizer {type(tokenizer).__name__} has no chat_template, so `messages` examples cannot be "
+            "rendered; use a tokenizer with a chat template or a dataset with a `text` field"
+        )
+    if not messages:
+        return ""
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+
+
+def _assistant_spans(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> tuple[str, list[range]]:
+    """The rendered conversation and the character spans of its assistant replies (with end marker).
+
+    Works for any template whose renderings of prefixes are prefixes of the full rendering: the reply of
+    message i starts where `messages[:i]` + generation prompt ends, and ends where `messages[:i+1]` ends,
+    minus trailing whitespace (the newline between turns is not part of the reply).
+    """
+    full = _render(tokenizer, messages, add_generation_prompt=False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start = len(_render(tokenizer, messages[:i], add_generation_prompt=True))
+        turn = _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        if not full.startswith(turn) or start > len(turn):
+            raise ConfigError(
+                f"the chat template of {type(tokenizer).__name__} renders turn {i} differently inside the "
+                "full conversation, so the assistant tokens cannot be located; use a prefix-stable template "
+                "(e.g. ChatML) or a dataset with a `text` field"
+            )
+        spans.append(range(start, len(turn.rstrip())))
+    return full, spans
+
+
+def _mask_from_trained(trained: list[bool]) -> list[bool]:
+    """Shift 'token t is trained' into 'the prediction at t is trained' (see the module docstring)."""
+    return [*trained[1:], False] if trained else []
+
+
+def _encode_messages(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict]
+) -> tuple[list[int], list[bool]]:
+    if not tokenizer.is_fast:
+        raise ConfigError(
+            f"tokenizer {type(tokenizer).__name__} is not a fast (Rust) tokenizer; character offsets are "
+            "needed to find the assistant tokens. Load it with use_fast=True"
+        )
+    text, spans = _assistant_spans(tokenizer, messages)
+    # The template already wrote every special token (BOS included, where a model has one).
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    trained = [any(start in span for span in spans) for start, _ in encoded["offset_mapping"]]
+    return list(encoded["input_ids"]), trained
+
+
+def _encode_text(tokenizer: PreTrainedTokenizerBase, text: str) -> tuple[list[int], list[bool]]:
+    # The tokenizer's own special tokens (a BOS where it has one), then eos so the model learns to stop
+    # and packed documents stay separated.
+    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
+        ids.append(tokenizer.eos_token_id)
+    return ids, [True] * len(ids)
+
+
+def encode_example(tokenizer: PreTrainedTokenizerBase, example: dict, max_length: int) -> dict:
+    """Encode one example: `{"input_ids": list[int], "loss_mask": list[bool]}`, both of length <= max_length.
+
+    `example` has `messages` (a list of {role, content}; rendered with the tokenizer's chat template) or
+    `text`; `messages` wins when both are present. Truncation: an example longer than `max_length` tokens
+    keeps its first `max_length` tokens; the tail is dropped and not trained (a cut chat example may lose
+    the end of its reply and its end marker), and the last kept position is masked like any last position.
+    """
+    if max_length < 2:
+        raise ConfigError(f"max_length={max_length} leaves nothing to predict; use at least 2")
+    if example.get("messages") is not None:
+        ids, trained = _encode_messages(tokenizer, example["messages"])
+    elif example.get("text") is not None:
+        ids, trained = _encode_text(tokenizer, example["text"])
+    else:
+        raise ConfigError(
+            f"example has neither `messages` nor `text`; found fields {sorted(example)}. "
+            "Rename the field, or set the text/messages field names when loading the dataset"
+        )
+    ids, trained = ids[:max_length], trained[:max_length]
+    return {"input_ids": ids, "loss_mask": _mask_from_trained(trained)}
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, example: dict) -> list[int]:
+    """Token ids of the conversation up to and including the assistant generation prompt.
+
+    The final assistant reply (the one to be generated) and anything after it are dropped; greedy decoding
+    continues from here. The ids are a prefix of `encode_example(...)["input_ids"]` for the same example.
+    """
+    messages = example.get("messages")
+    if messages is None:
+        raise ConfigError(
+            f"encode_prompt needs a `messages` example (found fields {sorted(example)}); plain `text` has no "
+            "prompt/answer boundary"
+        )
+    last_reply = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=len(messages))
+    text = _render(tokenizer, messages[:last_reply], add_generation_prompt=True)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def encode_rows(tokenizer: PreTrainedTokenizerBase, rows, max_length: int) -> list[dict]:
+    """`encode_example` over an iterable of examples (a `datasets.Dataset` split or a list of dicts)."""
+    return [encode_example(tokenizer, row, max_length) for row in rows]

@@ -1,0 +1,113 @@
+"""Config composition and up-front validation: bad input fails before any model is loaded."""
+
+import pytest
+from hydra.errors import ConfigCompositionException
+
+from distill.config import compose, resolved_yaml
+from distill.config.validate import validate_run
+from distill.errors import CheckpointError, ConfigError
+from launch import builders
+
+
+def facts(cfg):
+    return builders.pair_facts(cfg)
+
+
+def test_default_config_composes_and_validates():
+    cfg = compose()
+    topology = validate_run(cfg, facts(cfg))
+    assert topology.global_batch_size == cfg.cluster.global_batch_size
+    assert "forward_kl" in resolved_yaml(cfg)
+
+
+@pytest.mark.parametrize("override", ["loss.temprature=2", "optim.learning_rate=1", "cluster.gpus=2"])
+def test_misspelt_key_fails_at_start(override):
+    with pytest.raises(ConfigCompositionException):
+        compose([override])
+
+
+def test_misspelt_key_inside_a_term_fails(tmp_path):
+    with pytest.raises(ConfigCompositionException):
+        compose(["loss.terms.ce.wieght=2"])
+
+
+@pytest.mark.parametrize(
+    "group", ["loss=kd", "loss=ce_only", "loss=jsd", "loss=kd_features", "student=tiny_phi3"]
+)
+def test_every_shipped_group_validates(group):
+    cfg = compose([group])
+    validate_run(cfg, facts(cfg))
+
+
+def test_unknown_loss_name_lists_valid_ones():
+    cfg = compose(["loss.terms.forward_kl.name=forward_kk"])
+    with pytest.raises(ConfigError) as e:
+        validate_run(cfg, facts(cfg))
+    assert "forward_kk" in str(e.value) and "reverse_kl" in str(e.value)
+
+
+def test_temperature_must_be_positive():
+    cfg = compose(["loss.temperature=0"])
+    with pytest.raises(ConfigError, match="temperature"):
+        validate_run(cfg, facts(cfg))
+
+
+def test_k_larger_than_vocab():
+    cfg = compose(["teacher.topk=100000"])
+    with pytest.raises(ConfigError, match="100000"):
+        validate_run(cfg, facts(cfg))
+
+
+def test_layer_map_out_of_range():
+    cfg = compose(["loss=kd_features", "loss.terms.hidden.layer_map=[[2,40]]"])
+    with pytest.raises(ConfigError, match="40"):
+        validate_run(cfg, facts(cfg))
+    cfg = compose(["loss=kd_features", "loss.terms.attention.layer_map=[[9,1]]"])
+    with pytest.raises(ConfigError, match=r"\[9, 1\]"):
+        validate_run(cfg, facts(cfg))
+
+
+def test_all_weights_zero():
+    cfg = compose(["loss=ce_only", "loss.terms.ce.weight=0"])
+    with pytest.raises(ConfigError, match="every weight is 0"):
+        validate_run(cfg, facts(cfg))
+
+
+def test_batch_arithmetic_checked_from_config():
+    cfg = compose(["cluster.grad_accum_steps=3"])
+    with pytest.raises(ConfigError, match="global_batch_size"):
+        validate_run(cfg, facts(cfg))
+
+
+@pytest.mark.parametrize("student", ["qwen2_5_3b", "phi3_mini"])
+def test_production_configs_validate_but_vocab_mismatch_is_named(student):
+    """R1 (129280 tokens) and Qwen2.5/Phi-3 do not share a tokenizer: clear error naming the way out."""
+    cfg = compose(["teacher=deepseek_r1", f"student={student}", "cluster.teacher_tp=8"])
+    f = facts(cfg)
+    assert f.teacher_vocab == 129280 and f.teacher_layers == 61
+    assert f.teacher_shape.num_experts == 256
+    with pytest.raises(ConfigError, match="vocabulary"):
+        validate_run(cfg, f)
+
+
+def test_production_teacher_with_tiny_student_validates():
+    cfg = compose(["teacher=deepseek_r1", "teacher.topk=64", "cluster.teacher_tp=8"])
+    validate_run(cfg, facts(cfg))
+
+
+def test_tp_that_does_not_divide_deepseek_heads():
+    cfg = compose(["teacher=deepseek_r1", "cluster.teacher_tp=3"])
+    with pytest.raises(ConfigError, match="128 attention heads"):
+        validate_run(cfg, facts(cfg))
+
+
+def test_missing_checkpoint_paths(tmp_path):
+    cfg = compose(["teacher=hf", f"teacher.path={tmp_path / 'nope'}"])
+    with pytest.raises(CheckpointError, match="nope"):
+        builders.require_teacher(cfg)
+    cfg = compose([f"prepare.cache_dir={tmp_path}"])
+    with pytest.raises(CheckpointError, match="prepare-demo"):
+        builders.require_teacher(cfg)
+    cfg = compose(["teacher=deepseek_r1"])
+    with pytest.raises(ConfigError, match=r"teacher\.path"):
+        builders.require_teacher(cfg)
