@@ -19,6 +19,11 @@ SUBCOMMANDS = {
 
 def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub at run time
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-file load/save bars drown the run's own progress
     argv = sys.argv[1:]
     if argv and argv[0] in SUBCOMMANDS:
         name = argv.pop(0)
@@ -30,6 +35,12 @@ def main() -> None:
     else:
         module = importlib.import_module("launch.distill")
     module.main()
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 if __name__ == "__main__":

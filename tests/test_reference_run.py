@@ -103,3 +103,46 @@ def test_resolved_config_is_written(tiny_teacher, base_overrides, tmp_path):
     text = (tmp_path / "config.yaml").read_text()
     assert "${" not in text  # interpolations resolved
     assert str(builders.demo_teacher_dir(cfg).parent.parent) in text
+
+
+def test_any_hf_folders_as_teacher_and_student_on_a_user_dataset(tiny_teacher, base_overrides, tmp_path):
+    """teacher=hf / student=hf take any causal-LM folder; data.path takes a user jsonl with chat messages."""
+    from distill.models.loading import load_tokenizer, save_model
+    from distill.models.tiny import build_model, tiny_config
+
+    tokenizer = load_tokenizer(tiny_teacher)
+    ids = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    save_model(
+        build_model(tiny_config("tiny_qwen2", len(tokenizer), **ids), seed=1), tokenizer, tmp_path / "t"
+    )
+    save_model(
+        build_model(tiny_config("tiny_phi3", len(tokenizer), **ids), seed=2), tokenizer, tmp_path / "s"
+    )
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"What is {i} + 1?"},
+                {"role": "assistant", "content": f"{i + 1}"},
+            ]
+        }
+        for i in range(64)
+    ]
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    cfg = compose(
+        [
+            *base_overrides,
+            "teacher=hf",
+            f"teacher.path={tmp_path / 't'}",
+            "student=hf",
+            f"student.path={tmp_path / 's'}",
+            f"data.path={tmp_path / 'data.jsonl'}",
+            "data.eval_fraction=0.25",
+            "train.steps=2",
+            "train.log_every=1",
+        ],
+        run_dir=str(tmp_path / "run"),
+    )
+    summary = run(cfg)
+    assert "exact_match" not in summary  # a user dataset has no known answers
+    assert summary["tokens"] > 0
+    assert len(read_metrics(tmp_path / "run" / "metrics.jsonl")) == 2

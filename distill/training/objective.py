@@ -19,6 +19,13 @@ from distill.config.validate import term_params
 from distill.losses.projection import HiddenProjector
 
 TEACHER_FREE_TERMS = frozenset({"ce"})
+# Auto chunk size: 64 rows at a 151936-token vocabulary measured best in bench/loss_memory.py (~37 MiB fp32
+# per working array); keep that working-set size for any vocabulary, so a 384-token vocab takes one chunk.
+CHUNK_ELEMENTS = 64 * 151936
+
+
+def chunk_rows(chunk_size: int, vocab_size: int) -> int:
+    return chunk_size if chunk_size > 0 else max(1, CHUNK_ELEMENTS // vocab_size)
 
 
 @dataclass
@@ -113,7 +120,7 @@ class Objective(nn.Module):
                     mask,
                     temperature=self.temperature,
                     labels=labels,
-                    chunk_size=self.chunk_size,
+                    chunk_size=chunk_rows(self.chunk_size, v),
                     **spec.params,
                 )
             elif spec.kind == "hidden":
