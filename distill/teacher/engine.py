@@ -1,14 +1,18 @@
 """TeacherEngine: one teacher forward -> TeacherBatch (top-k logits, log-normaliser, optional features).
 
 No Ray and no process groups here: the Ray actor wraps this engine, and a tensor-parallel teacher swaps in a
-vocab-parallel `topk_with_normalizer` (each rank holds a vocabulary slice; a global top-k and logsumexp need
-one all-gather and one all-reduce). The device is a constructor argument, never assumed.
+vocab-parallel `topk_with_normalizer` (each rank holds a vocabulary slice; the global top-k and logsumexp need
+one all-gather of k candidates per rank; see `TeacherEngine.tensor_parallel` and distill/teacher/parallel.py).
+The device is a constructor argument, never assumed.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import PreTrainedModel
@@ -17,7 +21,12 @@ from distill.errors import ConfigError
 from distill.models.loading import load_causal_lm
 from distill.teacher.batch import BatchId, TeacherBatch
 
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+    from torch.distributed.device_mesh import DeviceMesh
+
 TopKFn = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+HeadMeanFn = Callable[[torch.Tensor], torch.Tensor]
 
 # Rows of the [B*T, V] logits turned into fp32 at a time: bounds the fp32 copy of a bf16 teacher's logits
 # (129k vocab x 4096 rows x 4 B = 2 GiB) instead of materialising all B*T rows at once.
@@ -38,6 +47,11 @@ def topk_with_normalizer(
     return ids.to(torch.int32), values, lse.view(logits.shape[:-1])
 
 
+def mean_over_heads(attention: torch.Tensor) -> torch.Tensor:
+    """[B, heads, T, T] -> [B, T, T] fp32 mean over the heads."""
+    return attention.float().mean(dim=1)
+
+
 class TeacherEngine:
     """Scores token batches with a loaded causal LM.
 
@@ -50,6 +64,9 @@ class TeacherEngine:
     logits_dtype      dtype of the stored top-k logits (the log-normaliser is always fp32)
     hidden_dtype      dtype of stored hidden states; attention_dtype likewise for attention maps
     topk_fn           the top-k/log-normaliser step; a vocab-parallel teacher passes its own
+    head_mean_fn      attention maps -> head average; a tensor-parallel teacher (local heads only) passes its own
+    full_vocab_logits a context in which the model outputs full-vocabulary logits (for `logits` and `generate`);
+                      a vocab-parallel teacher gathers its shards there. See `TeacherEngine.tensor_parallel`.
     """
 
     def __init__(
@@ -64,6 +81,8 @@ class TeacherEngine:
         attention_dtype: torch.dtype = torch.bfloat16,
         device: torch.device | str = "cpu",
         topk_fn: TopKFn = topk_with_normalizer,
+        head_mean_fn: HeadMeanFn = mean_over_heads,
+        full_vocab_logits: Callable[[], AbstractContextManager] = contextlib.nullcontext,
     ) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
@@ -75,6 +94,8 @@ class TeacherEngine:
         self.hidden_dtype = hidden_dtype
         self.attention_dtype = attention_dtype
         self.topk_fn = topk_fn
+        self.head_mean_fn = head_mean_fn
+        self.full_vocab_logits = full_vocab_logits
         self._validate()
 
     @classmethod
@@ -91,6 +112,38 @@ class TeacherEngine:
         attn = "eager" if kwargs.get("attention_layers") else None
         model = load_causal_lm(path, dtype=dtype, attn_implementation=attn, hint=hint)
         return cls(model, topk, **kwargs)
+
+    @classmethod
+    def tensor_parallel(
+        cls,
+        path: str | Path,
+        topk: int,
+        *,
+        group: ProcessGroup | DeviceMesh | None = None,
+        dtype: str | torch.dtype = "float32",
+        experts: str = "expert_parallel",
+        hint: str | None = None,
+        **kwargs,
+    ) -> TeacherEngine:
+        """Load a teacher sharded tensor-parallel over `group` (None: the default world) and wrap it.
+
+        Collective: every rank of the group builds the engine and calls `score` with the same inputs; every rank
+        returns the same TeacherBatch (the Ray layer reads rank 0's). A `device` in kwargs is checked against the
+        rank's device (TP shards are placed by the loader; TP=1 is moved there). See distill.teacher.parallel.
+        """
+        from distill.teacher import parallel  # torch.distributed machinery only when TP is asked for
+
+        attn = "eager" if kwargs.get("attention_layers") else None
+        model = parallel.load_tp_model(
+            path,
+            group=group,
+            dtype=dtype,
+            attn_implementation=attn,
+            experts=experts,
+            device=kwargs.pop("device", None),
+            hint=hint,
+        )
+        return cls(model, topk, **parallel.engine_hooks(model), **kwargs)
 
     # ----------------------------------------------------------------------------------------- validation
     @property
@@ -164,17 +217,18 @@ class TeacherEngine:
         """L x [B, heads, T, T] -> [B, L_sel, T, T] in attention_dtype; averaged in fp32 before the cast."""
         if not self.attention_layers:
             return None
-        maps = [attentions[i].float().mean(dim=1) for i in self.attention_layers]
+        maps = [self.head_mean_fn(attentions[i]) for i in self.attention_layers]
         return torch.stack(maps, dim=1).to(self.attention_dtype)
 
     @torch.inference_mode()
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Full next-token logits [B, T, V] in fp32 (evaluation; training uses `score`)."""
-        out = self.model(
-            input_ids=input_ids.to(self.device),
-            attention_mask=None if attention_mask is None else attention_mask.to(self.device),
-            use_cache=False,
-        )
+        with self.full_vocab_logits():
+            out = self.model(
+                input_ids=input_ids.to(self.device),
+                attention_mask=None if attention_mask is None else attention_mask.to(self.device),
+                use_cache=False,
+            )
         return out.logits.float()
 
     @torch.inference_mode()
@@ -195,11 +249,12 @@ class TeacherEngine:
         pad = self.config.pad_token_id if pad_token_id is None else pad_token_id
         if attention_mask is None:
             attention_mask = torch.ones_like(prompt_ids)
-        return self.model.generate(
-            input_ids=prompt_ids.to(self.device),
-            attention_mask=attention_mask.to(self.device),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=eos,
-            pad_token_id=eos if pad is None else pad,
-        )
+        with self.full_vocab_logits():
+            return self.model.generate(
+                input_ids=prompt_ids.to(self.device),
+                attention_mask=attention_mask.to(self.device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=eos,
+                pad_token_id=eos if pad is None else pad,
+            )
