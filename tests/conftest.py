@@ -46,3 +46,30 @@ def tiny_teacher(base_overrides) -> Path:
     cfg = compose(base_overrides)
     prepare_demo(cfg)
     return builders.demo_teacher_dir(cfg)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One simulated two-node Ray cluster for the whole session (each node: 2 CPUs, its own object store)."""
+    import tempfile
+
+    import ray
+    from ray.cluster_utils import Cluster
+
+    # ray.cluster_utils writes $TMPDIR/ray/ray_current_cluster and fails if the folder is missing.
+    os.makedirs(os.path.join(tempfile.gettempdir(), "ray"), exist_ok=True)
+    store = 256 * 2**20
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 2,
+            "resources": {"node_a": 1},
+            "object_store_memory": store,
+            "include_dashboard": False,
+        },
+    )
+    cluster.add_node(num_cpus=2, resources={"node_b": 1}, object_store_memory=store)
+    ray.init(address=cluster.address, logging_level="ERROR")
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()

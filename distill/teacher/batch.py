@@ -6,6 +6,7 @@ stored as their raw uint16 bit pattern and tagged in `float_dtypes`; `to_torch()
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field, fields
 
 import numpy as np
@@ -26,8 +27,18 @@ def tensor_to_numpy(t: torch.Tensor) -> tuple[np.ndarray, str]:
     return t.numpy(), name
 
 
+def readonly_tensor(a: np.ndarray) -> torch.Tensor:
+    """Zero-copy tensor over a numpy array that may be read-only (Ray's object store hands those out).
+
+    torch warns because writing through such a tensor is undefined; teacher outputs are never written to.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(np.ascontiguousarray(a))
+
+
 def numpy_to_tensor(a: np.ndarray, dtype_name: str) -> torch.Tensor:
-    t = torch.from_numpy(np.ascontiguousarray(a))
+    t = readonly_tensor(a)
     if dtype_name == "bfloat16":
         return t.view(torch.bfloat16)
     return t

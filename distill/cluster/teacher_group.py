@@ -1,0 +1,295 @@
+"""TeacherGroup: R replicas x TP t Ray actors that turn token batches into TeacherBatch object refs.
+
+The driver only holds references: inputs are `ray.put` once per batch and every TP rank of a replica reads the
+same object; the replica's rank 0 returns the TeacherBatch as an object ref that consumers fetch directly
+(numpy arrays, zero copy on a node). A small metadata object travels separately so the driver can notice a
+failure without touching the payload.
+
+Failure model: a TP replica is one torch.distributed world, so when any of its actors dies the surviving
+ranks are stuck in a collective with a dead peer. The group therefore recovers a replica as a whole: it kills
+the replica's actors, starts new ones in the same placement group (new rendezvous port) and re-dispatches the
+replica's in-flight batches. Every batch's output is yielded exactly once, in submission order.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from distill.cluster.placement import alive_nodes, plan_replica_nodes, replica_placement_group
+from distill.teacher.batch import BatchId, TeacherBatch, readonly_tensor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """What every teacher actor needs to build its engine (no config objects cross into actors)."""
+
+    path: str
+    topk: int
+    dtype: str = "float32"
+    logits_dtype: str = "float32"
+    hidden_layers: tuple[int, ...] = ()
+    attention_layers: tuple[int, ...] = ()
+    attn_implementation: str | None = None
+    device: str = "cpu"
+    backend: str = "gloo"
+    threads: int = 1
+    """torch intra-op threads per actor (its CPU share); more threads than cores makes torch far slower."""
+
+
+@dataclass
+class BatchMeta:
+    batch_id: BatchId
+    num_tokens: int
+    nbytes: int
+    replica: int
+    pid: int
+
+
+class TeacherWorker:
+    """One TP rank of one teacher replica. Made a Ray actor by TeacherGroup (resources via .options())."""
+
+    def __init__(self, spec: TeacherSpec, replica: int, rank: int, tp: int) -> None:
+        import torch
+
+        torch.set_num_threads(max(1, spec.threads))
+        self.spec, self.replica, self.rank, self.tp = spec, replica, rank, tp
+        self.engine = None
+
+    def rendezvous_address(self) -> tuple[str, int]:
+        """Rank 0 picks the replica's MASTER_ADDR / MASTER_PORT on its own node."""
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+    def setup(self, master_addr: str, master_port: int) -> int:
+        """Join the replica's TP world the way torchrun would, then load the (sharded) teacher."""
+        from distill.teacher.engine import TeacherEngine
+
+        spec = self.spec
+        os.environ.update(
+            RANK=str(self.rank),
+            # Ray gives each GPU actor its own CUDA_VISIBLE_DEVICES, so its one GPU is local rank 0.
+            LOCAL_RANK="0" if spec.device == "cuda" else str(self.rank),
+            WORLD_SIZE=str(self.tp),
+            MASTER_ADDR=master_addr,
+            MASTER_PORT=str(master_port),
+        )
+        kwargs = dict(
+            dtype=spec.dtype,
+            hidden_layers=spec.hidden_layers,
+            attention_layers=spec.attention_layers,
+            logits_dtype=_torch_dtype(spec.logits_dtype),
+            device=spec.device,
+        )
+        if self.tp > 1:
+            from distill.teacher.parallel import init_from_env
+
+            init_from_env(spec.backend)
+            self.engine = TeacherEngine.tensor_parallel(spec.path, spec.topk, **kwargs)
+        else:
+            self.engine = TeacherEngine.from_pretrained(spec.path, spec.topk, **kwargs)
+        return os.getpid()
+
+    def score(
+        self, batch_id: BatchId, inputs: dict[str, np.ndarray]
+    ) -> tuple[BatchMeta | None, TeacherBatch | None]:
+        """All TP ranks run the forward; rank 0 returns (metadata, TeacherBatch), the others (None, None)."""
+        t = {k: readonly_tensor(v) for k, v in inputs.items()}
+        out = self.engine.score(batch_id, t["input_ids"], t["attention_mask"], t["loss_mask"])
+        if self.rank != 0:
+            return None, None
+        meta = BatchMeta(tuple(batch_id), out.num_tokens, out.nbytes(), self.replica, os.getpid())
+        return meta, out
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+@dataclass
+class _Replica:
+    index: int
+    node_id: str
+    pg: object
+    actors: list = field(default_factory=list)
+    restarts: int = 0
+
+
+@dataclass
+class _InFlight:
+    batch_id: BatchId
+    inputs: ray.ObjectRef
+    replica: int
+    meta: ray.ObjectRef
+    payload: ray.ObjectRef
+    others: list[ray.ObjectRef]
+
+
+class TeacherGroup:
+    """Places and addresses the teacher actors; dispatches batches round-robin with bounded in-flight work."""
+
+    def __init__(
+        self,
+        spec: TeacherSpec,
+        *,
+        replicas: int,
+        tp: int,
+        cpus_per_actor: float = 1.0,
+        gpus_per_actor: float = 0.0,
+        spread: bool = True,
+        max_in_flight_per_replica: int = 2,
+        max_replica_restarts: int = 3,
+        reserve_cpus: dict[str, float] | None = None,
+    ) -> None:
+        self.spec, self.tp = spec, tp
+        self.cpus_per_actor, self.gpus_per_actor = cpus_per_actor, gpus_per_actor
+        self.max_in_flight = max_in_flight_per_replica * replicas
+        self.max_replica_restarts = max_replica_restarts
+        nodes = plan_replica_nodes(
+            alive_nodes(),
+            replicas=replicas,
+            tp=tp,
+            cpus_per_actor=cpus_per_actor,
+            gpus_per_actor=gpus_per_actor,
+            spread=spread,
+            reserve_cpus=reserve_cpus,
+        )
+        self.replicas = [self._place(r, node) for r, node in enumerate(nodes)]
+        ray.get(
+            [ref for rep in self.replicas for ref in self._start_actors(rep)]
+        )  # all replicas load at once
+        self._next = 0
+
+    # ---- placement and start-up ---------------------------------------------------------------------
+    def _place(self, index: int, node_id: str) -> _Replica:
+        pg = replica_placement_group(
+            node_id,
+            tp=self.tp,
+            cpus_per_actor=self.cpus_per_actor,
+            gpus_per_actor=self.gpus_per_actor,
+            name=f"teacher-replica-{index}-{os.getpid()}",
+        )
+        return _Replica(index, node_id, pg)
+
+    def _start_actors(self, rep: _Replica) -> list[ray.ObjectRef]:
+        """Create the replica's TP actors in its placement group; returns refs that resolve once all loaded."""
+        worker = ray.remote(TeacherWorker)
+        rep.actors = [
+            worker.options(
+                num_cpus=self.cpus_per_actor,
+                num_gpus=self.gpus_per_actor,
+                max_restarts=0,  # recovery is per replica (see module docstring), not per actor
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    rep.pg, placement_group_bundle_index=rank
+                ),
+            ).remote(self.spec, rep.index, rank, self.tp)
+            for rank in range(self.tp)
+        ]
+        addr, port = ray.get(rep.actors[0].rendezvous_address.remote())
+        return [a.setup.remote(addr, port) for a in rep.actors]
+
+    def _restart(self, rep: _Replica) -> None:
+        if rep.restarts >= self.max_replica_restarts:
+            raise RuntimeError(
+                f"teacher replica {rep.index} failed {rep.restarts + 1} times; giving up (max_replica_restarts="
+                f"{self.max_replica_restarts}). Check the actor logs for the cause."
+            )
+        rep.restarts += 1
+        log.warning("teacher replica %d died; restarting it (restart %d)", rep.index, rep.restarts)
+        for a in rep.actors:
+            ray.kill(a, no_restart=True)
+        ray.get(self._start_actors(rep))
+
+    # ---- scoring ----------------------------------------------------------------------------------------
+    def _submit(self, batch_id: BatchId, inputs: ray.ObjectRef, replica: int | None = None) -> _InFlight:
+        if replica is None:
+            replica, self._next = self._next, (self._next + 1) % len(self.replicas)
+        rep = self.replicas[replica]
+        refs = [a.score.options(num_returns=2).remote(batch_id, inputs) for a in rep.actors]
+        (meta, payload), others = refs[0], [r for pair in refs[1:] for r in pair]
+        return _InFlight(tuple(batch_id), inputs, replica, meta, payload, others)
+
+    def score_stream(
+        self, batches: Iterable[tuple[BatchId, dict[str, np.ndarray]]]
+    ) -> Iterator[tuple[BatchMeta, ray.ObjectRef]]:
+        """Yield (metadata, TeacherBatch ref) for every input batch exactly once, in input order.
+
+        At most `max_in_flight` batches are queued on the actors (backpressure on the input side).
+        """
+        pending: deque[_InFlight] = deque()
+        source = iter(batches)
+        exhausted = False
+        while pending or not exhausted:
+            while not exhausted and len(pending) < self.max_in_flight:
+                item = next(source, None)
+                if item is None:
+                    exhausted = True
+                    break
+                batch_id, arrays = item
+                pending.append(self._submit(batch_id, ray.put(arrays)))
+            if not pending:
+                break
+            head = pending[0]
+            try:
+                meta = ray.get(head.meta)
+                ray.get(head.others)  # the other TP ranks must have finished too (they hold no payload)
+            except (RayActorError, RayTaskError) as err:
+                self._recover(pending, head.replica, err)
+                continue
+            pending.popleft()
+            yield meta, head.payload
+
+    def _recover(self, pending: deque[_InFlight], replica: int, err: Exception) -> None:
+        """Restart a dead replica and re-dispatch every in-flight batch it held, keeping their order."""
+        if isinstance(err, RayTaskError) and not isinstance(err.cause, RayActorError):
+            raise err  # a bug in the forward, not a dead process: retrying would fail the same way
+        self._restart(self.replicas[replica])
+        for i, item in enumerate(pending):
+            if item.replica == replica:
+                pending[i] = self._submit(item.batch_id, item.inputs, replica)
+
+    def score(self, batch_id: BatchId, arrays: dict[str, np.ndarray]) -> TeacherBatch:
+        """One batch, fetched to the caller (tests and tools; the training path passes refs on)."""
+        ((_, ref),) = list(self.score_stream([(batch_id, arrays)]))
+        return ray.get(ref)
+
+    # ---- introspection and shutdown ---------------------------------------------------------------------
+    def actor_nodes(self) -> list[list[str]]:
+        return [ray.get([a.node_id.remote() for a in rep.actors]) for rep in self.replicas]
+
+    def actor_pids(self) -> list[list[int]]:
+        return [ray.get([a.pid.remote() for a in rep.actors]) for rep in self.replicas]
+
+    def kill_actor(self, replica: int, rank: int) -> None:
+        """Failure injection for tests and chaos drills."""
+        ray.kill(self.replicas[replica].actors[rank], no_restart=True)
+
+    def shutdown(self) -> None:
+        from ray.util.placement_group import remove_placement_group
+
+        for rep in self.replicas:
+            for a in rep.actors:
+                ray.kill(a, no_restart=True)
+            remove_placement_group(rep.pg)
+        self.replicas = []
