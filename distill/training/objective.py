@@ -83,11 +83,11 @@ class Objective(nn.Module):
     @property
     def teacher_hidden_layers(self) -> list[int]:
         """Teacher hidden_states indices to ship, sorted; hidden terms index into this list."""
-        return sorted({tl for t in self.terms if t.kind == "hidden" for _, tl in t.layer_map})
+        return teacher_layers(self.terms, "hidden")
 
     @property
     def teacher_attention_layers(self) -> list[int]:
-        return sorted({tl for t in self.terms if t.kind == "attention" for _, tl in t.layer_map})
+        return teacher_layers(self.terms, "attention")
 
     @property
     def needs_student_hidden(self) -> bool:
@@ -149,7 +149,10 @@ class Objective(nn.Module):
         student = torch.stack([student_out.hidden_states[s] for s, _ in spec.layer_map], dim=2)  # [B,T,L,Hs]
         teacher = batch["hidden"][:, :, [shipped.index(tl) for _, tl in spec.layer_map]]  # [B,T,L,Ht]
         n = student.shape[0] * student.shape[1]
-        projected = self.projectors[spec.label](student.reshape(n, *student.shape[2:]).float())
+        projector = self.projectors[spec.label]
+        # The projector may live in bf16 (a DeepSpeed bf16 engine casts every module); the loss stays fp32.
+        dtype = next(projector.parameters()).dtype
+        projected = projector(student.reshape(n, *student.shape[2:]).to(dtype)).float()
         return projected, teacher.reshape(n, *teacher.shape[2:]).float()
 
     def _attention_pairs(self, spec: TermSpec, student_out, batch):
@@ -157,6 +160,11 @@ class Objective(nn.Module):
         student = torch.stack([student_out.attentions[s].mean(dim=1) for s, _ in spec.layer_map], dim=1)
         teacher = batch["attention"][:, [shipped.index(tl) for _, tl in spec.layer_map]]
         return student.float(), teacher.float()
+
+
+def teacher_layers(terms: list[TermSpec], kind: str) -> list[int]:
+    """The teacher layers the `kind` terms ("hidden" / "attention") read, sorted: what the teacher ships."""
+    return sorted({tl for t in terms if t.weight != 0.0 and t.kind == kind for _, tl in t.layer_map})
 
 
 def next_token_labels(input_ids: torch.Tensor) -> torch.Tensor:
