@@ -143,16 +143,29 @@ def build_objective(cfg, student, teacher_hidden_size: int) -> Objective:
     )
 
 
-def build_teacher_engine(cfg, path: Path, objective: Objective | None, device: str = "cpu") -> TeacherEngine:
+def build_teacher_engine(
+    cfg,
+    path: Path,
+    objective: Objective | None,
+    device: str = "cpu",
+    *,
+    hidden_layers: list[int] | None = None,
+    attention_layers: list[int] | None = None,
+) -> TeacherEngine:
+    """A local teacher shipping the layers the objective reads (or the layers given explicitly)."""
+    if hidden_layers is None:
+        hidden_layers = objective.teacher_hidden_layers if objective else []
+    if attention_layers is None:
+        attention_layers = objective.teacher_attention_layers if objective else []
     attn = cfg.teacher.attn_implementation
-    if objective is not None and objective.teacher_attention_layers and attn is None:
+    if attention_layers and attn is None:
         attn = "eager"
     model = load_causal_lm(path, dtype=cfg.teacher.dtype, attn_implementation=attn)
     return TeacherEngine(
         model,
         topk=cfg.teacher.topk,
-        hidden_layers=objective.teacher_hidden_layers if objective else (),
-        attention_layers=objective.teacher_attention_layers if objective else (),
+        hidden_layers=hidden_layers,
+        attention_layers=attention_layers,
         logits_dtype=torch_dtype(cfg.teacher.logits_dtype),
         device=device,
     )

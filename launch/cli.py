@@ -14,6 +14,7 @@ SUBCOMMANDS = {
     "prepare-demo": "launch.prepare_demo",
     "demo": "launch.demo",
     "eval": "launch.evaluate",
+    "teacher-cache": "launch.teacher_cache",
 }
 
 

@@ -9,8 +9,6 @@ writer removes. Batches buffered for an unfinished shard are lost and recomputed
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -21,20 +19,8 @@ from safetensors.numpy import save as safetensors_bytes
 from distill.cache import manifest as mf
 from distill.cache.encoding import PLAIN_LOGITS, Encoding, encode
 from distill.errors import CheckpointError, ConfigError
-from distill.io import atomic_write_json
+from distill.io import atomic_write_bytes, atomic_write_json
 from distill.teacher.batch import BatchId, TeacherBatch
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Temp file in the same folder + rename, like distill.io.atomic_write_text (which only writes text)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def shard_bytes(batches: list[tuple[BatchId, dict[str, np.ndarray]]]) -> bytes:
@@ -119,7 +105,7 @@ class CacheWriter:
         shards = self._manifest["shards"]
         name = mf.shard_name(len(shards))
         data = shard_bytes([(batch_id, arrays) for batch_id, arrays, _ in self._buffer])
-        _atomic_write_bytes(self.root / name, data)
+        atomic_write_bytes(self.root / name, data)
         shards.append(
             {
                 "file": name,

@@ -41,7 +41,6 @@ class TeacherSpec:
     logits_dtype: str = "float32"
     hidden_layers: tuple[int, ...] = ()
     attention_layers: tuple[int, ...] = ()
-    attn_implementation: str | None = None
     device: str = "cpu"
     backend: str = "gloo"
     threads: int = 1

@@ -58,6 +58,8 @@ class TeacherConfig:
     logits_dtype: str = "float32"
     attn_implementation: str | None = None
     """None picks `eager` when an attention-transfer term is on (sdpa returns no attention maps)."""
+    cache: str | None = None
+    """Train from this offline cache (`distill teacher-cache`) instead of running the teacher online."""
 
 
 @dataclass
@@ -72,6 +74,12 @@ class StudentConfig:
     overrides: dict[str, Any] = field(default_factory=dict)
     """Extra architecture fields for a tiny `arch` (hidden_size, num_hidden_layers, ...)."""
     gradient_checkpointing: bool = False
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage (0-3) of the student ranks in the distributed path."""
+    precision: str = "fp32"
+    """`fp32` or `bf16` for the DeepSpeed student (bf16 is ~2x slower on CPUs without AVX512-BF16)."""
+    offload_optimizer: bool = False
+    """ZeRO-Offload: keep optimizer state in CPU memory (stage >= 1)."""
 
 
 @dataclass
@@ -173,16 +181,31 @@ class TrackingConfig:
 
 
 @dataclass
+class TeacherCacheConfig:
+    """`distill teacher-cache`: teacher outputs for the run's batches, written once and trained from later."""
+
+    dir: str = "${run_dir}/teacher_cache"
+    epochs: int = 1
+    """Epochs of the batch stream to cache (batch ids (epoch, index) match the training stream)."""
+    ids_encoding: str = "auto"
+    """`int32` or `packed<bits>`; `auto` packs with just enough bits for the teacher's vocabulary."""
+    logits_encoding: str = "gap7"
+    """`fp32`, `fp16`, `bf16`, `gap8`, `gap7` (see bench/cache_encoding.py for bytes/token and KL error)."""
+    shard_batches: int = 8
+    overwrite: bool = False
+
+
+@dataclass
 class PrepareConfig:
     """`distill prepare-demo`: the tokenizer and the task-trained tiny teacher, cached by their config."""
 
     cache_dir: str = "${oc.env:DISTILL_CACHE,${oc.env:HOME}/.cache/distill}"
-    vocab_size: int = 768
+    vocab_size: int = 512
     teacher_arch_overrides: dict[str, Any] = field(default_factory=dict)
     teacher_train_size: int = 8000
     """Problems (all domains, `teacher_levels`) the teacher is trained on; held-out questions never appear."""
-    teacher_levels: list[int] = field(default_factory=lambda: [1, 2, 3])
-    teacher_steps: int = 600
+    teacher_levels: list[int] = field(default_factory=lambda: [1, 2])
+    teacher_steps: int = 400
     teacher_lr: float = 3e-3
     teacher_batch_size: int = 32
     eval_examples: int = 100
@@ -206,6 +229,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    teacher_cache: TeacherCacheConfig = field(default_factory=TeacherCacheConfig)
     run_dir: str = "."
     """Where config.yaml, metrics.jsonl, checkpoints/ and student/ go (Hydra's run dir by default)."""
     resume: bool = False

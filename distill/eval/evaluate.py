@@ -26,7 +26,9 @@ def evaluate_model(
 ) -> dict[str, float]:
     """Held-out CE / perplexity / KL to the teacher / agreement, plus exact-match where answers are known."""
     n = len(heldout_rows) if not max_batches else min(len(heldout_rows), max_batches * batch_size)
-    batches = [pad_batch(heldout_rows[i : i + batch_size], tokenizer.pad_token_id) for i in range(0, n, batch_size)]
+    batches = [
+        pad_batch(heldout_rows[i : i + batch_size], tokenizer.pad_token_id) for i in range(0, n, batch_size)
+    ]
     result = heldout_metrics(model, batches, teacher_logits)
     with_answers = [ex for ex in heldout_examples if ex.get("answer") is not None][:generate_examples]
     if with_answers:

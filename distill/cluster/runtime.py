@@ -1,0 +1,53 @@
+"""Connecting to Ray and building the Ray-side groups from the run's config (the only config-aware Ray code)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import ray
+
+from distill.cluster.teacher_group import TeacherGroup, TeacherSpec
+
+
+def connect(cluster) -> None:
+    """Join `cluster.address` (an existing Ray cluster) or start a local one sized by the config.
+
+    The dashboard is off and everything binds to localhost unless an address says otherwise.
+    """
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local runs; a shared cluster brings its own auth
+    if cluster.address:
+        ray.init(address=cluster.address, logging_level="WARNING")
+        return
+    ray.init(
+        num_cpus=cluster.cpus_per_node,
+        num_gpus=cluster.gpus_per_node,
+        include_dashboard=False,
+        dashboard_host="127.0.0.1",
+        logging_level="WARNING",
+    )
+
+
+def teacher_group_from_config(cfg, teacher_path: Path, hidden_layers, attention_layers) -> TeacherGroup:
+    c = cfg.cluster
+    spec = TeacherSpec(
+        path=str(teacher_path),
+        topk=cfg.teacher.topk,
+        dtype=cfg.teacher.dtype,
+        logits_dtype=cfg.teacher.logits_dtype,
+        hidden_layers=tuple(hidden_layers),
+        attention_layers=tuple(attention_layers),
+        device=c.device,
+        backend=c.backend,
+        threads=max(1, int(c.cpus_per_teacher_actor)),
+    )
+    return TeacherGroup(
+        spec,
+        replicas=c.teacher_replicas,
+        tp=c.teacher_tp,
+        cpus_per_actor=c.cpus_per_teacher_actor,
+        gpus_per_actor=c.gpus_per_teacher_actor,
+        spread=c.nodes > 1,
+    )

@@ -1,0 +1,164 @@
+"""Teacher distributions as the loss sees them: top-k with a tail bucket, or dense.
+
+Top-k-with-tail semantics
+-------------------------
+A `TopKTeacher` row holds the teacher's k most likely ids, their raw logits at T=1 and the full-vocab
+logsumexp at T=1 (`log_normalizer`). That tells how much probability lies outside the top-k, but not how it
+is spread, so teacher and student are compared over k+1 buckets: the k ids plus one "tail" bucket.
+
+* Teacher tail at T=1: log m_tail = log1mexp(logsumexp(logits) - log_normalizer) = log(1 - sum_topk p_i).
+* Temperature T: every bucket logit, tail included (tail logit = log_normalizer + log m_tail), is divided
+  by T and renormalised: teacher buckets = log_softmax([logits, tail_logit] / T). The tail acts as one
+  pseudo-token; the true tempered tail mass cannot be known from the top-k alone.
+* Student: full-vocab log_softmax(z / T), gather the k ids, student tail = log1mexp(logsumexp(gathered)).
+* Negligible tail: when the teacher's tail mass is below 1e-6 (or below the fp32 rounding noise of
+  `logsumexp(logits) - log_normalizer`, which grows with |log_normalizer|), e.g. k == V, the tail bucket
+  is -inf on both sides, so k == V reproduces the exact full-vocab divergence.
+
+`DenseTeacher` holds full [N, V] logits; its support is the vocabulary itself.
+
+Both classes give the same three things to a loss: `log_probs(T)` (teacher log-probs on the support,
+[n, S]), `student_log_probs(z, T)` (the student's fp32 logits collapsed onto the same support, [n, S]) and
+`select(rows)` (the same teacher restricted to some rows, used per chunk).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from distill.errors import ConfigError
+
+_LN2 = math.log(2.0)
+_TAIL_MIN_MASS = 1e-6  # below this the tail bucket is dropped on both sides
+
+
+def log1mexp(x: Tensor) -> Tensor:
+    """log(1 - exp(x)) for x <= 0, elementwise; finite, with finite derivatives, for every input.
+
+    x is first clamped just below 0 (log(0) would be -inf with an infinite derivative). Then the two
+    classic branches (Maechler 2012): log(-expm1(x)) near 0, log1p(-exp(x)) further out. Each branch
+    gets its input clamped into its own safe range, because autograd still differentiates the branch
+    torch.where did not pick, and an infinite local derivative there would turn 0 * inf into NaN.
+    """
+    x = x.clamp(max=-torch.finfo(x.dtype).eps)
+    near_zero = torch.log(-torch.expm1(x.clamp(min=-_LN2)))
+    far = torch.log1p(-torch.exp(x.clamp(max=-_LN2)))
+    return torch.where(x > -_LN2, near_zero, far)
+
+
+def _tempered(x: Tensor, temperature: float) -> Tensor:
+    """x / T without the [n, V] copy when T == 1 (the usual case for LLM distillation)."""
+    return x if temperature == 1.0 else x / temperature
+
+
+@dataclass
+class TopKTeacher:
+    """Teacher top-k per token, with the full-vocab normaliser so the tail mass is known.
+
+    ids            [N, k] integer  the teacher's k most likely next-token ids (int32 on the wire is fine)
+    logits         [N, k] float    their raw logits at T=1 (any float dtype; upcast to fp32 here)
+    log_normalizer [N] float       full-vocab logsumexp of the teacher logits at T=1
+    """
+
+    ids: Tensor
+    logits: Tensor
+    log_normalizer: Tensor
+
+    def __post_init__(self) -> None:
+        if self.ids.dim() != 2 or self.logits.shape != self.ids.shape:
+            raise ConfigError(
+                f"TopKTeacher needs ids and logits of the same shape [N, k]; got ids {tuple(self.ids.shape)} "
+                f"and logits {tuple(self.logits.shape)}. Flatten [B, T, k] to [B*T, k] before building it."
+            )
+        if self.log_normalizer.shape != self.ids.shape[:1]:
+            raise ConfigError(
+                f"TopKTeacher.log_normalizer must be [N] = [{self.ids.shape[0]}]; got "
+                f"{tuple(self.log_normalizer.shape)}. Flatten [B, T] to [B*T]."
+            )
+
+    @property
+    def num_rows(self) -> int:
+        return self.ids.shape[0]
+
+    @property
+    def k(self) -> int:
+        return self.ids.shape[1]
+
+    def select(self, rows: Tensor | slice) -> TopKTeacher:
+        """The same teacher restricted to `rows` (a LongTensor of row indices or a slice)."""
+        return TopKTeacher(self.ids[rows], self.logits[rows], self.log_normalizer[rows])
+
+    def tail(self) -> tuple[Tensor, Tensor]:
+        """(log tail mass at T=1 [N] fp32, -inf where negligible; negligible [N] bool)."""
+        log_z = self.log_normalizer.float()
+        gap = torch.logsumexp(self.logits.float(), dim=-1) - log_z  # log(top-k mass), <= 0 up to rounding
+        # Both terms of `gap` are O(|log_z|) fp32 numbers, so their difference carries ~eps*|log_z| noise:
+        # a tail smaller than that is not a measurement, drop it like a truly empty one.
+        noise = 16 * torch.finfo(torch.float32).eps * (1 + log_z.abs())
+        negligible = gap >= -(_TAIL_MIN_MASS + noise)
+        log_tail = torch.where(negligible, -torch.inf, log1mexp(gap))
+        return log_tail, negligible
+
+    def log_probs(self, temperature: float = 1.0) -> Tensor:
+        """Teacher log-probs over the k+1 buckets at temperature T: [N, k+1] fp32 (tail last)."""
+        log_tail, _ = self.tail()
+        tail_logit = self.log_normalizer.float() + log_tail
+        buckets = torch.cat([self.logits.float(), tail_logit[:, None]], dim=-1)
+        return torch.log_softmax(_tempered(buckets, temperature), dim=-1)
+
+    def student_log_probs(self, student_logits: Tensor, temperature: float = 1.0) -> Tensor:
+        """Collapse student fp32 logits [N, V] onto the teacher's buckets: [N, k+1] log-probs."""
+        log_q = torch.log_softmax(_tempered(student_logits, temperature), dim=-1)
+        gathered = log_q.gather(-1, self.ids.long())
+        _, negligible = self.tail()
+        tail = torch.where(negligible, -torch.inf, log1mexp(torch.logsumexp(gathered, dim=-1)))
+        return torch.cat([gathered, tail[:, None]], dim=-1)
+
+    def top1_prob(self) -> Tensor:
+        """Probability of the teacher's most likely token at T=1: [N] fp32 (the tail is not a token)."""
+        return self.log_probs(1.0)[:, :-1].max(dim=-1).values.exp()
+
+
+@dataclass
+class DenseTeacher:
+    """Full teacher logits per token: logits [N, V] (any float dtype; upcast per chunk)."""
+
+    logits: Tensor
+
+    def __post_init__(self) -> None:
+        if self.logits.dim() != 2:
+            raise ConfigError(
+                f"DenseTeacher.logits must be [N, V]; got {tuple(self.logits.shape)}. "
+                "Flatten [B, T, V] to [B*T, V] before building it."
+            )
+
+    @property
+    def num_rows(self) -> int:
+        return self.logits.shape[0]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.logits.shape[1]
+
+    def select(self, rows: Tensor | slice) -> DenseTeacher:
+        """The same teacher restricted to `rows` (a LongTensor of row indices or a slice)."""
+        return DenseTeacher(self.logits[rows])
+
+    def log_probs(self, temperature: float = 1.0) -> Tensor:
+        """Teacher log-probs over the vocabulary at temperature T: [N, V] fp32."""
+        return torch.log_softmax(_tempered(self.logits.float(), temperature), dim=-1)
+
+    def student_log_probs(self, student_logits: Tensor, temperature: float = 1.0) -> Tensor:
+        """Student log-probs over the vocabulary at temperature T: [N, V] fp32 (no collapsing needed)."""
+        return torch.log_softmax(_tempered(student_logits, temperature), dim=-1)
+
+    def top1_prob(self) -> Tensor:
+        """Probability of the teacher's most likely token at T=1: [N] fp32."""
+        return self.log_probs(1.0).max(dim=-1).values.exp()
+
+
+Teacher = TopKTeacher | DenseTeacher

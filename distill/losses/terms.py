@@ -1,0 +1,227 @@
+"""The registered loss terms. Each returns (loss_sum, num_tokens); the trainer divides once by the global count.
+
+Logit terms (kind "logits") share one signature:
+
+    term(student_logits [N, V], teacher: TopKTeacher | DenseTeacher | None, mask [N] bool, *,
+         temperature=1.0, labels=None, chunk_size=64, **params) -> (loss_sum 0-d fp32, num_tokens 0-d)
+
+| name            | per token (t = teacher, s = student, both at temperature T)  | params                   |
+|-----------------|--------------------------------------------------------------|--------------------------|
+| forward_kl      | T^2 KL(t || s)                                               | select_*                 |
+| reverse_kl      | T^2 KL(s || t)                                               | select_*                 |
+| jsd             | T^2 [beta KL(t || m) + (1-beta) KL(s || m)], m = beta t + (1-beta) s | beta=0.5, select_* |
+| skew_forward_kl | T^2 KL(t || alpha t + (1-alpha) s)                           | alpha=0.1, select_*      |
+| skew_reverse_kl | T^2 KL(s || alpha s + (1-alpha) t)                           | alpha=0.1, select_*      |
+| tv              | 0.5 sum |t - s|   (no T^2: a bounded distance, not a KL)     | select_*                 |
+| ce              | -log softmax(z)[label] (teacher and temperature ignored)     | none                     |
+
+The T^2 factor (Hinton et al.) keeps KL gradients the same size as T changes. select_by ("confidence" |
+"entropy"), select_threshold, select_keep ("above" | "below") restrict the term to the tokens where the
+teacher statistic at T=1 passes the threshold; num_tokens then counts the kept tokens.
+
+Feature terms (kind "hidden") and the attention term (kind "attention") are documented on their functions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from distill.errors import ConfigError
+from distill.losses import divergences
+from distill.losses.chunked import DEFAULT_CHUNK_SIZE, chunked_loss_sum
+from distill.losses.registry import register
+from distill.losses.selection import select_tokens
+from distill.losses.teachers import DenseTeacher, Teacher, TopKTeacher
+from distill.losses.validation import check_temperature
+
+# ---------------------------------------------------------------------------------------------- logit terms
+
+
+def _check_logit_inputs(name: str, student_logits: Tensor, teacher: Teacher | None, mask: Tensor) -> None:
+    """Shape and type checks (host-side only, no device sync)."""
+    if student_logits.dim() != 2:
+        raise ConfigError(
+            f"{name}: student_logits must be [N, V]; got {tuple(student_logits.shape)}. "
+            "Flatten [B, T, V] to [B*T, V] (and the mask to [B*T])."
+        )
+    n, vocab = student_logits.shape
+    if mask.shape != (n,) or mask.dtype != torch.bool:
+        raise ConfigError(
+            f"{name}: mask must be a bool tensor of shape [{n}]; got {mask.dtype} {tuple(mask.shape)}."
+        )
+    if teacher is None:
+        return
+    if teacher.num_rows != n:
+        raise ConfigError(
+            f"{name}: teacher has {teacher.num_rows} rows but student_logits has {n}; flatten both the same way."
+        )
+    if isinstance(teacher, DenseTeacher) and teacher.vocab_size != vocab:
+        raise ConfigError(
+            f"{name}: teacher vocabulary {teacher.vocab_size} != student vocabulary {vocab}; "
+            "use a shared tokenizer or slice both logits to the common vocabulary."
+        )
+    if isinstance(teacher, TopKTeacher) and teacher.k > vocab:
+        raise ConfigError(f"{name}: teacher top-k k={teacher.k} exceeds the student vocabulary {vocab}.")
+
+
+def _register_teacher_term(
+    name: str, divergence: Callable[..., Tensor], *, hinton: bool, **own_params
+) -> None:
+    """Register a logit term that compares the student with the teacher through `divergence`."""
+
+    def term(
+        student_logits: Tensor,
+        teacher: Teacher | None,
+        mask: Tensor,
+        *,
+        temperature: float = 1.0,
+        labels: Tensor | None = None,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        select_by: str | None = None,
+        select_threshold: float | None = None,
+        select_keep: str = "above",
+        **div_params: float,
+    ) -> tuple[Tensor, Tensor]:
+        check_temperature(temperature)
+        _check_logit_inputs(name, student_logits, teacher, mask)
+        if teacher is None:
+            raise ConfigError(f"loss term {name!r} needs a teacher (TopKTeacher or DenseTeacher); got None.")
+        if select_by is not None:
+            mask = select_tokens(teacher, mask, by=select_by, threshold=select_threshold, keep=select_keep)
+        div = partial(divergence, **div_params)
+        scale = temperature**2 if hinton else 1.0
+
+        def row_loss(x: Tensor, rows: Tensor) -> Tensor:  # x: fp32 student logits [c, V] of `rows`
+            t = teacher.select(rows)
+            return scale * div(t.log_probs(temperature), t.student_log_probs(x, temperature))
+
+        return chunked_loss_sum(student_logits, mask, row_loss, chunk_size), mask.sum()
+
+    term.__name__ = term.__qualname__ = name
+    term.__doc__ = f"Logit term {name!r}: see the table in distill.losses.terms."
+    register(name, "logits", params=own_params)(term)
+
+
+_register_teacher_term("forward_kl", divergences.forward_kl, hinton=True)
+_register_teacher_term("reverse_kl", divergences.reverse_kl, hinton=True)
+_register_teacher_term("jsd", divergences.generalized_jsd, hinton=True, beta=0.5)
+_register_teacher_term("skew_forward_kl", divergences.skew_forward_kl, hinton=True, alpha=0.1)
+_register_teacher_term("skew_reverse_kl", divergences.skew_reverse_kl, hinton=True, alpha=0.1)
+_register_teacher_term("tv", divergences.total_variation, hinton=False)
+
+
+@register("ce", "logits")
+def ce(
+    student_logits: Tensor,
+    teacher: Teacher | None,
+    mask: Tensor,
+    *,
+    temperature: float = 1.0,
+    labels: Tensor | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> tuple[Tensor, Tensor]:
+    """Hard-label cross-entropy -log softmax(z)[label], summed over masked rows.
+
+    `labels` [N] long is required; teacher and temperature are ignored (the data term stays at T=1).
+    """
+    _check_logit_inputs("ce", student_logits, None, mask)
+    if labels is None or labels.shape != mask.shape:
+        got = None if labels is None else tuple(labels.shape)
+        raise ConfigError(f"loss term 'ce' needs labels of shape [{mask.shape[0]}]; got {got}.")
+
+    def row_loss(x: Tensor, rows: Tensor) -> Tensor:
+        # logsumexp - gathered logit: avoids materialising a [c, V] log_softmax.
+        target = labels[rows].long()[:, None]
+        return torch.logsumexp(x, dim=-1) - x.gather(-1, target).squeeze(-1)
+
+    return chunked_loss_sum(student_logits, mask, row_loss, chunk_size), mask.sum()
+
+
+# -------------------------------------------------------------------------------------------- feature terms
+
+
+def _masked_pair(
+    name: str, student: Tensor, teacher: Tensor, mask: Tensor, fix: str
+) -> tuple[Tensor, Tensor]:
+    """Entries of both tensors where the bool mask (a leading-dims prefix of their shape) is True, in fp32."""
+    if (
+        student.shape != teacher.shape
+        or mask.shape != student.shape[: mask.dim()]
+        or mask.dtype != torch.bool
+    ):
+        raise ConfigError(
+            f"{name}: student {tuple(student.shape)} and teacher {tuple(teacher.shape)} must have the same shape "
+            f"and the bool mask ({mask.dtype} {tuple(mask.shape)}) must match their leading dims; {fix}."
+        )
+    return student[mask].float(), teacher[mask].float()
+
+
+_PROJECT = "project the student features to [N, L, H_t] with HiddenProjector first"
+
+
+@register("hidden_mse", "hidden")
+def hidden_mse(student_feats: Tensor, teacher_feats: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Per token: sum over layers of the mean over H_t of (student - teacher)^2.
+
+    student_feats [N, L, H_t] (already projected), teacher_feats [N, L, H_t], mask [N] bool.
+    Returns (sum over masked tokens, number of masked tokens). Mean over H keeps the scale independent
+    of the hidden size; the sum over layers makes each mapped layer count fully.
+    """
+    s, t = _masked_pair("hidden_mse", student_feats, teacher_feats, mask, _PROJECT)
+    return (s - t).pow(2).mean(dim=-1).sum(), mask.sum()
+
+
+@register("hidden_cosine", "hidden")
+def hidden_cosine(student_feats: Tensor, teacher_feats: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Per token: sum over layers of 1 - cos(student, teacher) along H_t.
+
+    Shapes as hidden_mse. Returns (sum over masked tokens, number of masked tokens).
+    """
+    s, t = _masked_pair("hidden_cosine", student_feats, teacher_feats, mask, _PROJECT)
+    return (1.0 - F.cosine_similarity(s, t, dim=-1)).sum(), mask.sum()
+
+
+@register("attention_transfer", "attention")
+def attention_transfer(
+    student_attn: Tensor, teacher_attn: Tensor, mask: Tensor, *, metric: str = "kl"
+) -> tuple[Tensor, Tensor]:
+    """Match attention maps row by row.
+
+    student_attn, teacher_attn [B, L, T, T] (query rows, key columns; rows are softmax outputs),
+    mask [B, T] bool: the query rows to use. Per query row and layer: "kl" = KL(teacher row || student
+    row), each row renormalised to sum 1 (bf16 maps drift off 1); "mse" = mean over keys of the squared
+    difference. Returns (sum over masked query rows and layers, number of masked query rows).
+    """
+    if student_attn.dim() != 4:
+        raise ConfigError(
+            f"attention_transfer: expected attention [B, L, T, T]; got {tuple(student_attn.shape)}."
+        )
+    # [B, L, T, T] -> [B, T, L, T] so the [B, T] mask picks query rows: [n, L, T].
+    s, t = _masked_pair(
+        "attention_transfer",
+        student_attn.transpose(1, 2),
+        teacher_attn.transpose(1, 2),
+        mask,
+        "pass [B, L, T, T] maps of the mapped layers (head-averaged) and a [B, T] query mask",
+    )
+    if metric == "mse":
+        per_row = (s - t).pow(2).mean(dim=-1)
+    else:
+        per_row = divergences.forward_kl(_row_log_dist(t), _row_log_dist(s))
+    return per_row.sum(), mask.sum()
+
+
+def _row_log_dist(p: Tensor) -> Tensor:
+    """log of rows renormalised to sum 1, clamped at the smallest normal float.
+
+    The clamp keeps a student zero where the teacher has mass finite (about -87 in fp32) and gives log(0)
+    no infinite gradient; a clamped teacher zero weighs ~1e-38, i.e. nothing.
+    """
+    tiny = torch.finfo(p.dtype).tiny
+    p = p / p.sum(dim=-1, keepdim=True).clamp(min=tiny)
+    return p.clamp(min=tiny).log()

@@ -1,0 +1,134 @@
+"""`distill teacher-cache` end to end: resume after a kill, checksums, identity checks, training from the cache."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import launch.teacher_cache as tc
+from distill.cache import CacheReader
+from distill.config import compose
+from distill.errors import CheckpointError
+from distill.tracking.metrics_log import read_metrics
+from launch.distill import run
+
+pytestmark = pytest.mark.slow
+
+
+def overrides(base, tmp_path, *extra):
+    return [
+        *base,
+        f"teacher_cache.dir={tmp_path / 'cache'}",
+        "teacher_cache.shard_batches=2",
+        "teacher_cache.logits_encoding=fp32",
+        "train.steps=4",
+        "train.log_every=1",
+        "eval.generate_examples=0",
+        "eval.max_batches=1",
+        *extra,
+    ]
+
+
+def test_killed_cache_run_resumes_without_recomputing(tiny_teacher, base_overrides, tmp_path, monkeypatch):
+    cfg = compose(overrides(base_overrides, tmp_path))
+    real_score = tc._score
+    scored = []
+
+    def dying_score(*args):
+        for i, batch in enumerate(real_score(*args)):
+            if i == 5:
+                raise KeyboardInterrupt  # the job is killed while batch 5 is in flight
+            scored.append(batch.batch_id)
+            yield batch
+
+    monkeypatch.setattr(tc, "_score", dying_score)
+    with pytest.raises(KeyboardInterrupt):
+        tc.build_cache(cfg)
+    with pytest.warns(UserWarning, match="incomplete"):
+        done = CacheReader(cfg.teacher_cache.dir).batch_ids()
+    assert done == scored  # every batch scored before the kill is on disk (the writer flushes on the way out)
+
+    scored.clear()
+    monkeypatch.setattr(tc, "_score", lambda *a: (scored.append(b.batch_id) or b for b in real_score(*a)))
+    tc.build_cache(cfg)
+    reader = CacheReader(cfg.teacher_cache.dir)
+    assert reader.complete
+    assert scored[0] == (0, 5) and len(scored) == len(reader) - 5  # nothing finished was computed again
+
+    # The resumed cache equals an uninterrupted one.
+    fresh = compose(overrides(base_overrides, tmp_path / "fresh"))
+    monkeypatch.setattr(tc, "_score", real_score)
+    tc.build_cache(fresh)
+    other = CacheReader(fresh.teacher_cache.dir)
+    for bid in reader.batch_ids():
+        np.testing.assert_array_equal(reader.read(bid).topk_ids, other.read(bid).topk_ids)
+        np.testing.assert_array_equal(reader.read(bid).topk_logits, other.read(bid).topk_logits)
+
+
+def test_training_from_cache_equals_online_teacher(tiny_teacher, base_overrides, tmp_path):
+    cfg = compose(overrides(base_overrides, tmp_path))
+    tc.build_cache(cfg)
+    run(compose(overrides(base_overrides, tmp_path), run_dir=str(tmp_path / "online")))
+    run(
+        compose(
+            overrides(base_overrides, tmp_path, f"teacher.cache={tmp_path / 'cache'}"),
+            run_dir=str(tmp_path / "c"),
+        )
+    )
+    online = read_metrics(tmp_path / "online" / "metrics.jsonl")
+    cached = read_metrics(tmp_path / "c" / "metrics.jsonl")
+    assert len(online) == len(cached) == 4
+    for a, b in zip(online, cached, strict=True):
+        assert a["loss/forward_kl"] == pytest.approx(b["loss/forward_kl"], rel=1e-5, abs=1e-7)
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7)
+
+    # A cache built for other settings is refused before training, naming what differs.
+    with pytest.raises(CheckpointError, match="k"):
+        run(
+            compose(
+                overrides(base_overrides, tmp_path, f"teacher.cache={tmp_path / 'cache'}", "teacher.topk=8"),
+                run_dir=str(tmp_path / "bad"),
+            )
+        )
+    with pytest.raises(CheckpointError, match="data_hash"):
+        run(
+            compose(
+                overrides(base_overrides, tmp_path, f"teacher.cache={tmp_path / 'cache'}", "data.seed=5"),
+                run_dir=str(tmp_path / "bad2"),
+            )
+        )
+
+    # A corrupted shard names the file and the checksum.
+    shard = sorted((tmp_path / "cache").glob("shard-*.safetensors"))[0]
+    raw = bytearray(shard.read_bytes())
+    raw[-1] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match=shard.name):
+        run(
+            compose(
+                overrides(base_overrides, tmp_path, f"teacher.cache={tmp_path / 'cache'}"),
+                run_dir=str(tmp_path / "corrupt"),
+            )
+        )
+
+
+@pytest.mark.distributed
+def test_ray_tp2_cache_equals_local_cache(tiny_teacher, base_overrides, tmp_path, ray_cluster):
+    local = compose(overrides(base_overrides, tmp_path / "local", "data.num_train=64"))
+    tc.build_cache(local)
+    on_ray = compose(
+        overrides(
+            base_overrides,
+            tmp_path / "ray",
+            "data.num_train=64",
+            "cluster.mode=ray",
+            "cluster.nodes=2",
+            "cluster.teacher_tp=2",
+        )
+    )
+    tc.build_cache(on_ray)
+    a, b = CacheReader(local.teacher_cache.dir), CacheReader(on_ray.teacher_cache.dir)
+    assert a.batch_ids() == b.batch_ids()
+    for bid in a.batch_ids():
+        np.testing.assert_array_equal(a.read(bid).topk_ids, b.read(bid).topk_ids)
+        np.testing.assert_allclose(a.read(bid).topk_logits, b.read(bid).topk_logits, atol=1e-4)
