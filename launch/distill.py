@@ -23,6 +23,7 @@ from distill.tracking.metrics_log import MetricsLog
 from distill.training.reference import run_steps
 from launch import builders
 from launch.app import hydra_app
+from launch.teacher_cache import CachedTeacher
 
 log = logging.getLogger("distill")
 
@@ -48,7 +49,10 @@ def run(cfg: DictConfig) -> dict:
 
     trainer = builders.build_reference_trainer(student, objective, cfg.optim, cfg.train.steps)
     teacher_fn = None
-    if objective.needs_teacher:
+    if objective.needs_teacher and cfg.teacher.cache:
+        needed = cfg.train.steps * cfg.cluster.grad_accum_steps
+        teacher_fn = CachedTeacher(cfg, teacher_path, tokenizer, needed)
+    elif objective.needs_teacher:
 
         def teacher_fn(batch_id, batch):
             return engine.score(
