@@ -16,6 +16,7 @@ from distill.data import BatchStream, build_task_dataset, encode_example, load_u
 from distill.errors import CheckpointError, ConfigError
 from distill.models.facts import ModelFacts, arch_config_path
 from distill.models.loading import load_causal_lm, load_tokenizer
+from distill.models.lora import apply_lora
 from distill.models.tiny import TINY_ARCHS, build_model, tiny_config
 from distill.models.tokenizer import tokenizer_hash
 from distill.teacher.engine import TeacherEngine
@@ -107,23 +108,26 @@ def _tokenizers_match(teacher: Path, student: Path, fallback: bool) -> bool:
 
 # ---- models ----------------------------------------------------------------------------------------------
 def build_student(cfg, tokenizer):
+    """The base student (`_base_student`), wrapped in LoRA adapters when `student.lora.enabled`."""
+    model = _base_student(cfg, tokenizer)
+    return apply_lora(model, cfg.student.lora) if cfg.student.lora.enabled else model
+
+
+def _base_student(cfg, tokenizer):
     """A student from a checkpoint folder, or a fresh tiny architecture on the teacher's vocabulary."""
     s = cfg.student
     attn = "eager" if _needs_attention(cfg) else None
     if s.path:
         return load_causal_lm(s.path, dtype=s.dtype, attn_implementation=attn)
     if s.arch in TINY_ARCHS:
-        overrides = dict(s.overrides or {})
-        if attn:
-            overrides["attn_implementation"] = attn
         config = tiny_config(
             s.arch,
             len(tokenizer),
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
-            **overrides,
+            **dict(s.overrides or {}),
         )
-        return build_model(config, seed=s.init_seed).to(torch_dtype(s.dtype))
+        return build_model(config, seed=s.init_seed, attn_implementation=attn).to(torch_dtype(s.dtype))
     raise ConfigError(
         f"student={s.name} has no weights on this machine: set student.path=<Hugging Face folder>."
     )

@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "demo": "launch.demo",
     "eval": "launch.evaluate",
     "teacher-cache": "launch.teacher_cache",
+    "generate": "launch.generate",
 }
 
 

@@ -19,6 +19,7 @@ from distill.errors import ConfigError
 from distill.eval import evaluate_model
 from distill.io import atomic_write_json, atomic_write_text
 from distill.models.loading import load_tokenizer, save_model
+from distill.models.lora import merge_for_export
 from distill.tracking.metrics_log import MetricsLog
 from distill.training.reference import run_steps
 from launch import builders
@@ -79,6 +80,7 @@ def run(cfg: DictConfig) -> dict:
         )
     bar.close()
 
+    student = merge_for_export(student)  # LoRA: adapters folded in, so student/ is a plain HF folder
     save_model(student, tokenizer, run_dir / "student")
     summary = evaluate_model(
         student,

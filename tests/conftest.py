@@ -16,6 +16,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 TEST_OVERRIDES = [
     "experiment=ci_tiny",
     "prepare.teacher_steps=150",
+    "prepare.teacher_batch_size=16",
     "prepare.teacher_train_size=2000",
     "prepare.teacher_levels=[1]",
     "prepare.vocab_size=384",
