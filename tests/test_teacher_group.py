@@ -16,13 +16,20 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 V = 96
 
 
+def _save(tmp_path_factory, arch: str):
+    path = tmp_path_factory.mktemp("tp-teacher") / arch
+    save_model(build_model(tiny_config(arch, V, pad_token_id=0, eos_token_id=0), seed=3), None, path)
+    return path
+
+
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tp-teacher") / "deepseek"
-    save_model(
-        build_model(tiny_config("tiny_deepseek_v3", V, pad_token_id=0, eos_token_id=0), seed=3), None, path
-    )
-    return path
+    return _save(tmp_path_factory, "tiny_deepseek_v3")
+
+
+@pytest.fixture(scope="module")
+def qwen_dir(tmp_path_factory):
+    return _save(tmp_path_factory, "tiny_qwen2")
 
 
 def batches(n: int, b: int = 2, t: int = 10):
@@ -77,25 +84,40 @@ def test_two_replicas_of_tp2_on_two_nodes_equal_single_process(ray_cluster, teac
             assert_same(got, want[meta.batch_id])
             seen.append(meta.batch_id)
         assert seen == [bid for bid, _ in items]
-        assert {m for m in range(2)} == {group.replicas[i].index for i in range(2)}
+    finally:
+        group.shutdown()
+
+
+def test_qwen2_teacher_tp2_in_ray_equals_single_process(ray_cluster, qwen_dir):
+    import ray
+
+    items = batches(3)
+    want = reference(qwen_dir, items, k=8)
+    group = TeacherGroup(TeacherSpec(path=str(qwen_dir), topk=8, hidden_layers=(2,)), replicas=1, tp=2)
+    try:
+        for meta, ref in group.score_stream(items):
+            assert_same(ray.get(ref), want[meta.batch_id])
     finally:
         group.shutdown()
 
 
 def test_killed_actor_recovers_and_every_batch_arrives_exactly_once(ray_cluster, teacher_dir):
+    """Kill one TP rank of one replica mid-stream: the replica is rebuilt, its batches re-dispatched."""
     import ray
 
     items = batches(8)
     want = reference(teacher_dir, items, k=8)
-    group = TeacherGroup(TeacherSpec(path=str(teacher_dir), topk=8, hidden_layers=(2,)), replicas=2, tp=1)
+    spec = TeacherSpec(path=str(teacher_dir), topk=8, hidden_layers=(2,))
+    group = TeacherGroup(spec, replicas=2, tp=2, cpus_per_actor=1)
     try:
         seen = []
         for i, (meta, ref) in enumerate(group.score_stream(items)):
             if i == 1:
-                group.kill_actor(replica=1, rank=0)  # batches queued on replica 1 are lost with it
+                group.kill_actor(replica=1, rank=1)  # batches queued on replica 1 are lost with it
             assert_same(ray.get(ref), want[meta.batch_id])
             seen.append(meta.batch_id)
         assert seen == [bid for bid, _ in items]
         assert group.replicas[1].restarts == 1
+        assert group.replicas[0].restarts == 0
     finally:
         group.shutdown()

@@ -113,6 +113,14 @@ class TeacherWorker:
         meta = BatchMeta(tuple(batch_id), out.num_tokens, out.nbytes(), self.replica, os.getpid())
         return meta, out
 
+    def sample(self, prompts: list[list[int]], params, first_index: int) -> list | None:
+        """All TP ranks sample the same prompts with the same seeds (see distill.teacher.sampling, which keeps
+        their collectives in lockstep); rank 0 returns the completions, the others None."""
+        from distill.teacher.sampling import sample_with_engine
+
+        out = sample_with_engine(self.engine, prompts, params, first_index)
+        return out if self.rank == 0 else None
+
     def pid(self) -> int:
         return os.getpid()
 
@@ -208,6 +216,14 @@ class TeacherGroup:
         addr, port = ray.get(rep.actors[0].rendezvous_address.remote())
         return [a.setup.remote(addr, port) for a in rep.actors]
 
+    @staticmethod
+    def _all_alive(rep: _Replica) -> bool:
+        try:
+            ray.get([a.pid.remote() for a in rep.actors], timeout=60)
+            return True
+        except (RayActorError, ray.exceptions.GetTimeoutError):
+            return False
+
     def _restart(self, rep: _Replica) -> None:
         if rep.restarts >= self.max_replica_restarts:
             raise RuntimeError(
@@ -261,9 +277,16 @@ class TeacherGroup:
 
     def _recover(self, pending: deque[_InFlight], replica: int, err: Exception) -> None:
         """Restart a dead replica and re-dispatch every in-flight batch it held, keeping their order."""
-        if isinstance(err, RayTaskError) and not isinstance(err.cause, RayActorError):
+        rep = self.replicas[replica]
+        # A dead TP peer surfaces on the surviving ranks as a failed collective (a plain task error), so the
+        # replica is judged by whether all its actors are alive, not by the error's type.
+        if (
+            isinstance(err, RayTaskError)
+            and not isinstance(err.cause, RayActorError)
+            and self._all_alive(rep)
+        ):
             raise err  # a bug in the forward, not a dead process: retrying would fail the same way
-        self._restart(self.replicas[replica])
+        self._restart(rep)
         for i, item in enumerate(pending):
             if item.replica == replica:
                 pending[i] = self._submit(item.batch_id, item.inputs, replica)

@@ -1,0 +1,300 @@
+"""The parameter-server buffer between the teacher and the students: S shard actors holding TeacherBatch refs.
+
+Only object references live here, never payloads: the teacher's output stays in the object store where the
+teacher wrote it and each student fetches its own batches directly (`ray.get` on the leased refs). A ref is
+passed wrapped in a list so Ray hands the shard the reference itself instead of resolving it.
+
+Life of a batch on its shard: `put` (ready) -> `lease(ids, consumer)` (leased to one student rank) -> `ack(ids)`
+once the optimizer step that used it is committed (released; the batch's consumption count goes up by one).
+`requeue(consumers)` makes a dead consumer's leases ready again; `rollback(ids)` takes back the counts of
+committed steps that a restore from an older checkpoint undid, so the counts always describe committed steps.
+
+Placement: stream position g (see `distill.cluster.driver.Assignment`) lives on shard g % S. Consecutive
+positions go round-robin, so a step's batches spread evenly and no shard fills while another is empty; with a
+per-shard capacity of at least ceil(batches per step / S) the producer can always deliver the oldest step's
+batches (see `check_capacity`), so backpressure never deadlocks.
+
+Shards are asyncio actors: a `put` on a full shard and a `lease` of batches not yet produced wait on a
+condition without blocking the shard's other calls (that is what lets `ack` free room during a waiting `put`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import ray
+
+from distill.errors import TopologyError
+from distill.teacher.batch import BatchId
+
+PUT_OK, PUT_FULL, PUT_EXISTS = "ok", "full", "exists"
+
+
+def check_capacity(capacity: int, shards: int, batches_per_step: int) -> int:
+    """Per-shard capacity; TopologyError unless the oldest step's batches always fit (no deadlock).
+
+    A step's batches are consecutive stream positions, so shard j holds at most ceil(batches_per_step / S)
+    of them; everything else a shard holds is newer and can wait.
+    """
+    per_shard = capacity // shards
+    need = math.ceil(batches_per_step / shards)
+    if per_shard < need:
+        raise TopologyError(
+            f"cluster.buffer_capacity={capacity} over buffer_shards={shards} gives {per_shard} batches per "
+            f"shard, but one optimizer step consumes {batches_per_step} batches (grad_accum_steps x "
+            f"student_world_size), i.e. up to {need} per shard: the students would wait for batches the full "
+            f"buffer cannot take. Set cluster.buffer_capacity >= {need * shards}."
+        )
+    return per_shard
+
+
+@dataclass
+class _Entry:
+    payload: list  # [ObjectRef]: kept wrapped, see the module docstring
+    nbytes: int
+    consumer: str | None = None  # None: ready; else the lease holder
+
+
+class BufferShard:
+    """One shard. Made a Ray actor by `Buffer.create` (zero CPUs: it only moves references)."""
+
+    def __init__(self, index: int, capacity: int, max_bytes: int | None = None) -> None:
+        self.index, self.capacity, self.max_bytes = index, capacity, max_bytes
+        self._entries: dict[BatchId, _Entry] = {}
+        self._dead: set[str] = set()
+        self._commits: dict[BatchId, int] = defaultdict(int)
+        self._changed: asyncio.Condition | None = None
+        self._bytes = 0
+        self._stats = defaultdict(float)
+        self._started = time.perf_counter()
+
+    @property
+    def _cond(self) -> asyncio.Condition:
+        if self._changed is None:  # created on the actor's event loop, not in __init__
+            self._changed = asyncio.Condition()
+        return self._changed
+
+    def _has_room(self, nbytes: int) -> bool:
+        if not self._entries:
+            return True  # one batch larger than max_bytes must still pass, or nothing would
+        if len(self._entries) >= self.capacity:
+            return False
+        return self.max_bytes is None or self._bytes + nbytes <= self.max_bytes
+
+    async def put(
+        self, batch_id: BatchId, payload: list, nbytes: int, *, timeout: float = 0.0, force: bool = False
+    ) -> str:
+        """Hold `payload` ([TeacherBatch ref]). Waits up to `timeout` s for room; "full" if there is none.
+
+        force: bypass the bound (a replay after a student restart re-produces already-consumed batches; their
+        number is bounded by the checkpoint interval). Returns "ok", "full" or "exists" (already held).
+        """
+        batch_id = tuple(batch_id)
+        async with self._cond:
+            if batch_id in self._entries:
+                return PUT_EXISTS
+            if not force and not self._has_room(nbytes):
+                start = time.perf_counter()
+                try:
+                    await asyncio.wait_for(self._cond.wait_for(lambda: self._has_room(nbytes)), timeout)
+                except asyncio.TimeoutError:
+                    return PUT_FULL
+                finally:
+                    self._stats["producer_wait_s"] += time.perf_counter() - start
+            self._entries[batch_id] = _Entry(payload, nbytes)
+            self._bytes += nbytes
+            self._stats["puts"] += 1
+            self._stats["bytes_put"] += nbytes
+            self._cond.notify_all()
+            return PUT_OK
+
+    async def lease(self, batch_ids: Sequence[BatchId], consumer: str, timeout: float) -> list:
+        """The refs of `batch_ids` (in that order), leased to `consumer`; waits until all were put.
+
+        Raises TimeoutError after `timeout` s, and RuntimeError if a batch is leased to another consumer (an
+        assignment bug) or if `consumer` was declared dead meanwhile (its actor is gone; see `requeue`).
+        """
+        ids = [tuple(b) for b in batch_ids]
+        start = time.perf_counter()
+
+        def ready() -> bool:
+            if consumer in self._dead:
+                return True  # wake up to fail below
+            return all(b in self._entries for b in ids)
+
+        async with self._cond:
+            try:
+                await asyncio.wait_for(self._cond.wait_for(ready), timeout)
+            except asyncio.TimeoutError:
+                missing = [b for b in ids if b not in self._entries]
+                raise TimeoutError(
+                    f"buffer shard {self.index}: batches {missing} were not produced within {timeout:g} s "
+                    f"(consumer {consumer}); is the teacher side alive?"
+                ) from None
+            finally:
+                self._stats["consumer_wait_s"] += time.perf_counter() - start
+            if consumer in self._dead:
+                raise RuntimeError(f"buffer shard {self.index}: consumer {consumer} was requeued as dead")
+            for b in ids:
+                holder = self._entries[b].consumer
+                if holder not in (None, consumer):
+                    raise RuntimeError(f"batch {b} is leased to {holder}; {consumer} cannot lease it too")
+            for b in ids:
+                self._entries[b].consumer = consumer
+                self._stats["bytes_leased"] += self._entries[b].nbytes
+            self._stats["leases"] += len(ids)
+            return [self._entries[b].payload[0] for b in ids]
+
+    async def ack(self, batch_ids: Sequence[BatchId]) -> None:
+        """Release leased batches whose optimizer step is committed and count their consumption."""
+        ids = [tuple(b) for b in batch_ids]
+        async with self._cond:
+            not_leased = [b for b in ids if b not in self._entries or self._entries[b].consumer is None]
+            if not_leased:
+                raise RuntimeError(f"buffer shard {self.index}: ack of batches not leased: {not_leased}")
+            for b in ids:
+                self._bytes -= self._entries.pop(b).nbytes
+                self._commits[b] += 1
+            self._stats["acks"] += len(ids)
+            self._cond.notify_all()
+
+    async def requeue(self, consumers: Sequence[str]) -> int:
+        """Declare `consumers` dead: their leases become ready again and their pending leases fail."""
+        async with self._cond:
+            self._dead.update(consumers)
+            n = 0
+            for entry in self._entries.values():
+                if entry.consumer in self._dead:
+                    entry.consumer = None
+                    n += 1
+            self._stats["requeued"] += n
+            self._cond.notify_all()
+            return n
+
+    async def rollback(self, batch_ids: Sequence[BatchId]) -> int:
+        """Uncount acked batches whose steps a restore undid (they will be consumed again)."""
+        n = 0
+        for b in (tuple(b) for b in batch_ids):
+            if self._commits.get(b, 0) > 0:
+                self._commits[b] -= 1
+                n += 1
+                if not self._commits[b]:
+                    del self._commits[b]
+        self._stats["rolled_back"] += n
+        return n
+
+    async def held(self) -> list[BatchId]:
+        """Ids of the batches currently held (ready or leased)."""
+        return list(self._entries)
+
+    async def consumption(self) -> dict[BatchId, int]:
+        """Committed consumption count per acked batch id."""
+        return dict(self._commits)
+
+    async def stats(self) -> dict[str, float]:
+        leased = sum(e.consumer is not None for e in self._entries.values())
+        elapsed = max(time.perf_counter() - self._started, 1e-9)
+        return {
+            **self._stats,
+            "depth": len(self._entries),
+            "leased": leased,
+            "bytes_held": self._bytes,
+            "put_bytes_per_s": self._stats["bytes_put"] / elapsed,
+            "lease_bytes_per_s": self._stats["bytes_leased"] / elapsed,
+        }
+
+
+class Buffer:
+    """Client of the S shards; picklable (actor handles), so the students hold one too.
+
+    batches_per_epoch maps a batch id (epoch, index) to its stream position, which picks the shard.
+    """
+
+    def __init__(self, shards: list, batches_per_epoch: int) -> None:
+        self.shards, self.batches_per_epoch = shards, batches_per_epoch
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        shards: int,
+        capacity_per_shard: int,
+        batches_per_epoch: int,
+        max_bytes_per_shard: int | None = None,
+    ) -> Buffer:
+        actor = ray.remote(BufferShard)
+        handles = [
+            # max_restarts=0: a shard holds the only references to its batches; losing one is not silent.
+            actor.options(num_cpus=0, max_restarts=0, max_concurrency=1000).remote(
+                i, capacity_per_shard, max_bytes_per_shard
+            )
+            for i in range(shards)
+        ]
+        return cls(handles, batches_per_epoch)
+
+    def shard_of(self, batch_id: BatchId) -> int:
+        epoch, index = batch_id
+        return (epoch * self.batches_per_epoch + index) % len(self.shards)
+
+    def _by_shard(self, batch_ids: Sequence[BatchId]) -> dict[int, list[BatchId]]:
+        groups: dict[int, list[BatchId]] = defaultdict(list)
+        for b in batch_ids:
+            groups[self.shard_of(b)].append(tuple(b))
+        return groups
+
+    def put(
+        self,
+        batch_id: BatchId,
+        ref: ray.ObjectRef,
+        nbytes: int,
+        *,
+        timeout: float = 0.0,
+        force: bool = False,
+    ) -> str:
+        shard = self.shards[self.shard_of(batch_id)]
+        return ray.get(shard.put.remote(tuple(batch_id), [ref], nbytes, timeout=timeout, force=force))
+
+    def lease(self, batch_ids: Sequence[BatchId], consumer: str, *, timeout: float = 600.0) -> list:
+        """TeacherBatch refs of `batch_ids` in that order (one call per shard, in parallel)."""
+        groups = self._by_shard(batch_ids)
+        calls = {s: self.shards[s].lease.remote(ids, consumer, timeout) for s, ids in groups.items()}
+        refs = {}
+        for s, got in zip(calls, ray.get(list(calls.values())), strict=True):
+            refs.update(zip(groups[s], got, strict=True))
+        return [refs[tuple(b)] for b in batch_ids]
+
+    def ack(self, batch_ids: Sequence[BatchId]) -> None:
+        ray.get([self.shards[s].ack.remote(ids) for s, ids in self._by_shard(batch_ids).items()])
+
+    def rollback(self, batch_ids: Sequence[BatchId]) -> int:
+        return sum(ray.get([self.shards[s].rollback.remote(i) for s, i in self._by_shard(batch_ids).items()]))
+
+    def requeue(self, consumers: Sequence[str]) -> int:
+        return sum(ray.get([s.requeue.remote(list(consumers)) for s in self.shards]))
+
+    def held(self) -> set[BatchId]:
+        return {tuple(b) for ids in ray.get([s.held.remote() for s in self.shards]) for b in ids}
+
+    def consumption(self) -> dict[BatchId, int]:
+        out: dict[BatchId, int] = {}
+        for part in ray.get([s.consumption.remote() for s in self.shards]):
+            out.update(part)
+        return dict(sorted(out.items()))
+
+    def stats(self) -> dict[str, float]:
+        """Sums over shards (depth, waits, bytes, counters)."""
+        total: dict[str, float] = defaultdict(float)
+        for part in ray.get([s.stats.remote() for s in self.shards]):
+            for k, v in part.items():
+                total[k] += v
+        return dict(total)
+
+    def shutdown(self) -> None:
+        for s in self.shards:
+            ray.kill(s, no_restart=True)
+        self.shards = []

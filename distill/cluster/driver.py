@@ -1,0 +1,379 @@
+"""The online distillation driver: teacher stream -> buffer -> student steps -> ack -> checkpoint.
+
+One short loop that never looks at the loss. A producer thread pulls the teacher group's `score_stream` and
+puts each TeacherBatch ref into the buffer (waiting while the buffer is full), so the teacher runs ahead of the
+students by up to the buffer's capacity and the two overlap. The main thread runs the steps: every rank leases
+its batches (`Assignment`), fetches them from the object store and steps; the driver sums the ranks' term sums,
+divides by the step's token count (it batched the data, so it knows the loss masks) and acks the batches once
+the step is committed on every rank.
+
+Failures: a dead teacher actor is the teacher group's business (it re-dispatches in order). A dead student
+actor fails the step; the driver restarts the whole student group, loads the latest checkpoint, requeues the
+dead consumers' leases, rolls back the consumption counts of the undone steps and restarts the teacher stream
+at the checkpoint's data cursor (batches already acked are recomputed; batches still held are reused).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from distill.cluster.buffer import PUT_FULL, Buffer
+from distill.cluster.student_group import StudentFailure, StudentGroup
+from distill.errors import CheckpointError
+from distill.io import atomic_write_json, atomic_write_text
+from distill.teacher.batch import BatchId
+from distill.training.reference import StepMetrics
+
+log = logging.getLogger(__name__)
+
+
+# ---- which batches each step, rank and micro-step consume (pure) -------------------------------------------
+@dataclass(frozen=True)
+class Assignment:
+    """Deterministic assignment of stream batches to (optimizer step, rank, micro-step).
+
+    Stream position g counts batches in global order across epochs (g = epoch * batches_per_epoch + index, as
+    `BatchStream.forever` yields them). Step s consumes the accum * world consecutive positions starting at
+    s * accum * world; rank r takes g = s * accum * world + r * accum + j for micro-step j < accum. So W ranks x
+    accum a see exactly the sequences of the reference trainer with accumulation a * W, and any (W, a) with the
+    same a * W (the same global batch) train on the same data.
+    """
+
+    accum: int
+    world: int
+    batches_per_epoch: int
+
+    @property
+    def per_step(self) -> int:
+        return self.accum * self.world
+
+    def position(self, step: int, rank: int, micro: int) -> int:
+        assert 0 <= rank < self.world and 0 <= micro < self.accum
+        return step * self.per_step + rank * self.accum + micro
+
+    def batch_id(self, position: int) -> BatchId:
+        return divmod(position, self.batches_per_epoch)
+
+    def position_of(self, batch_id: BatchId) -> int:
+        epoch, index = batch_id
+        return epoch * self.batches_per_epoch + index
+
+    def rank_batches(self, step: int, rank: int) -> list[BatchId]:
+        """Rank `rank`'s micro-batches of step `step`, in micro-step order."""
+        return [self.batch_id(self.position(step, rank, j)) for j in range(self.accum)]
+
+    def step_batches(self, step: int) -> list[BatchId]:
+        """All batches of step `step` in stream order (= ranks in order, each rank's micro-steps in order)."""
+        return [self.batch_id(step * self.per_step + i) for i in range(self.per_step)]
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------------------
+class CheckpointStore:
+    """`root/step-N/`: the DeepSpeed checkpoint of all ranks, their RNG states and `state.json` (step N = steps
+    done, data cursor = next stream batch, the run's identity and resolved topology). `root/latest` names the
+    newest complete one and is written last, so a crash during a save never points at half a checkpoint.
+    """
+
+    def __init__(
+        self, root: str | Path, *, keep: int, identity: dict[str, Any], topology: dict[str, Any]
+    ) -> None:
+        self.root, self.keep = Path(root), keep
+        self.identity, self.topology = identity, topology
+
+    def path(self, step: int) -> Path:
+        return self.root / f"step-{step}"
+
+    def latest(self) -> Path | None:
+        pointer = self.root / "latest"
+        if not pointer.is_file():
+            return None
+        path = self.root / pointer.read_text().strip()
+        if not (path / "state.json").is_file():
+            raise CheckpointError(
+                f"{pointer} names {path.name}, which has no state.json; the folder is damaged"
+            )
+        return path
+
+    @staticmethod
+    def state(path: Path) -> dict[str, Any]:
+        return json.loads((path / "state.json").read_text())
+
+    def resume_point(self) -> Path | None:
+        """The latest checkpoint, after checking it belongs to this run (CheckpointError naming the field)."""
+        path = self.latest()
+        if path is not None:
+            check_identity(self.state(path)["identity"], self.identity, where=path)
+        return path
+
+    def commit(self, step: int, cursor: BatchId) -> Path:
+        path = self.path(step)
+        state = {
+            "step": step,
+            "next_batch": list(cursor),
+            "identity": self.identity,
+            "topology": self.topology,
+        }
+        atomic_write_json(path / "state.json", state)
+        atomic_write_text(self.root / "latest", path.name + "\n")
+        self._prune(step)
+        return path
+
+    def _prune(self, newest: int) -> None:
+        """Keep the `keep` newest checkpoints up to `newest` (never the one `latest` names)."""
+        steps = sorted(
+            int(m.group(1)) for p in self.root.iterdir() if (m := re.fullmatch(r"step-(\d+)", p.name))
+        )
+        older = [s for s in steps if s <= newest]
+        for s in older[: max(len(older) - max(self.keep, 1), 0)]:
+            shutil.rmtree(self.path(s), ignore_errors=True)
+
+
+def check_identity(saved: dict[str, Any], current: dict[str, Any], *, where: Path | str) -> None:
+    """CheckpointError naming every field whose value differs between a checkpoint and this run."""
+    keys = sorted(set(saved) | set(current))
+    diff = [k for k in keys if saved.get(k) != current.get(k)]
+    if diff:
+        detail = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, this run {current.get(k)!r}" for k in diff)
+        raise CheckpointError(
+            f"cannot resume from {where}: it was written by a different run ({detail}). Resume with the "
+            "checkpoint's settings, or start a new run (resume=false or another run_dir)."
+        )
+
+
+# ---- the teacher side --------------------------------------------------------------------------------------
+class Producer:
+    """A thread that keeps the buffer filled from the teacher stream, in stream order.
+
+    inputs: (batch_id, numpy arrays) to score, in order. force: batch ids put even into a full buffer (a
+    replay's recomputed batches, see Driver._recover). Errors are kept and re-raised by `check` on the main
+    thread.
+    """
+
+    def __init__(self, teachers, buffer: Buffer, inputs: Iterator, force: set[BatchId]) -> None:
+        self.teachers, self.buffer, self.inputs, self.force = teachers, buffer, inputs, force
+        self.error: BaseException | None = None
+        self.produced = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="teacher-producer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for meta, ref in self.teachers.score_stream(self.inputs):
+                force = tuple(meta.batch_id) in self.force
+                while self.buffer.put(meta.batch_id, ref, meta.nbytes, timeout=0.5, force=force) == PUT_FULL:
+                    if self._stop.is_set():
+                        return
+                self.produced += 1
+                if self._stop.is_set():
+                    return
+        except BaseException as err:  # re-raised on the main thread by check()
+            self.error = err
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise RuntimeError(f"the teacher producer failed: {self.error!r}") from self.error
+
+    def stop(self, timeout: float = 300.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.warning("teacher producer still busy after %.0f s; leaving it behind", timeout)
+
+
+class StepSink(Protocol):
+    def write(self, metrics: StepMetrics, extras: dict[str, float]) -> None:
+        """Record a logged step."""
+
+    def rewind(self, step: int) -> None:
+        """Forget records of steps >= `step` (they are about to be trained again)."""
+
+
+class Hooks:
+    """Failure injection and stop points for tests and chaos drills; the default does nothing."""
+
+    def after_step(self, driver: Driver, step: int) -> None:
+        """Called once step `step` is committed (and checkpointed, if one was due)."""
+
+
+# ---- the loop ----------------------------------------------------------------------------------------------
+class Driver:
+    """Runs optimizer steps [start, total_steps) over the groups it is given; owns no configuration.
+
+    inputs(position): (batch_id, arrays) from stream position `position` on (a fresh iterator each call).
+    tokens(batch_id): trained tokens (loss_mask.sum()) of a batch.
+    """
+
+    def __init__(
+        self,
+        *,
+        teachers,
+        students: StudentGroup,
+        buffer: Buffer,
+        assignment: Assignment,
+        inputs: Callable[[int], Iterator[tuple[BatchId, dict[str, np.ndarray]]]],
+        tokens: Callable[[BatchId], int],
+        total_steps: int,
+        sink: StepSink,
+        log_every: int = 1,
+        checkpoints: CheckpointStore | None = None,
+        checkpoint_every: int = 0,
+        hooks: Hooks | None = None,
+        max_student_restarts: int = 3,
+    ) -> None:
+        self.teachers, self.students, self.buffer = teachers, students, buffer
+        self.assignment, self.inputs, self.tokens = assignment, inputs, tokens
+        self.total_steps, self.sink, self.log_every = total_steps, sink, log_every
+        self.checkpoints, self.checkpoint_every = checkpoints, checkpoint_every
+        self.hooks = hooks or Hooks()
+        self.max_student_restarts = max_student_restarts
+        self.committed = 0  # steps whose batches are acked
+        self.producer: Producer | None = None
+
+    def run(self, start: Path | None = None) -> None:
+        """Train to total_steps, from checkpoint `start` (a `CheckpointStore` folder) or from scratch."""
+        self.students.wait_ready()
+        step = self._load(start) if start is not None else 0
+        self.committed = step
+        self.sink.rewind(step)
+        self._start_producer(step)
+        try:
+            while step < self.total_steps:
+                try:
+                    self._train_step(step)
+                    step += 1
+                    if self.checkpoint_every and step % self.checkpoint_every == 0:
+                        self._checkpoint(step)
+                except StudentFailure as err:
+                    step = self._recover(err)
+                    continue
+                self.hooks.after_step(self, step - 1)
+        finally:
+            self._stop_producer()
+
+    def _train_step(self, step: int) -> None:
+        start = time.perf_counter()
+        a = self.assignment
+        batch_ids = a.step_batches(step)
+        num_tokens = sum(self.tokens(b) for b in batch_ids)
+        outs = self.students.train_step(
+            step, [a.rank_batches(step, r) for r in range(a.world)], num_tokens, poll=self._check_producer
+        )
+        self.buffer.ack(batch_ids)  # committed on every rank: the batches are done
+        self.committed = step + 1
+        denom = max(num_tokens, 1)
+        terms = {label: sum(o["terms"][label] for o in outs) / denom for label in outs[0]["terms"]}
+        metrics = StepMetrics(
+            step=step,
+            loss=sum(o["loss_sum"] for o in outs) / denom,
+            terms=terms,
+            tokens=num_tokens,
+            lr=outs[0]["lr"],
+            grad_norm=outs[0]["grad_norm"],
+            seconds=time.perf_counter() - start,
+            batch_ids=batch_ids,
+        )
+        if (step + 1) % self.log_every == 0 or step + 1 == self.total_steps:
+            stats = self.buffer.stats()
+            extras = {
+                "buffer/depth": stats["depth"],
+                "buffer/producer_wait_s": stats["producer_wait_s"],
+                "buffer/consumer_wait_s": stats["consumer_wait_s"],
+                "student/fetch_s": max(o["fetch_s"] for o in outs),
+            }
+            self.sink.write(metrics, extras)
+
+    def _checkpoint(self, step: int) -> None:
+        if self.checkpoints is None:
+            return
+        cursor = self.assignment.batch_id(step * self.assignment.per_step)
+        path = self.checkpoints.path(step)
+        self.students.save(path, {"step": step, "next_batch": list(cursor)})
+        self.checkpoints.commit(step, cursor)
+
+    def _load(self, path: Path) -> int:
+        state = CheckpointStore.state(path)
+        client = self.students.load(path)
+        if client["step"] != state["step"] or list(client["next_batch"]) != state["next_batch"]:
+            raise CheckpointError(
+                f"{path}: DeepSpeed client state {client} disagrees with state.json {state}"
+            )
+        expected = list(self.assignment.batch_id(state["step"] * self.assignment.per_step))
+        if state["next_batch"] != expected:
+            raise CheckpointError(
+                f"{path}: data cursor {state['next_batch']} is not step {state['step']}'s {expected}"
+            )
+        log.info("restored %s (step %d, next batch %s)", path, state["step"], state["next_batch"])
+        return state["step"]
+
+    def _recover(self, err: StudentFailure) -> int:
+        """Restart the student world from the latest checkpoint; returns the step to continue from."""
+        if self.students.restarts >= self.max_student_restarts:
+            raise RuntimeError(f"student group failed {self.students.restarts + 1} times; giving up") from err
+        log.warning("student failure (%s); restarting the student group", err)
+        self._stop_producer()
+        old = self.students.restart()
+        latest = self.checkpoints.latest() if self.checkpoints else None
+        step = (
+            self._load(latest) if latest is not None else 0
+        )  # new actors start from the same initial weights
+        self.buffer.requeue(old)
+        undone = [b for s in range(step, self.committed) for b in self.assignment.step_batches(s)]
+        self.buffer.rollback(undone)
+        self.committed = step
+        self.sink.rewind(step)
+        self._start_producer(step)
+        return step
+
+    # ---- the producer ------------------------------------------------------------------------------------------
+    def _start_producer(self, step: int) -> None:
+        """Stream from step's first batch to the run's last; batches the buffer still holds are not recomputed,
+        the recomputed ones before them may overfill it (bounded by the checkpoint interval)."""
+        a = self.assignment
+        first, end = step * a.per_step, self.total_steps * a.per_step
+        held = {b for b in self.buffer.held() if a.position_of(b) >= first}
+        replay_end = max((a.position_of(b) for b in held), default=first - 1) + 1
+        force = {a.batch_id(g) for g in range(first, replay_end)} - held
+
+        def inputs() -> Iterator[tuple[BatchId, dict[str, np.ndarray]]]:
+            for batch_id, arrays in self.inputs(first):
+                position = a.position_of(batch_id)
+                if position >= end:
+                    return
+                if batch_id not in held:
+                    yield batch_id, arrays
+
+        self.producer = Producer(self.teachers, self.buffer, inputs(), force)
+
+    def _check_producer(self) -> None:
+        if self.producer is not None:
+            self.producer.check()
+
+    def _stop_producer(self) -> None:
+        if self.producer is not None:
+            self.producer.stop()
+            self.producer = None
+
+    # ---- after the run -----------------------------------------------------------------------------------------
+    def summary(self) -> dict[str, Any]:
+        """Consumption counts of the committed steps, restarts and buffer figures (for online_stats.json)."""
+        counts = self.buffer.consumption()
+        replicas = getattr(self.teachers, "replicas", [])
+        return {
+            "committed_steps": self.committed,
+            "consumption": {f"{e}:{i}": n for (e, i), n in counts.items()},
+            "student_restarts": self.students.restarts,
+            "teacher_restarts": sum(r.restarts for r in replicas),
+            "buffer": self.buffer.stats(),
+        }

@@ -1,0 +1,360 @@
+"""StudentGroup: W Ray actors, each one data-parallel DeepSpeed rank of the student (via `distill.student`).
+
+Every actor sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT as torchrun would (rank 0 picks the
+port on its node), joins the process group, builds the student and the objective with the run's builder (the
+same seed gives the same initial weights as the reference) and wraps them in a `StudentEngine`. A step leases
+the rank's batches from the buffer and fetches the TeacherBatch payloads itself: they never pass through the
+driver.
+
+Placement (`plan_student_nodes`): one placement group, one bundle per rank, PACKed onto the nodes the teachers
+leave free, filling from the LAST node backwards (teachers are planned from the first node on), so on two or more
+nodes teachers and students sit on different nodes whenever the resources allow it.
+
+Failure model: the W ranks are one torch.distributed world, so a dead rank leaves the others stuck in (or
+failing) a collective. The group is therefore restarted as a whole (`restart`: new actors in the same placement
+group, a new rendezvous port, a new consumer generation); the driver then loads the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from distill.cluster.buffer import Buffer
+from distill.cluster.placement import NodeResources
+from distill.errors import TopologyError
+from distill.teacher.batch import BatchId
+
+log = logging.getLogger(__name__)
+
+# Environment the student actors copy from the driver (DeepSpeed's accelerator choice and its JIT op cache).
+FORWARDED_ENV = ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE")
+
+
+class StudentFailure(RuntimeError):
+    """A student actor died: the group must be restarted and restored from a checkpoint."""
+
+
+@dataclass(frozen=True)
+class StudentSpec:
+    """What every student actor needs (no config objects cross into actors).
+
+    build: called inside each actor after the process group is up; returns (student model, objective). It must
+        be picklable (a module-level function or a functools.partial of one) and seed itself, so every rank and
+        every restart builds the same initial weights.
+    optim: an `OptimizerConfig`; total_steps: the LR schedule's length; ds_config: from `build_ds_config`.
+    tokenizer_path: folder whose tokenizer is saved beside the exported student.
+    threads: torch intra-op threads per actor (its CPU share).
+    """
+
+    build: Callable[[], tuple[Any, Any]]
+    optim: Any
+    total_steps: int
+    ds_config: dict
+    tokenizer_path: str | None = None
+    device: str = "cpu"
+    backend: str = "gloo"
+    threads: int = 1
+    gradient_checkpointing: bool = False
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def plan_student_nodes(
+    nodes: list[NodeResources],
+    *,
+    world_size: int,
+    cpus_per_actor: float,
+    gpus_per_actor: float,
+    used: dict[str, tuple[float, float]] | None = None,
+) -> list[str]:
+    """Node id for each student rank: PACK from the last node backwards onto the (CPU, GPU) not `used`.
+
+    Raises TopologyError (quoting what is free) when the ranks do not fit.
+    """
+    used = used or {}
+    free = {
+        n.node_id: [n.cpus - used.get(n.node_id, (0, 0))[0], n.gpus - used.get(n.node_id, (0, 0))[1]]
+        for n in nodes
+    }
+    plan: list[str] = []
+    for node in reversed([n.node_id for n in nodes]):
+        while len(plan) < world_size and free[node][0] >= cpus_per_actor and free[node][1] >= gpus_per_actor:
+            free[node][0] -= cpus_per_actor
+            free[node][1] -= gpus_per_actor
+            plan.append(node)
+    if len(plan) < world_size:
+        have = ", ".join(
+            f"{n.node_id[:8]}: {c:g} CPU/{g:g} GPU free" for n, (c, g) in zip(nodes, free.values())
+        )
+        raise TopologyError(
+            f"{world_size} student ranks need {cpus_per_actor:g} CPUs and {gpus_per_actor:g} GPUs each, but after "
+            f"the teachers only {len(plan)} fit on the live Ray cluster ({have} after placing them). Lower "
+            "cluster.student_world_size or the per-actor resources, or add nodes."
+        )
+    return sorted(plan, key=[n.node_id for n in nodes].index)  # ranks in node order: rank 0 on the first
+
+
+class StudentWorker:
+    """One data-parallel rank. Made a Ray actor by StudentGroup (resources via .options())."""
+
+    def __init__(
+        self, spec: StudentSpec, rank: int, world_size: int, local_rank: int, buffer: Buffer, consumer: str
+    ) -> None:
+        os.environ.update(spec.env)
+        os.environ["OMP_NUM_THREADS"] = str(spec.threads)
+        import torch
+
+        torch.set_num_threads(max(1, spec.threads))
+        self.spec, self.rank, self.world_size, self.local_rank = spec, rank, world_size, local_rank
+        self.buffer, self.consumer = buffer, consumer
+        self.engine = None
+
+    def rendezvous_address(self) -> tuple[str, int]:
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+    def setup(self, master_addr: str, master_port: int) -> int:
+        """Join the student world as torchrun would, then build the student, objective and DeepSpeed engine."""
+        from distill.student import StudentEngine, init_distributed_from_env
+
+        spec = self.spec
+        os.environ.update(
+            RANK=str(self.rank),
+            WORLD_SIZE=str(self.world_size),
+            # Ray gives each GPU actor its own CUDA_VISIBLE_DEVICES, so its one GPU is local rank 0.
+            LOCAL_RANK="0" if spec.device == "cuda" else str(self.local_rank),
+            MASTER_ADDR=master_addr,
+            MASTER_PORT=str(master_port),
+        )
+        init_distributed_from_env(spec.backend)
+        model, objective = spec.build()
+        self.engine = StudentEngine(
+            model,
+            objective,
+            optim=spec.optim,
+            total_steps=spec.total_steps,
+            ds_config=spec.ds_config,
+            gradient_checkpointing=spec.gradient_checkpointing,
+        )
+        return os.getpid()
+
+    def train_step(self, step: int, batch_ids: Sequence[BatchId], global_tokens: int) -> dict[str, Any]:
+        """Lease this rank's micro-batches (in micro-step order), fetch them, run one optimizer step.
+
+        Returns StudentEngine.train_step's dict (this rank's term sums) plus `fetch_s` (lease + fetch time).
+        """
+        start = time.perf_counter()
+        refs = self.buffer.lease(batch_ids, self.consumer)
+        batches = ray.get(refs)  # straight from the teacher's object store: zero copy on the same node
+        micro = [b.to_torch(self.engine.device) for b in batches]
+        fetch_s = time.perf_counter() - start
+        out = self.engine.train_step(step, micro, global_tokens)
+        return {**out, "fetch_s": fetch_s, "batch_ids": [tuple(b.batch_id) for b in batches]}
+
+    def save(self, directory: str, client_state: dict) -> None:
+        """DeepSpeed checkpoint (all ranks) + this rank's torch RNG state."""
+        import torch
+
+        self.engine.save_checkpoint(directory, client_state)
+        torch.save({"cpu": torch.get_rng_state()}, Path(directory) / f"rng-rank{self.rank}.pt")
+
+    def load(self, directory: str) -> dict:
+        import torch
+
+        state = self.engine.load_checkpoint(directory)
+        rng = torch.load(Path(directory) / f"rng-rank{self.rank}.pt", weights_only=True)
+        torch.set_rng_state(rng["cpu"])
+        return state
+
+    def export(self, out_dir: str) -> str:
+        from distill.models.loading import load_tokenizer
+
+        tokenizer = load_tokenizer(self.spec.tokenizer_path) if self.spec.tokenizer_path else None
+        return str(self.engine.export_hf(out_dir, tokenizer))
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+
+class StudentGroup:
+    """Places, starts, addresses and restarts the W student actors."""
+
+    def __init__(
+        self,
+        spec: StudentSpec,
+        buffer: Buffer,
+        *,
+        nodes: list[str],
+        cpus_per_actor: float = 1.0,
+        gpus_per_actor: float = 0.0,
+        failure_grace_s: float = 30.0,
+    ) -> None:
+        """nodes: node id per rank (`plan_student_nodes`). Returns once the placement group is placed; the
+        actors load in the background until `wait_ready` (so the teachers can load meanwhile)."""
+        from ray.util.placement_group import placement_group
+
+        self.spec, self.buffer = spec, buffer
+        self.world_size = len(nodes)
+        self.nodes = nodes
+        self.cpus_per_actor, self.gpus_per_actor = cpus_per_actor, gpus_per_actor
+        self.failure_grace_s = failure_grace_s
+        bundle = {"CPU": cpus_per_actor, **({"GPU": gpus_per_actor} if gpus_per_actor else {})}
+        self.pg = placement_group(
+            [dict(bundle) for _ in nodes],
+            strategy="PACK",
+            name=f"students-{os.getpid()}-{id(self)}",
+            bundle_label_selector=[{"ray.io/node-id": n} for n in nodes],
+        )
+        ray.get(self.pg.ready(), timeout=120)
+        self.generation = 0
+        self.restarts = 0
+        self.actors: list = []
+        self._pending_setup = self._start()
+
+    # ---- start-up and restart ---------------------------------------------------------------------------
+    @property
+    def consumers(self) -> list[str]:
+        """The buffer consumer names of the current actors (generation-tagged, so a restart gets new ones)."""
+        return [f"students-g{self.generation}-r{rank}" for rank in range(self.world_size)]
+
+    def _start(self) -> list[ray.ObjectRef]:
+        worker = ray.remote(StudentWorker)
+        local = [self.nodes[:r].count(n) for r, n in enumerate(self.nodes)]
+        self.actors = [
+            worker.options(
+                num_cpus=self.cpus_per_actor,
+                num_gpus=self.gpus_per_actor,
+                max_restarts=0,  # recovery is per group (see module docstring)
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r),
+            ).remote(self.spec, r, self.world_size, local[r], self.buffer, self.consumers[r])
+            for r in range(self.world_size)
+        ]
+        addr, port = ray.get(self.actors[0].rendezvous_address.remote())
+        return [a.setup.remote(addr, port) for a in self.actors]
+
+    def wait_ready(self) -> list[int]:
+        """Block until every rank has built its engine; returns the actors' pids."""
+        pids, self._pending_setup = ray.get(self._pending_setup), []
+        return pids
+
+    def restart(self) -> list[str]:
+        """Kill every actor and start a new world in the same placement group. Returns the old consumers."""
+        old = self.consumers
+        self._kill_all()
+        self.generation += 1
+        self.restarts += 1
+        log.warning("student group restarted (generation %d)", self.generation)
+        self._pending_setup = self._start()
+        self.wait_ready()
+        return old
+
+    def _kill_all(self) -> None:
+        for a in self.actors:
+            ray.kill(a, no_restart=True)
+
+    # ---- calls on every rank --------------------------------------------------------------------------
+    def _call(self, method: str, args_per_rank: list[tuple], poll: Callable[[], None] | None = None) -> list:
+        """Run `method` on every rank; results in rank order. A dead rank raises StudentFailure.
+
+        Waits with ray.wait, never ray.get on the whole list: when one rank dies the others may sit in a
+        collective for a long time, and the driver must not wait for them. `poll` runs about once per second
+        while waiting (the driver checks its teacher producer there).
+        """
+        refs = [getattr(a, method).remote(*args) for a, args in zip(self.actors, args_per_rank, strict=True)]
+        index = {r: i for i, r in enumerate(refs)}
+        results: list = [None] * len(refs)
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1, timeout=1.0)
+            if poll is not None:
+                poll()
+            for ref in done:
+                try:
+                    results[index[ref]] = ray.get(ref)
+                except (RayActorError, RayTaskError) as err:
+                    self._classify(err, pending)
+        return results
+
+    def _classify(self, err: Exception, pending: list) -> None:
+        """Raise StudentFailure if any rank's actor died (the error may first come from a surviving rank whose
+        collective lost its peer), else re-raise `err` (a bug: retrying would fail the same way)."""
+        if _actor_died(err):
+            raise StudentFailure(f"student actor died: {err}") from err
+        deadline = time.monotonic() + self.failure_grace_s
+        while pending and time.monotonic() < deadline:
+            done, pending = ray.wait(pending, num_returns=1, timeout=max(deadline - time.monotonic(), 0.01))
+            for ref in done:
+                try:
+                    ray.get(ref)
+                except (RayActorError, RayTaskError) as other:
+                    if _actor_died(other):
+                        raise StudentFailure(f"student actor died: {other}") from other
+        if not self._all_alive():
+            raise StudentFailure(f"a student actor died ({err})") from err
+        raise err
+
+    def _all_alive(self) -> bool:
+        try:
+            ray.get([a.pid.remote() for a in self.actors], timeout=self.failure_grace_s)
+        except RayActorError:
+            return False
+        except GetTimeoutError:
+            return True  # busy (stuck in a collective) is not dead
+        return True
+
+    def train_step(
+        self,
+        step: int,
+        rank_batches: list[list[BatchId]],
+        global_tokens: int,
+        poll: Callable[[], None] | None = None,
+    ) -> list[dict[str, Any]]:
+        """One optimizer step on every rank; rank r trains on rank_batches[r] (its micro-steps, in order)."""
+        return self._call("train_step", [(step, ids, global_tokens) for ids in rank_batches], poll)
+
+    def save(self, directory: str | Path, client_state: dict) -> None:
+        self._call("save", [(str(directory), client_state)] * self.world_size)
+
+    def load(self, directory: str | Path) -> dict:
+        """Load on every rank; returns rank 0's client state (all ranks saved the same one)."""
+        return self._call("load", [(str(directory),)] * self.world_size)[0]
+
+    def export(self, out_dir: str | Path) -> Path:
+        """The student as a Hugging Face folder (rank 0 writes; ZeRO-3 gathers on every rank)."""
+        return Path(self._call("export", [(str(out_dir),)] * self.world_size)[0])
+
+    # ---- introspection, failure injection, shutdown -----------------------------------------------------
+    def actor_nodes(self) -> list[str]:
+        return ray.get([a.node_id.remote() for a in self.actors])
+
+    def kill_actor(self, rank: int) -> None:
+        """Failure injection for tests and chaos drills."""
+        ray.kill(self.actors[rank], no_restart=True)
+
+    def shutdown(self) -> None:
+        from ray.util.placement_group import remove_placement_group
+
+        self._kill_all()
+        self.actors = []
+        remove_placement_group(self.pg)
+
+
+def _actor_died(err: Exception) -> bool:
+    if isinstance(err, RayActorError):
+        return True
+    return isinstance(err, RayTaskError) and isinstance(err.cause, RayActorError)
