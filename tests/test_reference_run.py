@@ -146,3 +146,34 @@ def test_any_hf_folders_as_teacher_and_student_on_a_user_dataset(tiny_teacher, b
     assert "exact_match" not in summary  # a user dataset has no known answers
     assert summary["tokens"] > 0
     assert len(read_metrics(tmp_path / "run" / "metrics.jsonl")) == 2
+
+
+def test_eval_command_scores_an_exported_student(tiny_teacher, base_overrides, tmp_path):
+    from launch.evaluate import evaluate
+
+    tiny = ["train.steps=1", "eval.max_batches=1", "eval.generate_examples=4", "eval.max_new_tokens=8"]
+    run(compose([*base_overrides, *tiny], run_dir=str(tmp_path / "run")))
+    result = evaluate(
+        compose(
+            [*base_overrides, *tiny, f"eval.model={tmp_path / 'run' / 'student'}"],
+            run_dir=str(tmp_path / "ev"),
+        )
+    )
+    saved = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert saved["model"] == str(tmp_path / "run" / "student")
+    for key in ("ce", "ppl", "kl_to_teacher", "agreement", "exact_match", "tokens_per_s"):
+        assert key in saved and saved[key] == pytest.approx(result[key])
+    assert saved["kl_to_teacher"] > 0 and 0 <= saved["agreement"] <= 1
+
+
+def test_demo_prints_teacher_kd_and_ce_rows(tiny_teacher, base_overrides, tmp_path, capsys):
+    from launch.demo import compare
+
+    tiny = ["train.steps=2", "eval.max_batches=1", "eval.generate_examples=4", "eval.max_new_tokens=8"]
+    rows = compare(compose([*base_overrides, *tiny], run_dir=str(tmp_path)))
+    assert list(rows) == ["teacher", "KD student", "CE-only student"]
+    assert rows["teacher"]["agreement"] == 1.0
+    table = (tmp_path / "demo.md").read_text()
+    assert "KD student" in table and "exact-match" in table
+    assert "CE-only student" in capsys.readouterr().out
+    assert (tmp_path / "kd" / "student").is_dir() and (tmp_path / "ce_only" / "student").is_dir()
