@@ -1,6 +1,6 @@
 """Teacher service throughput (TP 1 vs TP 2 in real Ray actors) and the cost of each payload encoding.
 
-    python bench/teacher_throughput.py [--batches 12 --batch-size 8 --seq 128 --k 64 --vocab 4096]
+    python bench/teacher_throughput.py [--batches 8 --batch-size 4 --seq 128 --k 64 --vocab 129280]
 
 Prints teacher tokens/s through `TeacherGroup.score_stream` for TP 1 and TP 2 (one replica, gloo on CPU), then,
 on the real teacher outputs, the bytes per token of every ids x logits encoding and the KL error it adds
@@ -73,17 +73,17 @@ def encoding_table(outs: list, k: int, vocab: int) -> list[tuple[str, str, int, 
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--batches", type=int, default=12)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batches", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--k", type=int, default=64)
-    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--vocab", type=int, default=129280)  # DeepSeek-R1's vocabulary
     args = p.parse_args()
 
     import ray
 
     os.makedirs(os.path.join(tempfile.gettempdir(), "ray"), exist_ok=True)
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "teacher"
         make_teacher(folder, args.vocab)

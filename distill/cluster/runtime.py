@@ -22,6 +22,7 @@ def connect(cluster) -> None:
         ray.init(address=cluster.address, logging_level="WARNING")
         return
     ray.init(
+        address="local",  # a fresh local instance, never whatever cluster happens to be running here
         num_cpus=cluster.cpus_per_node,
         num_gpus=cluster.gpus_per_node,
         include_dashboard=False,
