@@ -4,6 +4,7 @@ export HF_HUB_OFFLINE := 1
 export DS_ACCELERATOR := cpu
 export RAY_AUTH_MODE := disabled
 export TOKENIZERS_PARALLELISM := false
+export OMP_WAIT_POLICY := PASSIVE
 
 .PHONY: setup demo test test-fast lint bench
 

@@ -14,6 +14,7 @@ from distill.config.topology import ModelShape
 from distill.config.validate import PairFacts
 from distill.data import BatchStream, build_task_dataset, encode_example, load_user_dataset
 from distill.errors import CheckpointError, ConfigError
+from distill.eval import evaluate_model
 from distill.models.facts import ModelFacts, arch_config_path
 from distill.models.loading import load_causal_lm, load_tokenizer
 from distill.models.lora import apply_lora
@@ -217,6 +218,25 @@ def generation_stop_id(tokenizer) -> int:
     """Chat replies end with <|im_end|>; plain-text models end with EOS."""
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     return im_end if isinstance(im_end, int) and im_end != tokenizer.unk_token_id else tokenizer.eos_token_id
+
+
+def evaluate(
+    cfg, model, tokenizer, data: RunData, teacher_logits=None, *, generate_examples: int | None = None
+):
+    """`distill.eval.evaluate_model` with the run's `eval.*` settings: every entry point evaluates alike."""
+    e = cfg.eval
+    return evaluate_model(
+        model,
+        tokenizer,
+        data.eval_rows,
+        data.eval_examples,
+        teacher_logits=teacher_logits,
+        stop_id=generation_stop_id(tokenizer),
+        batch_size=e.batch_size,
+        max_batches=e.max_batches,
+        generate_examples=e.generate_examples if generate_examples is None else generate_examples,
+        max_new_tokens=e.max_new_tokens,
+    )
 
 
 # ---- training ---------------------------------------------------------------------------------------------

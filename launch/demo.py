@@ -14,7 +14,6 @@ from rich.table import Table
 
 from distill.config import LossConfig
 from distill.config.store import CONFIG_DIR
-from distill.eval import evaluate_model
 from distill.io import atomic_write_json, atomic_write_text
 from distill.models.loading import load_causal_lm, load_tokenizer
 from launch import builders
@@ -46,18 +45,7 @@ def teacher_row(cfg: DictConfig) -> dict:
     path = builders.require_teacher(cfg)
     tokenizer = load_tokenizer(path)
     data = builders.build_data(cfg, tokenizer)
-    row = evaluate_model(
-        load_causal_lm(path),
-        tokenizer,
-        data.eval_rows,
-        data.eval_examples,
-        teacher_logits=None,
-        stop_id=builders.generation_stop_id(tokenizer),
-        batch_size=cfg.eval.batch_size,
-        max_batches=cfg.eval.max_batches,
-        generate_examples=cfg.eval.generate_examples,
-        max_new_tokens=cfg.eval.max_new_tokens,
-    )
+    row = builders.evaluate(cfg, load_causal_lm(path), tokenizer, data)
     return {**row, "kl_to_teacher": 0.0, "agreement": 1.0}
 
 

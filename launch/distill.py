@@ -15,8 +15,6 @@ from tqdm.auto import tqdm
 
 from distill.config import resolved_yaml
 from distill.config.validate import validate_run
-from distill.errors import ConfigError
-from distill.eval import evaluate_model
 from distill.io import atomic_write_json, atomic_write_text
 from distill.models.loading import load_tokenizer, save_model
 from distill.models.lora import merge_for_export
@@ -35,10 +33,12 @@ def run(cfg: DictConfig) -> dict:
     teacher_path = builders.require_teacher(cfg)
     tokenizer = load_tokenizer(teacher_path)
     validate_run(cfg, builders.pair_facts(cfg, tokenizer))
-    if cfg.cluster.mode != "local":
-        raise ConfigError("cluster.mode=ray is not available yet in this version; use cluster=local_single.")
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", resolved_yaml(cfg))
+    if cfg.cluster.mode == "ray":
+        from launch.distributed import run_distributed  # Ray and DeepSpeed load only for distributed runs
+
+        return run_distributed(cfg)
 
     torch.manual_seed(cfg.train.seed)
     student = builders.build_student(cfg, tokenizer)
@@ -82,17 +82,8 @@ def run(cfg: DictConfig) -> dict:
 
     student = merge_for_export(student)  # LoRA: adapters folded in, so student/ is a plain HF folder
     save_model(student, tokenizer, run_dir / "student")
-    summary = evaluate_model(
-        student,
-        tokenizer,
-        data.eval_rows,
-        data.eval_examples,
-        teacher_logits=lambda b: engine.logits(b["input_ids"], b["attention_mask"]),
-        stop_id=builders.generation_stop_id(tokenizer),
-        batch_size=cfg.eval.batch_size,
-        max_batches=cfg.eval.max_batches,
-        generate_examples=cfg.eval.generate_examples,
-        max_new_tokens=cfg.eval.max_new_tokens,
+    summary = builders.evaluate(
+        cfg, student, tokenizer, data, lambda b: engine.logits(b["input_ids"], b["attention_mask"])
     )
     atomic_write_json(run_dir / "eval.json", summary)
     log.info("eval %s", json.dumps(summary, sort_keys=True))

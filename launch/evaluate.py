@@ -10,7 +10,6 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from distill.eval import evaluate_model
 from distill.io import atomic_write_json
 from distill.models.loading import load_causal_lm, load_tokenizer
 from launch import builders
@@ -25,17 +24,8 @@ def evaluate(cfg: DictConfig) -> dict:
     engine = builders.build_teacher_engine(cfg, teacher_path, objective=None)
     model_path = Path(cfg.eval.model) if cfg.eval.model else teacher_path
     model = engine.model if model_path == teacher_path else load_causal_lm(model_path)
-    result = evaluate_model(
-        model,
-        tokenizer,
-        data.eval_rows,
-        data.eval_examples,
-        teacher_logits=lambda b: engine.logits(b["input_ids"], b["attention_mask"]),
-        stop_id=builders.generation_stop_id(tokenizer),
-        batch_size=cfg.eval.batch_size,
-        max_batches=cfg.eval.max_batches,
-        generate_examples=cfg.eval.generate_examples,
-        max_new_tokens=cfg.eval.max_new_tokens,
+    result = builders.evaluate(
+        cfg, model, tokenizer, data, lambda b: engine.logits(b["input_ids"], b["attention_mask"])
     )
     result["model"] = str(model_path)
     out = Path(cfg.run_dir) / "eval.json"

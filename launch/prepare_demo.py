@@ -15,7 +15,6 @@ from tqdm.auto import tqdm
 
 from distill.data import DOMAINS, build_task_dataset, encode_example
 from distill.errors import ConfigError
-from distill.eval import evaluate_model
 from distill.io import atomic_dir, atomic_write_json
 from distill.models.loading import load_causal_lm, load_tokenizer, save_model
 from distill.models.tiny import TINY_ARCHS, build_model, tiny_config
@@ -75,18 +74,8 @@ def prepare_demo(cfg: DictConfig) -> dict:
     run_steps(trainer, stream.forever(), None, start_step=0, steps=p.teacher_steps, accum=1, on_step=on_step)
     bar.close()
 
-    summary = evaluate_model(
-        teacher,
-        tokenizer,
-        heldout,
-        list(data["eval"]),
-        teacher_logits=None,
-        stop_id=builders.generation_stop_id(tokenizer),
-        batch_size=cfg.eval.batch_size,
-        max_batches=0,
-        generate_examples=p.eval_examples,
-        max_new_tokens=cfg.eval.max_new_tokens,
-    )
+    held = builders.RunData(rows, heldout, list(data["eval"]))
+    summary = builders.evaluate(cfg, teacher, tokenizer, held, generate_examples=p.eval_examples)
 
     def fill(tmp: Path) -> None:
         save_model(teacher, tokenizer, tmp)
