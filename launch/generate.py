@@ -396,6 +396,7 @@ def assemble(progress: Progress, num_chunks: int, source: datasets.DatasetDict, 
         "candidates": candidates,
         **counts,
         "kept_fraction": counts["kept"] / max(candidates, 1),
+        "prompts_with_kept": len(set(kept["prompt_index"])),
         "filter": g.filter,
     }
 

@@ -63,6 +63,20 @@ class TeacherConfig:
 
 
 @dataclass
+class LoraConfig:
+    """Low-rank adapters on the student (peft); the exported student/ is merged back into a plain HF folder."""
+
+    enabled: bool = False
+    r: int = 8
+    """Adapter rank."""
+    alpha: float = 16.0
+    """Scaling numerator: the adapter update is (alpha / r) * B @ A."""
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Module names to adapt; ["all-linear"] means every attention and MLP projection (never the lm_head)."""
+
+
+@dataclass
 class StudentConfig:
     name: str = MISSING
     arch: str | None = None
@@ -80,6 +94,8 @@ class StudentConfig:
     """`fp32` or `bf16` for the DeepSpeed student (bf16 is ~2x slower on CPUs without AVX512-BF16)."""
     offload_optimizer: bool = False
     """ZeRO-Offload: keep optimizer state in CPU memory (stage >= 1)."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA fine-tuning: train adapters only, merge them into the weights at export."""
 
 
 @dataclass
@@ -215,6 +231,33 @@ class PrepareConfig:
 
 
 @dataclass
+class GenerateConfig:
+    """`distill generate`: sample teacher answers to the prompt set, keep those a filter accepts, save a dataset."""
+
+    output: str = "${run_dir}/generated"
+    """A `datasets.save_to_disk` DatasetDict folder (train: kept answers, eval: the prompt set's eval split);
+    usable as `data.path`. Progress shards live in its progress/ subfolder."""
+    samples_per_prompt: int = 4
+    temperature: float = 0.8
+    """0 = greedy (then one distinct answer per prompt)."""
+    top_p: float = 0.95
+    max_new_tokens: int = 128
+    filter: str = "answer_correct"
+    """A `distill.data.filters` name: `answer_correct` (embedded task), `none`, `min_length`, ..."""
+    filter_args: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of the filter (e.g. {min_tokens: 8} for min_length)."""
+    require_finished: bool = True
+    """Drop answers cut at max_new_tokens (no stop token), whatever the filter says."""
+    dedupe: bool = True
+    """Keep each distinct answer text once per prompt."""
+    chunk_prompts: int = 64
+    """Prompts per committed shard: a killed run resumes from the last committed shard."""
+    batch_size: int = 64
+    """Sequences (prompts x samples) per generate call on one teacher replica."""
+    seed: int = 0
+
+
+@dataclass
 class RunConfig:
     """The root config of `distill`."""
 
@@ -233,3 +276,4 @@ class RunConfig:
     run_dir: str = "."
     """Where config.yaml, metrics.jsonl, checkpoints/ and student/ go (Hydra's run dir by default)."""
     resume: bool = False
+    generate: GenerateConfig = field(default_factory=GenerateConfig)

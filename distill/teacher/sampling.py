@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -190,6 +190,22 @@ def sample_with_engine(
         batch_size=params.batch_size,
         full_vocab_logits=engine.full_vocab_logits,
     )
+
+
+@dataclass(frozen=True)
+class PromptBatch:
+    """A slice of the prompt set: `prompts[0]` is prompt number `first_index` (it picks the seeds)."""
+
+    first_index: int
+    prompts: list[list[int]]
+
+
+def local_sample_stream(
+    engine: TeacherEngine, batches: Iterable[PromptBatch], params: SamplingParams
+) -> Iterator[Completions]:
+    """Completions of each batch, in order, from one in-process engine (the Ray twin: distill.cluster.generation)."""
+    for batch in batches:
+        yield sample_with_engine(engine, batch.prompts, params, batch.first_index)
 
 
 def count_tokens(completions: Completions) -> int:
