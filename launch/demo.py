@@ -6,6 +6,7 @@ Runs prepare-demo (cached), then two full runs that differ only in `loss`, and p
 from __future__ import annotations
 
 import copy
+import sys
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -78,7 +79,8 @@ def print_table(rows: dict[str, dict]) -> None:
         table.add_column(title, justify="right")
     for name, r in rows.items():
         table.add_row(name, *(_fmt(key, r.get(key)) for key, _ in COLUMNS))
-    Console().print(table)
+    # A log file is not a terminal: keep rows on one line instead of wrapping to 80 columns.
+    Console(width=None if sys.stdout.isatty() else 120).print(table)
 
 
 def _fmt(key: str, value) -> str:
