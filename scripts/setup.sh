@@ -20,9 +20,13 @@ want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)-$TORCH_SP
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
+# This machine's pip config lists local index folders that may not exist; pip warns once per package.
+pip_install() {
+  "$VENV/bin/pip" install -q "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+}
 echo "setting up $VENV (torch first, then the project) ..."
-"$VENV/bin/pip" install -q "$TORCH_SPEC"
-"$VENV/bin/pip" install -q -c constraints.txt -e ".[$EXTRAS]"
+pip_install "$TORCH_SPEC"
+pip_install -c constraints.txt -e ".[$EXTRAS]"
 "$VENV/bin/python" - <<'PY'
 import torch
 print(f"torch {torch.__version__} ready")
