@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from distill.config import resolved_yaml
 from distill.config.validate import validate_run
+from distill.errors import ConfigError
 from distill.io import atomic_write_json, atomic_write_text
 from distill.models.loading import load_tokenizer, save_model
 from distill.models.lora import merge_for_export
@@ -40,6 +41,11 @@ def run(cfg: DictConfig) -> dict:
 
         return run_distributed(cfg)
 
+    if cfg.resume or cfg.checkpoint.every_steps:
+        raise ConfigError(
+            "resume / checkpoint.every_steps need the distributed path (cluster.mode=ray, e.g. cluster=local_ray); "
+            "the single-process reference trainer runs start to finish. Unset them or pick a Ray cluster config."
+        )
     torch.manual_seed(cfg.train.seed)
     student = builders.build_student(cfg, tokenizer)
     teacher_hidden = builders.model_facts(cfg.teacher, len(tokenizer)).hidden_size

@@ -111,3 +111,10 @@ def test_missing_checkpoint_paths(tmp_path):
     cfg = compose(["teacher=deepseek_r1"])
     with pytest.raises(ConfigError, match=r"teacher\.path"):
         builders.require_teacher(cfg)
+
+
+def test_reference_path_refuses_resume_instead_of_ignoring_it(tiny_teacher, base_overrides, tmp_path):
+    from launch.distill import run
+
+    with pytest.raises(ConfigError, match="cluster.mode=ray"):
+        run(compose([*base_overrides, "resume=true"], run_dir=str(tmp_path)))
