@@ -59,8 +59,8 @@ def run_distributed(cfg: DictConfig, *, hooks: Hooks | None = None) -> dict:
             "teacher.cache is for the single-process path; the online distributed run scores with the teacher "
             "actors. Unset teacher.cache or use cluster=local_single."
         )
-    assignment_accum_world = c.grad_accum_steps * c.student_world_size
-    per_shard = check_capacity(c.buffer_capacity, c.buffer_shards, assignment_accum_world)
+    batches_per_step = c.grad_accum_steps * c.student_world_size
+    per_shard = check_capacity(c.buffer_capacity, c.buffer_shards, batches_per_step)
     ds_config = build_ds_config(
         zero_stage=cfg.student.zero_stage,
         micro_batch_size=c.micro_batch_size,
@@ -107,6 +107,7 @@ def run_distributed(cfg: DictConfig, *, hooks: Hooks | None = None) -> dict:
         teachers = teacher_group_from_config(cfg, teacher_path, hidden_layers, attention_layers)
         students.wait_ready()
         log.info("teacher and student actors ready in %.1f s", time.perf_counter() - clock)
+        clock = time.perf_counter()
         # Tokens per batch for the loss normalisation; its own stream object (the producer thread has one).
         token_stream = builders.batch_stream(cfg, data.train_rows, tokenizer)
         with _MetricsSink(run_dir / "metrics.jsonl", cfg.loss.temperature) as sink:
@@ -125,7 +126,9 @@ def run_distributed(cfg: DictConfig, *, hooks: Hooks | None = None) -> dict:
                 hooks=hooks,
             )
             driver.run(start)
-        log.info("trained steps %d-%d in %.1f s", driver.first_step, cfg.train.steps, time.perf_counter() - clock)
+        log.info(
+            "trained steps %d-%d in %.1f s", driver.first_step, cfg.train.steps, time.perf_counter() - clock
+        )
         students.export(run_dir / "student")
         placement = {"teacher_nodes": teachers.actor_nodes(), "student_nodes": students.actor_nodes()}
         atomic_write_json(run_dir / "online_stats.json", {**driver.summary(), **placement})

@@ -116,5 +116,5 @@ def test_missing_checkpoint_paths(tmp_path):
 def test_reference_path_refuses_resume_instead_of_ignoring_it(tiny_teacher, base_overrides, tmp_path):
     from launch.distill import run
 
-    with pytest.raises(ConfigError, match="cluster.mode=ray"):
+    with pytest.raises(ConfigError, match=r"cluster\.mode=ray"):
         run(compose([*base_overrides, "resume=true"], run_dir=str(tmp_path)))

@@ -22,17 +22,32 @@ from __future__ import annotations
 
 import asyncio
 import math
+import resource
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import ray
 
 from distill.errors import TopologyError
-from distill.teacher.batch import BatchId
+
+# (epoch, index), as distill.teacher.batch.BatchId; not imported from there so the shard processes never load
+# torch or transformers (a shard only moves references).
+BatchId = tuple[int, int]
 
 PUT_OK, PUT_FULL, PUT_EXISTS = "ok", "full", "exists"
+_COUNTERS = (
+    "puts",
+    "leases",
+    "acks",
+    "requeued",
+    "rolled_back",
+    "bytes_put",
+    "bytes_leased",
+    "producer_wait_s",
+    "consumer_wait_s",
+)
 
 
 def check_capacity(capacity: int, shards: int, batches_per_step: int) -> int:
@@ -69,8 +84,10 @@ class BufferShard:
         self._dead: set[str] = set()
         self._commits: dict[BatchId, int] = defaultdict(int)
         self._changed: asyncio.Condition | None = None
+        self._queue: deque[int] = deque()  # tickets of puts waiting to be admitted, in arrival order
+        self._next_ticket = 0
         self._bytes = 0
-        self._stats = defaultdict(float)
+        self._stats = dict.fromkeys(_COUNTERS, 0.0)
         self._started = time.perf_counter()
 
     @property
@@ -87,31 +104,80 @@ class BufferShard:
         return self.max_bytes is None or self._bytes + nbytes <= self.max_bytes
 
     async def put(
-        self, batch_id: BatchId, payload: list, nbytes: int, *, timeout: float = 0.0, force: bool = False
+        self,
+        batch_id: BatchId,
+        payload: list,
+        nbytes: int,
+        *,
+        timeout: float | None = 0.0,
+        force: bool = False,
     ) -> str:
-        """Hold `payload` ([TeacherBatch ref]). Waits up to `timeout` s for room; "full" if there is none.
+        """Hold `payload` ([TeacherBatch ref]). Waits up to `timeout` s (None: as long as it takes) for room;
+        "full" if there is none by then.
 
         force: bypass the bound (a replay after a student restart re-produces already-consumed batches; their
         number is bounded by the checkpoint interval). Returns "ok", "full" or "exists" (already held).
         """
-        batch_id = tuple(batch_id)
+        (answer,) = await self.put_many([(batch_id, payload, nbytes)], timeout=timeout, force=force)
+        return answer
+
+    async def put_many(
+        self, items: Sequence[tuple[BatchId, list, int]], *, timeout: float | None = None, force: bool = False
+    ) -> list[str]:
+        """`put` of several (batch_id, payload, nbytes) in one call (fewer round trips).
+
+        Puts are admitted in arrival order: one never overtakes an earlier put still waiting for room, even
+        from another call in flight. `check_capacity`'s no-deadlock argument needs batches to enter a shard
+        in stream order; a single producer's calls arrive in the order it made them. Once an item finds no
+        room within `timeout`, it and the rest of the call are "full" (taking a later one would break order).
+        """
+        tickets = list(range(self._next_ticket, self._next_ticket + len(items)))
+        self._next_ticket += len(items)
+        self._queue.extend(tickets)  # all of the call's places in line, before any await
+        answers: list[str] = []
         async with self._cond:
-            if batch_id in self._entries:
-                return PUT_EXISTS
-            if not force and not self._has_room(nbytes):
-                start = time.perf_counter()
-                try:
-                    await asyncio.wait_for(self._cond.wait_for(lambda: self._has_room(nbytes)), timeout)
-                except asyncio.TimeoutError:
-                    return PUT_FULL
-                finally:
-                    self._stats["producer_wait_s"] += time.perf_counter() - start
-            self._entries[batch_id] = _Entry(payload, nbytes)
-            self._bytes += nbytes
-            self._stats["puts"] += 1
-            self._stats["bytes_put"] += nbytes
+            try:
+                for ticket, (batch_id, payload, nbytes) in zip(tickets, items, strict=True):
+                    if answers and answers[-1] == PUT_FULL:
+                        answers.append(PUT_FULL)
+                        continue
+                    answers.append(
+                        await self._admit(ticket, tuple(batch_id), payload, nbytes, timeout, force)
+                    )
+            finally:
+                for ticket in tickets:  # admitted ones are gone already; "full" ones give up their place
+                    if ticket in self._queue:
+                        self._queue.remove(ticket)
+                self._cond.notify_all()
+        return answers
+
+    async def _admit(
+        self, ticket: int, batch_id: BatchId, payload: list, nbytes: int, timeout: float | None, force: bool
+    ) -> str:
+        """Under the condition's lock: wait for the head of the line and room, then hold the batch."""
+        if batch_id in self._entries:
+            self._queue.remove(ticket)
             self._cond.notify_all()
-            return PUT_OK
+            return PUT_EXISTS
+
+        def admissible() -> bool:
+            return self._queue[0] == ticket and self._has_room(nbytes)
+
+        if not force and not admissible():
+            start = time.perf_counter()
+            try:
+                await asyncio.wait_for(self._cond.wait_for(admissible), timeout)
+            except asyncio.TimeoutError:
+                return PUT_FULL
+            finally:
+                self._stats["producer_wait_s"] += time.perf_counter() - start
+        self._queue.remove(ticket)
+        self._entries[batch_id] = _Entry(payload, nbytes)
+        self._bytes += nbytes
+        self._stats["puts"] += 1
+        self._stats["bytes_put"] += nbytes
+        self._cond.notify_all()
+        return PUT_OK
 
     async def lease(self, batch_ids: Sequence[BatchId], consumer: str, timeout: float) -> list:
         """The refs of `batch_ids` (in that order), leased to `consumer`; waits until all were put.
@@ -206,7 +272,13 @@ class BufferShard:
             "bytes_held": self._bytes,
             "put_bytes_per_s": self._stats["bytes_put"] / elapsed,
             "lease_bytes_per_s": self._stats["bytes_leased"] / elapsed,
+            "cpu_s": _process_cpu_seconds(),
         }
+
+
+def _process_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 class Buffer:
@@ -253,11 +325,34 @@ class Buffer:
         ref: ray.ObjectRef,
         nbytes: int,
         *,
-        timeout: float = 0.0,
+        timeout: float | None = 0.0,
         force: bool = False,
     ) -> str:
+        """Hand one TeacherBatch ref to its shard; "ok", "full" (no room within `timeout` s) or "exists"."""
+        return ray.get(self.put_async(batch_id, ref, nbytes, timeout=timeout, force=force))
+
+    def put_async(
+        self,
+        batch_id: BatchId,
+        ref: ray.ObjectRef,
+        nbytes: int,
+        *,
+        timeout: float | None = None,
+        force: bool = False,
+    ) -> ray.ObjectRef:
+        """`put` without waiting for the answer (a ref to it): a producer keeps several puts in flight and
+        is held back by the ones that do not complete while the buffer is full (timeout None)."""
         shard = self.shards[self.shard_of(batch_id)]
-        return ray.get(shard.put.remote(tuple(batch_id), [ref], nbytes, timeout=timeout, force=force))
+        return shard.put.remote(tuple(batch_id), [ref], nbytes, timeout=timeout, force=force)
+
+    def put_many_async(
+        self, items: Sequence[tuple[BatchId, ray.ObjectRef, int]], *, timeout: float | None = None
+    ) -> list[ray.ObjectRef]:
+        """Several (batch_id, ref, nbytes) in one call per shard; refs to each shard's list of answers."""
+        groups: dict[int, list] = defaultdict(list)
+        for batch_id, ref, nbytes in items:
+            groups[self.shard_of(batch_id)].append((tuple(batch_id), [ref], nbytes))
+        return [self.shards[s].put_many.remote(g, timeout=timeout) for s, g in groups.items()]
 
     def lease(self, batch_ids: Sequence[BatchId], consumer: str, *, timeout: float = 600.0) -> list:
         """TeacherBatch refs of `batch_ids` in that order (one call per shard, in parallel)."""

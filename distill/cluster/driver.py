@@ -240,11 +240,13 @@ class Driver:
         self.max_student_restarts = max_student_restarts
         self.committed = 0  # steps whose batches are acked
         self.producer: Producer | None = None
+        self.first_step = 0
 
     def run(self, start: Path | None = None) -> None:
         """Train to total_steps, from checkpoint `start` (a `CheckpointStore` folder) or from scratch."""
         self.students.wait_ready()
         step = self._load(start) if start is not None else 0
+        self.first_step = step
         self.committed = step
         self.sink.rewind(step)
         self._start_producer(step)
@@ -267,9 +269,9 @@ class Driver:
         a = self.assignment
         batch_ids = a.step_batches(step)
         num_tokens = sum(self.tokens(b) for b in batch_ids)
-        outs = self.students.train_step(
-            step, [a.rank_batches(step, r) for r in range(a.world)], num_tokens, poll=self._check_producer
-        )
+        rank_batches = [a.rank_batches(step, r) for r in range(a.world)]
+        outs = self.students.train_step(step, rank_batches, num_tokens, poll=self._check_producer)
+        assert [o["batch_ids"] for o in outs] == rank_batches, "a rank trained on batches not assigned to it"
         self.buffer.ack(batch_ids)  # committed on every rank: the batches are done
         self.committed = step + 1
         denom = max(num_tokens, 1)
@@ -319,16 +321,23 @@ class Driver:
 
     def _recover(self, err: StudentFailure) -> int:
         """Restart the student world from the latest checkpoint; returns the step to continue from."""
-        if self.students.restarts >= self.max_student_restarts:
-            raise RuntimeError(f"student group failed {self.students.restarts + 1} times; giving up") from err
-        log.warning("student failure (%s); restarting the student group", err)
         self._stop_producer()
-        old = self.students.restart()
-        latest = self.checkpoints.latest() if self.checkpoints else None
-        step = (
-            self._load(latest) if latest is not None else 0
-        )  # new actors start from the same initial weights
-        self.buffer.requeue(old)
+        while True:  # a rank may die again while the new world starts or loads
+            if self.students.restarts >= self.max_student_restarts:
+                raise RuntimeError(
+                    f"student group failed {self.students.restarts + 1} times; giving up"
+                ) from err
+            log.warning("student failure (%s); restarting the student group", err)
+            try:
+                # Declared dead first: their leases come back and any lease they still attempt fails.
+                self.buffer.requeue(self.students.consumers)
+                self.students.restart()
+                latest = self.checkpoints.latest() if self.checkpoints else None
+                # Without a checkpoint the new actors start from the same initial weights: step 0.
+                step = self._load(latest) if latest is not None else 0
+                break
+            except StudentFailure as again:
+                err = again
         undone = [b for s in range(step, self.committed) for b in self.assignment.step_batches(s)]
         self.buffer.rollback(undone)
         self.committed = step

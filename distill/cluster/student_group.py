@@ -94,7 +94,8 @@ def plan_student_nodes(
             plan.append(node)
     if len(plan) < world_size:
         have = ", ".join(
-            f"{n.node_id[:8]}: {c:g} CPU/{g:g} GPU free" for n, (c, g) in zip(nodes, free.values())
+            f"{n.node_id[:8]}: {c:g} CPU/{g:g} GPU free"
+            for n, (c, g) in zip(nodes, free.values(), strict=True)
         )
         raise TopologyError(
             f"{world_size} student ranks need {cpus_per_actor:g} CPUs and {gpus_per_actor:g} GPUs each, but after "
@@ -125,11 +126,13 @@ class StudentWorker:
             port = s.getsockname()[1]
         return ray.util.get_node_ip_address(), port
 
-    def setup(self, master_addr: str, master_port: int) -> int:
-        """Join the student world as torchrun would, then build the student, objective and DeepSpeed engine."""
+    def setup(self, address: tuple[str, int]) -> int:
+        """Join the student world as torchrun would (rank 0's `rendezvous_address`), then build the student,
+        the objective and the DeepSpeed engine."""
         from distill.student import StudentEngine, init_distributed_from_env
 
         spec = self.spec
+        master_addr, master_port = address
         os.environ.update(
             RANK=str(self.rank),
             WORLD_SIZE=str(self.world_size),
@@ -244,24 +247,30 @@ class StudentGroup:
             ).remote(self.spec, r, self.world_size, local[r], self.buffer, self.consumers[r])
             for r in range(self.world_size)
         ]
-        addr, port = ray.get(self.actors[0].rendezvous_address.remote())
-        return [a.setup.remote(addr, port) for a in self.actors]
+        # Passed as a ref (resolved by Ray before each setup runs), so the driver does not wait for rank 0's
+        # process to start: the teachers can be created meanwhile.
+        address = self.actors[0].rendezvous_address.remote()
+        return [a.setup.remote(address) for a in self.actors]
 
     def wait_ready(self) -> list[int]:
         """Block until every rank has built its engine; returns the actors' pids."""
-        pids, self._pending_setup = ray.get(self._pending_setup), []
-        return pids
+        pending, self._pending_setup = self._pending_setup, []
+        try:
+            return ray.get(pending)
+        except (RayActorError, RayTaskError) as err:
+            if _actor_died(err):
+                raise StudentFailure(f"a student actor died while starting: {err}") from err
+            raise
 
-    def restart(self) -> list[str]:
-        """Kill every actor and start a new world in the same placement group. Returns the old consumers."""
-        old = self.consumers
+    def restart(self) -> None:
+        """Kill every actor and start a new world (new consumer names) in the same placement group; waits
+        until it is ready (StudentFailure if a new rank dies meanwhile)."""
         self._kill_all()
         self.generation += 1
         self.restarts += 1
         log.warning("student group restarted (generation %d)", self.generation)
         self._pending_setup = self._start()
         self.wait_ready()
-        return old
 
     def _kill_all(self) -> None:
         for a in self.actors:

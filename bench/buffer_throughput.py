@@ -1,0 +1,178 @@
+"""Buffer throughput: TeacherBatch payloads put by one actor and leased + fetched by another, against a raw
+`ray.put` / `ray.get` of the same payloads between the same two actors.
+
+Both paths copy each payload into the object store once (`ray.put` in the producer) and fetch it zero-copy in the
+consumer (same node); the buffer path adds its reference bookkeeping (put, lease, ack calls on a shard actor,
+with backpressure). Target: buffer >= 0.8x raw.
+
+    python bench/buffer_throughput.py                      # production-like batches: B 8, T 1024, k 64 (~4 MiB)
+    python bench/buffer_throughput.py --seq 64 --k 16      # the tiny test runs' size (~80 KiB)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import time
+
+import numpy as np
+import ray
+
+from distill.cluster.buffer import PUT_OK, Buffer
+
+
+def make_batch(index: int, b: int, t: int, k: int):
+    from distill.teacher.batch import TeacherBatch
+
+    rng = np.random.default_rng(index)
+    return TeacherBatch(
+        batch_id=(0, index),
+        input_ids=rng.integers(0, 32000, (b, t), dtype=np.int32),
+        attention_mask=np.ones((b, t), dtype=bool),
+        loss_mask=np.ones((b, t), dtype=bool),
+        topk_ids=rng.integers(0, 32000, (b, t, k), dtype=np.int32),
+        topk_logits=rng.standard_normal((b, t, k), dtype=np.float32),
+        log_normalizer=rng.standard_normal((b, t), dtype=np.float32),
+    )
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+@ray.remote(num_cpus=1)
+class Producer:
+    def __init__(self, b: int, t: int, k: int, distinct: int = 4) -> None:
+        # A few distinct payloads reused: the figure is about moving bytes, not about making random numbers.
+        self.batches = [make_batch(i, b, t, k) for i in range(distinct)]
+        self.nbytes = self.batches[0].nbytes()
+
+    def cpu_seconds(self) -> float:
+        return _cpu_seconds()
+
+    def payload_bytes(self) -> int:
+        return self.nbytes
+
+    def raw(self, n: int, per_call: int, consumer) -> float:
+        """ray.put every payload and hand the refs straight to the consumer, per_call at a time."""
+        start = time.perf_counter()
+        calls = []
+        for first in range(0, n, per_call):
+            refs = [[ray.put(self.batches[i % len(self.batches)])] for i in range(first, first + per_call)]
+            calls.append(consumer.fetch.remote(refs))
+        ray.get(calls)
+        return time.perf_counter() - start
+
+    def buffered(self, n: int, per_call: int, buffer: Buffer, in_flight: int) -> float:
+        """ray.put every payload and put the refs into the buffer per_call at a time (as the raw path hands
+        them over), at most `in_flight` calls unanswered. A put into a full shard waits there until the
+        consumer's ack makes room: that is the backpressure."""
+        start = time.perf_counter()
+        pending: list = []
+        for first in range(0, n, per_call):
+            items = [
+                ((0, i), ray.put(self.batches[i % len(self.batches)]), self.nbytes)
+                for i in range(first, first + per_call)
+            ]
+            pending += buffer.put_many_async(items)
+            while len(pending) >= in_flight:
+                done, pending = ray.wait(pending, num_returns=1)
+                assert set(ray.get(done[0])) == {PUT_OK}
+        assert all(set(answers) == {PUT_OK} for answers in ray.get(pending))
+        return time.perf_counter() - start
+
+
+@ray.remote(num_cpus=1)
+class Consumer:
+    def cpu_seconds(self) -> float:
+        return _cpu_seconds()
+
+    def fetch(self, wrapped: list) -> int:
+        batches = ray.get([w[0] for w in wrapped])
+        return sum(b.nbytes() for b in batches)
+
+    def lease_all(self, n: int, per_step: int, buffer: Buffer) -> tuple[float, int]:
+        """Lease, fetch and ack per_step batches at a time (one optimizer step's worth), as a student does."""
+        start, total = time.perf_counter(), 0
+        for first in range(0, n, per_step):
+            ids = [(0, i) for i in range(first, first + per_step)]
+            batches = ray.get(buffer.lease(ids, "bench"))
+            total += sum(b.nbytes() for b in batches)
+            buffer.ack(ids)
+        return time.perf_counter() - start, total
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--k", type=int, default=64)
+    p.add_argument("--mib", type=float, default=1024, help="total payload moved per measurement")
+    p.add_argument("--per-step", type=int, default=4, help="batches leased per call (one optimizer step)")
+    p.add_argument("--shards", type=int, default=2)
+    p.add_argument("--capacity", type=int, default=16)
+    p.add_argument("--in-flight", type=int, default=4, help="unanswered buffer put calls per producer")
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args()
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    producer = Producer.remote(args.batch, args.seq, args.k)
+    consumer = Consumer.remote()
+    nbytes = ray.get(producer.payload_bytes.remote())
+    n = max(args.per_step, int(args.mib * 2**20 / nbytes) // args.per_step * args.per_step)
+    mib = n * nbytes / 2**20
+    print(
+        f"payload {nbytes / 2**20:.3f} MiB/batch (B {args.batch}, T {args.seq}, k {args.k}), {n} batches "
+        f"= {mib:.0f} MiB per run, {args.per_step} batches per lease, {args.shards} shards x "
+        f"{args.capacity // args.shards} capacity"
+    )
+    ray.get(producer.raw.remote(args.per_step * 4, args.per_step, consumer))  # warm-up
+    raw, buffered = [], []
+    cpu = {"raw": [], "buffer": []}
+
+    def cpu_now(extra=()) -> list[float]:
+        return ray.get([a.cpu_seconds.remote() for a in (producer, consumer)]) + [
+            ray.get(s.stats.remote())["cpu_s"] for s in extra
+        ]
+
+    for _ in range(args.repeats):
+        before = cpu_now()
+        raw.append(mib / ray.get(producer.raw.remote(n, args.per_step, consumer)))
+        cpu["raw"].append([b - a for a, b in zip(before, cpu_now(), strict=True)])
+        buffer = Buffer.create(
+            shards=args.shards, capacity_per_shard=args.capacity // args.shards, batches_per_epoch=n
+        )
+        before = cpu_now(buffer.shards)
+        consumed = consumer.lease_all.remote(n, args.per_step, buffer)
+        start = time.perf_counter()
+        ray.get(producer.buffered.remote(n, args.per_step, buffer, args.in_flight))
+        _, total = ray.get(consumed)
+        elapsed = time.perf_counter() - start
+        cpu["buffer"].append([b - a for a, b in zip(before, cpu_now(buffer.shards), strict=True)])
+        assert total == n * nbytes
+        buffered.append(mib / elapsed)
+        stats = buffer.stats()
+        buffer.shutdown()
+    r, b = float(np.median(raw)), float(np.median(buffered))
+    print(
+        f"raw ray.put/ray.get : {r:9.1f} MiB/s  ({n / (mib / r):.0f} batches/s)  runs {[round(x) for x in raw]}"
+    )
+    print(
+        f"buffer put/lease/ack: {b:9.1f} MiB/s  ({n / (mib / b):.0f} batches/s)  runs {[round(x) for x in buffered]}"
+    )
+    print(
+        f"ratio {b / r:.2f}x (target >= 0.8x); last run: producer waited {stats['producer_wait_s']:.2f} s, "
+        f"consumer waited {stats['consumer_wait_s']:.2f} s"
+    )
+    for mode, runs in cpu.items():
+        names = ["producer", "consumer"] + [f"shard{i}" for i in range(len(runs[-1]) - 2)]
+        per = ", ".join(f"{name} {sec / n * 1e3:.2f}" for name, sec in zip(names, runs[-1], strict=True))
+        print(f"CPU ms per batch ({mode}, last run): {per}")
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
