@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault(
-    "OMP_WAIT_POLICY", "PASSIVE"
-)  # see launch/cli.py: spinning OpenMP threads stall shared cores
+# See launch/cli.py: spinning OpenMP threads stall shared cores.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
