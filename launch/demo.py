@@ -89,6 +89,6 @@ def _fmt(key: str, value) -> str:
     return f"{value:.1%}" if key in ("agreement", "exact_match") else f"{value:.4f}"
 
 
-@hydra_app
+@hydra_app(config_name="demo")
 def main(cfg: DictConfig) -> None:
     compare(cfg)

@@ -20,6 +20,18 @@ def test_default_config_composes_and_validates():
     assert "forward_kl" in resolved_yaml(cfg)
 
 
+def test_demo_runs_the_online_path_by_default_and_the_reference_on_request():
+    """`distill demo` (root config `demo`) is the `distill` config on a local Ray cluster."""
+    demo, plain = compose(config_name="demo"), compose()
+    assert demo.cluster.mode == "ray" and demo.cluster.address is None  # a fresh local Ray instance
+    assert plain.cluster.mode == "local"
+    validate_run(demo, facts(demo))
+    assert {k: v for k, v in demo.items() if k != "cluster"} == {
+        k: v for k, v in plain.items() if k != "cluster"
+    }
+    assert compose(["cluster=local_single"], config_name="demo").cluster == plain.cluster
+
+
 @pytest.mark.parametrize("override", ["loss.temprature=2", "optim.learning_rate=1", "cluster.gpus=2"])
 def test_misspelt_key_fails_at_start(override):
     with pytest.raises(ConfigCompositionException):

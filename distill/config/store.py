@@ -17,14 +17,17 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="run_schema", node=RunConfig)
 
 
-def compose(overrides: list[str] | None = None, run_dir: str | None = None) -> DictConfig:
-    """Compose the root config as `distill` would, without starting a Hydra job (for tests and tools)."""
+def compose(
+    overrides: list[str] | None = None, run_dir: str | None = None, *, config_name: str = "config"
+) -> DictConfig:
+    """Compose a root config (`config`, or `demo` for `distill demo`) as `distill` would, without starting a
+    Hydra job (for tests and tools)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
     register_configs()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = hydra_compose(config_name="config", overrides=list(overrides or []))
+        cfg = hydra_compose(config_name=config_name, overrides=list(overrides or []))
     # ${hydra:...} interpolations only resolve inside a running Hydra job.
     OmegaConf.set_struct(cfg, False)
     cfg.run_dir = run_dir or "."

@@ -1,0 +1,175 @@
+"""This project's online run against the peer users would pick instead: TRL's `GKDTrainer` (teacher in the same
+process, forward KL, no on-policy sampling), side by side in one invocation.
+
+Same teacher and student (the demo pair `distill demo` trains: tiny DeepSeek-V3 teacher, tiny Qwen2 student,
+same initial weights), same encoded rows and trained tokens, same global batch, same two CPU cores:
+    TRL      : one process, torch on both cores; GKDTrainer(lmbda=0, beta=0, seq_kd=False) = off-policy
+               forward KL on the teacher's full logits; the teacher forward and the student step alternate.
+    distill  : `distill cluster=local_ray` (teacher actor on one core -> buffer -> DeepSpeed ZeRO-2 student rank
+               on the other), the online path the README demo runs.
+Figure: trained tokens/s of student training, warm-up steps excluded, start-up (model load, actor start)
+excluded on both sides. Target: distill >= 1.5x TRL.
+
+    python bench/vs_trl.py --steps 40             # the demo's teacher (trained on first use, ~3 min)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+
+def trl_rate(cfg, rows: list[dict], steps: int, warmup: int, batch: int, threads: int) -> float:
+    """Trained tokens/s of TRL's GKDTrainer on `rows` (already encoded), `steps` timed steps after `warmup`."""
+    import torch
+    from transformers import TrainerCallback
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    from distill.data.batching import pad_batch
+    from distill.models.loading import load_causal_lm, load_tokenizer
+    from launch import builders
+
+    torch.set_num_threads(threads)
+    teacher_path = builders.require_teacher(cfg)
+    tokenizer = load_tokenizer(teacher_path)
+    torch.manual_seed(cfg.train.seed)
+    student = builders.build_student(cfg, tokenizer)
+    teacher = load_causal_lm(teacher_path, dtype="float32")
+    trained: list[int] = []
+
+    def collate(examples: list[dict]) -> dict:
+        """Our encoded rows as TRL's inputs: labels[t + 1] is trained where our loss_mask[t] is."""
+        padded = pad_batch(examples, tokenizer.pad_token_id)
+        ids, mask = padded["input_ids"], padded["loss_mask"]
+        labels = torch.full_like(ids, -100)
+        labels[:, 1:] = torch.where(mask[:, :-1], ids[:, 1:], -100)
+        trained.append(int(mask.sum()))
+        return {"input_ids": ids, "attention_mask": padded["attention_mask"].long(), "labels": labels}
+
+    class StepClock(TrainerCallback):
+        def __init__(self) -> None:
+            self.marks: list[float] = []
+
+        def on_step_end(self, args, state, control, **kwargs) -> None:
+            self.marks.append(time.perf_counter())
+
+    clock = StepClock()
+    from datasets import Dataset
+
+    dataset = Dataset.from_list([{"input_ids": r["input_ids"], "loss_mask": r["loss_mask"]} for r in rows])
+    with tempfile.TemporaryDirectory() as out:
+        args = GKDConfig(
+            output_dir=out,
+            per_device_train_batch_size=batch,
+            gradient_accumulation_steps=1,
+            max_steps=warmup + steps,
+            learning_rate=cfg.optim.lr,
+            lmbda=0.0,  # never sample from the student: off-policy, like ours
+            beta=0.0,  # forward KL(teacher || student)
+            seq_kd=False,
+            temperature=1.0,
+            bf16=False,  # its defaults are GPU ones (see STACK_NOTES)
+            gradient_checkpointing=False,
+            use_cpu=True,
+            report_to=[],
+            save_strategy="no",
+            logging_steps=10_000,
+            dataloader_num_workers=0,
+            disable_tqdm=True,
+            max_length=cfg.data.max_length,
+        )
+        trainer = GKDTrainer(
+            model=student,
+            teacher_model=teacher,
+            args=args,
+            data_collator=collate,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            callbacks=[clock],
+        )
+        trainer.train()
+    # Collate calls run one step ahead of on_step_end marks only through the loader's prefetch (0 workers: none).
+    seconds = clock.marks[-1] - clock.marks[warmup - 1]
+    return sum(trained[warmup : warmup + steps]) / seconds
+
+
+def distill_rate(cfg, steps: int, warmup: int) -> float:
+    """Trained tokens/s of the online run (`launch.distributed.run_distributed`), timed between step commits."""
+    from distill.cluster.driver import Hooks
+    from distill.tracking.metrics_log import read_metrics
+    from launch.distributed import run_distributed
+
+    marks: dict[int, float] = {}
+
+    class StepClock(Hooks):
+        def after_step(self, driver, step: int) -> None:
+            marks[step] = time.perf_counter()
+
+    run_distributed(cfg, hooks=StepClock())
+    records = {r["step"]: r for r in read_metrics(Path(cfg.run_dir) / "metrics.jsonl")}
+    tokens = sum(records[s]["tokens"] for s in range(warmup, warmup + steps))
+    return tokens / (marks[warmup + steps - 1] - marks[warmup - 1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=40, help="timed optimizer steps (after --warmup)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--batch", type=int, default=16, help="global batch in sequences")
+    p.add_argument("--cores", type=int, default=2)
+    p.add_argument("overrides", nargs="*", help="extra `distill` overrides, e.g. prepare.cache_dir=...")
+    args = p.parse_args()
+    for name, value in (
+        ("HF_HUB_OFFLINE", "1"),
+        ("DS_ACCELERATOR", "cpu"),
+        ("RAY_AUTH_MODE", "disabled"),
+        ("TOKENIZERS_PARALLELISM", "false"),
+        ("OMP_WAIT_POLICY", "PASSIVE"),
+    ):
+        os.environ.setdefault(name, value)
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/distill/torch_extensions"))
+
+    from distill.config import compose
+    from distill.models.loading import load_tokenizer
+    from launch import builders
+    from launch.prepare_demo import prepare_demo
+
+    total = args.warmup + args.steps
+    half = args.batch // 2
+    with tempfile.TemporaryDirectory() as run_dir:
+        cfg = compose(
+            [
+                "cluster=local_ray",
+                f"cluster.cpus_per_node={args.cores}",
+                f"cluster.micro_batch_size={half}",
+                "cluster.grad_accum_steps=2",
+                f"cluster.global_batch_size={args.batch}",
+                f"train.steps={total}",
+                f"train.log_every={1}",
+                "eval.max_batches=1",
+                "eval.generate_examples=0",
+                "loss=kd",
+                "loss.temperature=1.0",
+                *args.overrides,
+            ],
+            run_dir=run_dir,
+        )
+        prepare_demo(cfg)
+        tokenizer = load_tokenizer(builders.require_teacher(cfg))
+        rows = builders.build_data(cfg, tokenizer).train_rows
+        print(
+            f"teacher {cfg.teacher.name}, student {cfg.student.name}, {len(rows)} rows, global batch {args.batch}, "
+            f"{args.steps} timed steps after {args.warmup}, {args.cores} cores"
+        )
+        ours = distill_rate(cfg, args.steps, args.warmup)
+    theirs = trl_rate(cfg, rows, args.steps, args.warmup, args.batch, args.cores)
+    print(f"TRL GKDTrainer (forward KL, off-policy) : {theirs:8.0f} trained tokens/s")
+    print(f"distill online (teacher actor + ZeRO-2) : {ours:8.0f} trained tokens/s")
+    print(f"distill / TRL = {ours / theirs:.2f}x (target >= 1.5x)")
+
+
+if __name__ == "__main__":
+    main()
