@@ -2,8 +2,8 @@
 
 Pure parts first (assignment, placement plan, buffer capacity rule, buffer shard state machine, checkpoint
 identity), then real runs on the session's simulated two-node Ray cluster: one TP-2 teacher replica on one node,
-two ZeRO student ranks on the other (`cluster=sim_2node`). Every run trains the same 6 steps (data sized so the
-stream crosses an epoch) and is compared with the single-process reference at the same global batch (micro 8,
+two ZeRO student ranks on the other (`cluster=sim_2node`). Every run trains the same 20 steps (4 epochs of a
+10-batch stream) and is compared with the single-process reference at the same global batch (micro 8,
 accumulation 2) or with the uninterrupted ZeRO-2 run. Failures are injected through `distill.cluster.driver.Hooks`
 (kill a student or teacher actor, or stop the driver, after a given step). Each run costs ~12-25 s on two cores,
 almost all of it actor start-up, so some runs check two things at once.
@@ -32,9 +32,9 @@ from distill.tracking.metrics_log import read_metrics
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/distill/torch_extensions"))
 
 distributed = [pytest.mark.distributed, pytest.mark.slow]
-STEPS = 6
+STEPS = 20
 REL = 1e-4
-# 80 rows / micro-batch 8 = 10 batches per epoch; 6 steps x 2 batches cross into epoch 1.
+# 80 rows / micro-batch 8 = 10 batches per epoch; 20 steps x 2 batches = 4 epochs, each batch once per epoch.
 COMMON = [
     f"train.steps={STEPS}",
     "train.log_every=1",
@@ -216,14 +216,23 @@ def test_tp2_teacher_and_zero2_students_match_the_reference(baseline, reference)
     assert set(reference[-1]) <= set(
         got[-1]
     )  # the reference's keys (stage, loss terms, ...) + buffer figures
-    assert {"buffer/depth", "buffer/producer_wait_s", "buffer/consumer_wait_s"} <= set(got[-1])
+    assert {
+        "buffer/depth",
+        "buffer/producer_wait_s",
+        "buffer/consumer_wait_s",
+        "buffer/lease_bytes_per_s",
+    } <= set(got[-1])
     stats = _stats(baseline)
     assert stats["student_restarts"] == 0 and stats["teacher_restarts"] == 0
     (teacher_nodes,) = stats["teacher_nodes"]
     assert len(set(teacher_nodes)) == 1  # the TP group shares a node ...
     assert set(stats["student_nodes"]).isdisjoint(teacher_nodes)  # ... and the students sit on the other
     assert_exactly_once(baseline)
-    assert sorted(p.name for p in (baseline / "checkpoints").iterdir()) == ["latest", "step-4", "step-6"]
+    assert sorted(p.name for p in (baseline / "checkpoints").iterdir()) == [
+        "latest",
+        f"step-{STEPS - 2}",
+        f"step-{STEPS}",
+    ]
     assert (baseline / "eval.json").is_file()
 
 

@@ -292,9 +292,18 @@ class Driver:
                 "buffer/depth": stats["depth"],
                 "buffer/producer_wait_s": stats["producer_wait_s"],
                 "buffer/consumer_wait_s": stats["consumer_wait_s"],
+                "buffer/lease_bytes_per_s": stats["lease_bytes_per_s"],
                 "student/fetch_s": max(o["fetch_s"] for o in outs),
             }
             self.sink.write(metrics, extras)
+
+    def checkpoint(self, step: int) -> Path:
+        """Checkpoint after `step` committed steps now (a preemption stop), unless that checkpoint exists."""
+        if self.checkpoints is None:
+            raise CheckpointError("this driver has no CheckpointStore; it cannot checkpoint on request")
+        if self.checkpoints.latest() != self.checkpoints.path(step):
+            self._checkpoint(step)
+        return self.checkpoints.path(step)
 
     def _checkpoint(self, step: int) -> None:
         if self.checkpoints is None:
