@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
+from transformers import TokenizersBackend
 
 from distill.config.topology import ModelShape
 from distill.config.validate import PairFacts
@@ -24,6 +25,7 @@ from distill.teacher.engine import TeacherEngine
 from distill.training.objective import Objective, term_specs_from_config
 from distill.training.reference import ReferenceTrainer, build_optimizer
 from distill.training.schedule import lr_multiplier
+from distill.xtok import CrossTokenizerTeacher, bits_per_char, encode_pairs, load_or_build_token_map
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Bump when the demo teacher's training recipe changes so stale caches are not reused.
@@ -40,13 +42,20 @@ def torch_dtype(name: str) -> torch.dtype:
 def demo_teacher_dir(cfg) -> Path:
     """The prepare-demo teacher's folder, keyed by everything that shapes it."""
     prep = OmegaConf.to_container(cfg.prepare, resolve=True)
-    for volatile in ("cache_dir", "force", "eval_examples"):
+    # student_vocab_size shapes only the demo's second tokenizer, never the teacher.
+    for volatile in ("cache_dir", "force", "eval_examples", "student_vocab_size"):
         prep.pop(volatile)
     key_src = json.dumps(
         {"arch": cfg.teacher.arch, "prepare": prep, "v": DEMO_RECIPE_VERSION}, sort_keys=True
     )
     key = hashlib.sha256(key_src.encode()).hexdigest()[:12]
     return Path(cfg.prepare.cache_dir) / "teachers" / f"{cfg.teacher.arch}-{key}"
+
+
+def demo_student_tokenizer_dir(cfg) -> Path:
+    """Where `distill prepare-demo prepare.student_vocab_size=N` saves the demo's second tokenizer."""
+    p = cfg.prepare
+    return Path(p.cache_dir) / "tokenizers" / f"student-v{p.student_vocab_size}-s{p.seed}"
 
 
 def teacher_dir(cfg) -> Path:
@@ -85,9 +94,14 @@ def pair_facts(cfg, tokenizer=None) -> PairFacts:
     vocab = len(tokenizer) if tokenizer is not None else cfg.prepare.vocab_size
     t = model_facts(cfg.teacher, vocab)
     s_vocab = t.vocab_size if (cfg.student.arch in TINY_ARCHS and not cfg.student.path) else None
+    own = load_tokenizer_folder(cfg.student.tokenizer) if cfg.student.tokenizer else None
+    if own is not None and cfg.student.arch in TINY_ARCHS and not cfg.student.path:
+        s_vocab = len(own)  # a tiny student built on its own tokenizer
     s = model_facts(cfg.student, s_vocab or vocab)
     same = t.vocab_size == s.vocab_size
-    if cfg.teacher.path and cfg.student.path:
+    if own is not None:
+        same = tokenizer is not None and tokenizer_hash(tokenizer) == tokenizer_hash(own)
+    elif cfg.teacher.path and cfg.student.path:
         same = _tokenizers_match(Path(cfg.teacher.path), Path(cfg.student.path), same)
     return PairFacts(
         teacher_vocab=t.vocab_size,
@@ -105,6 +119,29 @@ def _tokenizers_match(teacher: Path, student: Path, fallback: bool) -> bool:
         return tokenizer_hash(load_tokenizer(teacher)) == tokenizer_hash(load_tokenizer(student))
     except (OSError, ValueError, CheckpointError):
         return fallback
+
+
+def load_tokenizer_folder(path: str | Path):
+    """A tokenizer-only folder (tokenizer.json + tokenizer_config.json, no model): `student.tokenizer`."""
+    folder = Path(path)
+    if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer_config.json").is_file():
+        raise CheckpointError(
+            f"student.tokenizer={folder} holds no tokenizer.json / tokenizer_config.json; point it at a folder "
+            "written by save_pretrained (e.g. `distill prepare-demo prepare.student_vocab_size=320` makes one)."
+        )
+    if (folder / "config.json").is_file():
+        return load_tokenizer(folder)
+    return TokenizersBackend.from_pretrained(folder, local_files_only=True)
+
+
+def student_tokenizer(cfg, teacher_tokenizer):
+    """The tokenizer the student trains with: student.tokenizer, else (with a token map) student.path's,
+    else the teacher's."""
+    if cfg.student.tokenizer:
+        return load_tokenizer_folder(cfg.student.tokenizer)
+    if cfg.teacher.token_map.enabled and cfg.student.path:
+        return load_tokenizer(cfg.student.path)
+    return teacher_tokenizer
 
 
 # ---- models ----------------------------------------------------------------------------------------------
@@ -145,6 +182,7 @@ def build_objective(cfg, student, teacher_hidden_size: int) -> Objective:
         chunk_size=cfg.loss.chunk_size,
         student_hidden_size=student.config.hidden_size,
         teacher_hidden_size=teacher_hidden_size,
+        cross_tokenizer=cfg.teacher.token_map.enabled,
     )
 
 
@@ -185,7 +223,8 @@ class RunData:
     """Raw held-out examples (with `answer` on the embedded task) for exact-match generation."""
 
 
-def build_data(cfg, tokenizer) -> RunData:
+def build_data(cfg, tokenizer, teacher_tokenizer=None) -> RunData:
+    """Encoded train/held-out rows; with a token map, rows also carry the teacher's tokens and alignment."""
     d = cfg.data
     if d.path:
         ds = load_user_dataset(
@@ -197,9 +236,24 @@ def build_data(cfg, tokenizer) -> RunData:
         )
     else:
         ds = build_task_dataset(list(d.domains), list(d.levels), d.num_train, d.num_eval, d.seed)
+    if cfg.teacher.token_map.enabled:
+        if teacher_tokenizer is None:
+            raise ConfigError("build_data: a cross-tokenizer run needs the teacher's tokenizer too.")
+        train = encode_pairs(tokenizer, teacher_tokenizer, ds["train"], d.max_length)
+        heldout = encode_pairs(tokenizer, teacher_tokenizer, ds["eval"], d.max_length)
+        return RunData(train, heldout, list(ds["eval"]))
     train = [encode_example(tokenizer, ex, d.max_length) for ex in ds["train"]]
     heldout = [encode_example(tokenizer, ex, d.max_length) for ex in ds["eval"]]
     return RunData(train, heldout, list(ds["eval"]))
+
+
+def batch_scorer(cfg, engine: TeacherEngine, teacher_tokenizer, tokenizer):
+    """(batch_id, micro-batch) -> TeacherBatch in the student's token space: the engine itself, or with a
+    token map the cross-tokenizer teacher (map built once per tokenizer pair, cached on disk)."""
+    if not cfg.teacher.token_map.enabled:
+        return lambda batch_id, b: engine.score(batch_id, b["input_ids"], b["attention_mask"], b["loss_mask"])
+    token_map = load_or_build_token_map(teacher_tokenizer, tokenizer, cfg.teacher.token_map.cache_dir)
+    return CrossTokenizerTeacher(engine, token_map.padded(engine.vocab_size)).score
 
 
 def batch_stream(cfg, rows: list[dict], tokenizer, *, batch_size: int | None = None) -> BatchStream:
@@ -225,7 +279,7 @@ def evaluate(
 ):
     """`distill.eval.evaluate_model` with the run's `eval.*` settings: every entry point evaluates alike."""
     e = cfg.eval
-    return evaluate_model(
+    summary = evaluate_model(
         model,
         tokenizer,
         data.eval_rows,
@@ -237,6 +291,10 @@ def evaluate(
         generate_examples=e.generate_examples if generate_examples is None else generate_examples,
         max_new_tokens=e.max_new_tokens,
     )
+    if data.eval_rows and "target_chars" in data.eval_rows[0]:
+        rows = data.eval_rows[: e.max_batches * e.batch_size] if e.max_batches else data.eval_rows
+        summary["bits_per_char"] = bits_per_char(model, rows, tokenizer.pad_token_id, e.batch_size)
+    return summary
 
 
 # ---- training ---------------------------------------------------------------------------------------------

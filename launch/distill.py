@@ -46,12 +46,14 @@ def run(cfg: DictConfig) -> dict:
             "resume / checkpoint.every_steps need the distributed path (cluster.mode=ray, e.g. cluster=local_ray); "
             "the single-process reference trainer runs start to finish. Unset them or pick a Ray cluster config."
         )
+    # With a token map the student trains on its own tokenizer; the teacher keeps its own (distill.xtok).
+    teacher_tokenizer, tokenizer = tokenizer, builders.student_tokenizer(cfg, tokenizer)
     torch.manual_seed(cfg.train.seed)
     student = builders.build_student(cfg, tokenizer)
     teacher_hidden = builders.model_facts(cfg.teacher, len(tokenizer)).hidden_size
     objective = builders.build_objective(cfg, student, teacher_hidden)
     engine = builders.build_teacher_engine(cfg, teacher_path, objective)
-    data = builders.build_data(cfg, tokenizer)
+    data = builders.build_data(cfg, tokenizer, teacher_tokenizer)
     stream = builders.batch_stream(cfg, data.train_rows, tokenizer)
 
     trainer = builders.build_reference_trainer(student, objective, cfg.optim, cfg.train.steps)
@@ -60,11 +62,10 @@ def run(cfg: DictConfig) -> dict:
         needed = cfg.train.steps * cfg.cluster.grad_accum_steps
         teacher_fn = CachedTeacher(cfg, teacher_path, tokenizer, needed)
     elif objective.needs_teacher:
+        score = builders.batch_scorer(cfg, engine, teacher_tokenizer, tokenizer)
 
         def teacher_fn(batch_id, batch):
-            return engine.score(
-                batch_id, batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
-            ).to_torch()
+            return score(batch_id, batch).to_torch()
 
     bar = tqdm(total=cfg.train.steps, desc="distill", disable=not cfg.tracking.progress, dynamic_ncols=True)
     with MetricsLog(run_dir / "metrics.jsonl") as metrics:
@@ -88,9 +89,13 @@ def run(cfg: DictConfig) -> dict:
 
     student = merge_for_export(student)  # LoRA: adapters folded in, so student/ is a plain HF folder
     save_model(student, tokenizer, run_dir / "student")
-    summary = builders.evaluate(
-        cfg, student, tokenizer, data, lambda b: engine.logits(b["input_ids"], b["attention_mask"])
+    # A cross-tokenizer teacher's logits are over another vocabulary: no KL/agreement to it at eval.
+    teacher_logits = (
+        None
+        if cfg.teacher.token_map.enabled
+        else lambda b: engine.logits(b["input_ids"], b["attention_mask"])
     )
+    summary = builders.evaluate(cfg, student, tokenizer, data, teacher_logits)
     atomic_write_json(run_dir / "eval.json", summary)
     log.info("eval %s", json.dumps(summary, sort_keys=True))
     return summary

@@ -34,6 +34,8 @@ def prepare_demo(cfg: DictConfig) -> dict:
         raise ConfigError(
             f"prepare-demo trains a tiny teacher; teacher={cfg.teacher.name} is not one of {TINY_ARCHS}."
         )
+    if cfg.prepare.student_vocab_size:
+        prepare_student_tokenizer(cfg)
     out = builders.demo_teacher_dir(cfg)
     if (out / EVAL_FILE).is_file() and not cfg.prepare.force:
         summary = json.loads((out / EVAL_FILE).read_text())
@@ -87,6 +89,18 @@ def prepare_demo(cfg: DictConfig) -> dict:
     load_tokenizer(out)
     print(f"teacher saved: {out}\n{_describe(summary)}")
     return summary
+
+
+def prepare_student_tokenizer(cfg: DictConfig) -> Path:
+    """The cross-tokenizer demo's second tokenizer: another corpus sample (seed + 1) and vocabulary size,
+    so its merges differ from the teacher's. Cached; pass its folder as student.tokenizer."""
+    p = cfg.prepare
+    out = builders.demo_student_tokenizer_dir(cfg)
+    if not (out / "tokenizer.json").is_file() or p.force:
+        tokenizer = train_tokenizer(task_corpus(p.seed + 1), p.student_vocab_size)
+        atomic_dir(out, lambda tmp: tokenizer.save_pretrained(str(tmp)))
+    print(f"student tokenizer ({p.student_vocab_size} tokens): {out}")
+    return out
 
 
 def _describe(summary: dict) -> str:

@@ -345,7 +345,7 @@ def test_attention_transfer_matches_naive(metric):
 
 
 def test_registry_lists_names_and_kinds():
-    assert set(L.names("logits")) == {*TEACHER_TERMS, "ce"}
+    assert set(L.names("logits")) == {*TEACHER_TERMS, "ce", "uld"}  # uld: cross-tokenizer (test_xtok_loss)
     assert set(L.names("hidden")) == {"hidden_mse", "hidden_cosine"}
     assert L.names("attention") == ["attention_transfer"]
     assert L.get("jsd").params["beta"] == 0.5 and L.get("skew_reverse_kl").params["alpha"] == 0.1

@@ -45,6 +45,16 @@ class ClusterConfig:
 
 
 @dataclass
+class TokenMapConfig:
+    """Cross-tokenizer distillation: align the two tokenizations and map teacher ids to student ids (distill.xtok)."""
+
+    enabled: bool = False
+    """Turn on when teacher and student tokenizers differ; the map is built once per pair and cached."""
+    cache_dir: str = "${prepare.cache_dir}/token_maps"
+    """Where maps are cached, keyed by both tokenizers' hashes."""
+
+
+@dataclass
 class TeacherConfig:
     name: str = MISSING
     arch: str | None = None
@@ -60,6 +70,8 @@ class TeacherConfig:
     """None picks `eager` when an attention-transfer term is on (sdpa returns no attention maps)."""
     cache: str | None = None
     """Train from this offline cache (`distill teacher-cache`) instead of running the teacher online."""
+    token_map: TokenMapConfig = field(default_factory=TokenMapConfig)
+    """Cross-tokenizer distillation (teacher and student with different tokenizers)."""
 
 
 @dataclass
@@ -83,6 +95,9 @@ class StudentConfig:
     """A tiny architecture built fresh with the teacher's tokenizer and vocabulary, or a production arch name."""
     path: str | None = None
     """Any Hugging Face causal-LM folder to start from; None builds `arch` from scratch."""
+    tokenizer: str | None = None
+    """The student's own tokenizer folder (cross-tokenizer runs); None: student.path's tokenizer, or the
+    teacher's for a tiny `arch`."""
     dtype: str = "float32"
     init_seed: int = 0
     overrides: dict[str, Any] = field(default_factory=dict)
@@ -222,6 +237,9 @@ class PrepareConfig:
     """Problems (all domains, `teacher_levels`) the teacher is trained on; held-out questions never appear."""
     teacher_levels: list[int] = field(default_factory=lambda: [1, 2])
     teacher_steps: int = 400
+    student_vocab_size: int = 0
+    """>0: also train a second, different tokenizer (seed + 1, this vocab size) for cross-tokenizer demos,
+    saved to `builders.demo_student_tokenizer_dir`."""
     teacher_lr: float = 3e-3
     teacher_batch_size: int = 32
     eval_examples: int = 100

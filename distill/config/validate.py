@@ -35,14 +35,47 @@ def validate_run(cfg, facts: PairFacts) -> Topology:
     elif cfg.cluster.mode != "local":
         raise ConfigError(f"cluster.mode={cfg.cluster.mode!r}: use 'local' (reference) or 'ray'.")
     _validate_terms(cfg, facts)
-    if not facts.same_tokenizer:
+    if cfg.teacher.token_map.enabled:
+        _validate_cross_tokenizer(cfg)
+    elif any(t.name == "uld" and t.weight for t in cfg.loss.terms.values()):
+        raise ConfigError(
+            "loss term uld compares teacher mass that has no student token, which only exists with a token map; "
+            "set teacher.token_map.enabled=true (cross-tokenizer) or remove the uld term."
+        )
+    elif not facts.same_tokenizer:
         raise ConfigError(
             f"teacher vocabulary ({facts.teacher_vocab} tokens) and student vocabulary ({facts.student_vocab} "
-            "tokens) differ, and logit distillation needs a shared token space. Use a student built with the "
-            "teacher's tokenizer (a tiny `student.arch` does this), or a student checkpoint that shares it; "
-            "cross-tokenizer distillation with a token map is not available in this version."
+            "tokens) differ (or their tokenizers do), and logit distillation needs a shared token space. Turn on "
+            "cross-tokenizer distillation with teacher.token_map.enabled=true (e.g. loss=kd_xtok), or use a "
+            "student that shares the teacher's tokenizer (a tiny `student.arch` without student.tokenizer)."
         )
     return topology
+
+
+def _validate_cross_tokenizer(cfg) -> None:
+    """What a token map does not cover yet fails here, not mid-run."""
+    features = sorted(
+        label for label, t in cfg.loss.terms.items() if t.weight and get_term(t.name).kind != "logits"
+    )
+    if features:
+        raise ConfigError(
+            f"loss.terms {features} compare hidden states or attention maps position by position, which needs one "
+            "tokenization; with teacher.token_map.enabled=true use logit terms only (e.g. loss=kd_xtok)."
+        )
+    if cfg.teacher.cache:
+        raise ConfigError(
+            "teacher.cache holds teacher outputs in the teacher's token space; cross-tokenizer runs score online. "
+            "Unset teacher.cache or teacher.token_map.enabled."
+        )
+    if cfg.data.packing:
+        raise ConfigError(
+            "data.packing=true is not supported with teacher.token_map.enabled; set data.packing=false."
+        )
+    if cfg.cluster.mode != "local":
+        raise ConfigError(
+            f"teacher.token_map.enabled runs on the single-process path for now (cluster.mode={cfg.cluster.mode!r}); "
+            "use cluster=local_single."
+        )
 
 
 def term_params(term_cfg) -> dict:
@@ -64,7 +97,10 @@ def _validate_terms(cfg, facts: PairFacts) -> None:
             t.name,
             temperature=cfg.loss.temperature,
             k=cfg.teacher.topk,
-            vocab_size=min(facts.teacher_vocab, facts.student_vocab),
+            # k counts teacher tokens; with a token map the student's vocabulary does not bound it.
+            vocab_size=facts.teacher_vocab
+            if cfg.teacher.token_map.enabled
+            else min(facts.teacher_vocab, facts.student_vocab),
             params=term_params(t),
         )
         if t.name.startswith("hidden"):

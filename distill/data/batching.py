@@ -40,7 +40,36 @@ def pad_batch(rows: Sequence[dict], pad_id: int, pad_to: int | None = None) -> d
         input_ids[i, :n] = torch.tensor(row["input_ids"], dtype=torch.int64)
         attention_mask[i, :n] = torch.tensor(_attention(row), dtype=torch.bool)
         loss_mask[i, :n] = torch.tensor(row["loss_mask"], dtype=torch.bool)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+    if "align" in rows[0]:
+        batch |= _pad_cross_tokenizer(rows, width)
+    return batch
+
+
+def _pad_cross_tokenizer(rows: Sequence[dict], width: int) -> dict[str, torch.Tensor]:
+    """The teacher-side fields of cross-tokenizer rows (distill.xtok.encode): teacher_input_ids and
+    teacher_attention_mask [B, T_t], align [B, T] (-1 on padding), target_chars [B, T] (0 on padding).
+
+    Teacher padding uses id 0 (every vocabulary has it) under a False attention mask: with right padding
+    a causal teacher never attends to it, and no student position aligns to it.
+    """
+    t_width = max(len(row["teacher_input_ids"]) for row in rows)
+    t_ids = torch.zeros((len(rows), t_width), dtype=torch.int64)
+    t_mask = torch.zeros((len(rows), t_width), dtype=torch.bool)
+    align = torch.full((len(rows), width), -1, dtype=torch.int64)
+    chars = torch.zeros((len(rows), width), dtype=torch.int64)
+    for i, row in enumerate(rows):
+        m, n = len(row["teacher_input_ids"]), len(row["align"])
+        t_ids[i, :m] = torch.tensor(row["teacher_input_ids"], dtype=torch.int64)
+        t_mask[i, :m] = True
+        align[i, :n] = torch.tensor(row["align"], dtype=torch.int64)
+        chars[i, :n] = torch.tensor(row["target_chars"], dtype=torch.int64)
+    return {
+        "teacher_input_ids": t_ids,
+        "teacher_attention_mask": t_mask,
+        "align": align,
+        "target_chars": chars,
+    }
 
 
 def _fill(row: dict, seq_len: int, eos_id: int) -> dict:
@@ -112,6 +141,11 @@ class BatchStream:
             raise ConfigError(f"batch_size={batch_size} must be >= 1")
         if packing and seq_len is None:
             raise ConfigError("packing=True needs seq_len (the length of every packed row)")
+        if packing and rows and "align" in rows[0]:
+            raise ConfigError(
+                "data.packing=true is not supported with a cross-tokenizer token map (teacher.token_map.enabled): "
+                "packed rows would need their teacher alignments shifted; set data.packing=false"
+            )
         self.batch_size, self.seed, self.pad_id, self.seq_len = batch_size, seed, pad_id, seq_len
         if packing:
             order = np.random.default_rng([seed, 2**31 - 1]).permutation(len(rows))

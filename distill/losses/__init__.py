@@ -14,7 +14,7 @@ from distill.losses.chunked import chunked_loss_sum
 from distill.losses.projection import HiddenProjector
 from distill.losses.registry import LossTerm, get, names, register
 from distill.losses.selection import select_tokens, teacher_statistic
-from distill.losses.teachers import DenseTeacher, Teacher, TopKTeacher
+from distill.losses.teachers import DenseTeacher, MappedTopKTeacher, Teacher, TopKTeacher
 from distill.losses.terms import attention_transfer, ce, hidden_cosine, hidden_mse
 from distill.losses.validation import check_k, check_temperature, validate_layer_map, validate_term
 
@@ -22,6 +22,7 @@ __all__ = [
     "DenseTeacher",
     "HiddenProjector",
     "LossTerm",
+    "MappedTopKTeacher",
     "Teacher",
     "TopKTeacher",
     "attention_transfer",

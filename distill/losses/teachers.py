@@ -34,6 +34,7 @@ from distill.errors import ConfigError
 
 _LN2 = math.log(2.0)
 _TAIL_MIN_MASS = 1e-6  # below this the tail bucket is dropped on both sides
+_LOG_FLOOR = -1e30  # finite stand-in for log 0 where a gradient flows (as in divergences)
 
 
 def log1mexp(x: Tensor) -> Tensor:
@@ -161,4 +162,79 @@ class DenseTeacher:
         return self.log_probs(1.0).max(dim=-1).values.exp()
 
 
-Teacher = TopKTeacher | DenseTeacher
+@dataclass
+class MappedTopKTeacher:
+    """A teacher top-k whose ids were mapped into the student's vocabulary (cross-tokenizer distillation).
+
+    ids            [N, k] integer  student ids; -1 where the teacher token has no student counterpart
+    logits         [N, k] float    raw teacher logits at T=1; -inf for an entry merged into an earlier one
+                                   (several teacher tokens mapped to one student id: their mass is summed
+                                   into the first) and for rows with no aligned teacher position
+    log_normalizer [N] float       the teacher's full-vocab logsumexp at T=1
+
+    KL-family terms see buckets = the mapped student ids + one "rest" bucket, exactly like `TopKTeacher`'s
+    top-k + tail: the teacher's rest is everything not mapped (its tail and its unmapped top-k entries), the
+    student's rest is its mass outside the mapped ids. With every id mapped (identical tokenizers) this is
+    `TopKTeacher` to the last bit. A row with nothing mapped is one bucket on both sides: zero loss, zero
+    gradient. The unmapped entries are what the `uld` term compares.
+    """
+
+    ids: Tensor
+    logits: Tensor
+    log_normalizer: Tensor
+
+    def __post_init__(self) -> None:
+        TopKTeacher.__post_init__(self)  # type: ignore[arg-type]  # same shape rules
+
+    @property
+    def num_rows(self) -> int:
+        return self.ids.shape[0]
+
+    @property
+    def k(self) -> int:
+        return self.ids.shape[1]
+
+    @property
+    def mapped(self) -> Tensor:
+        """[N, k] bool: the entry has a student id."""
+        return self.ids >= 0
+
+    def select(self, rows: Tensor | slice) -> MappedTopKTeacher:
+        return MappedTopKTeacher(self.ids[rows], self.logits[rows], self.log_normalizer[rows])
+
+    def _mapped_logits(self) -> Tensor:
+        return self.logits.float().masked_fill(~self.mapped, -torch.inf)
+
+    def tail(self) -> tuple[Tensor, Tensor]:
+        """(log rest mass at T=1 [N] fp32, -inf where negligible; negligible [N] bool). See TopKTeacher.tail."""
+        return TopKTeacher(self.ids, self._mapped_logits(), self.log_normalizer).tail()
+
+    def log_probs(self, temperature: float = 1.0) -> Tensor:
+        """Teacher log-probs over the mapped ids + rest: [N, k+1] fp32 (unmapped slots -inf, rest last)."""
+        return TopKTeacher(self.ids, self._mapped_logits(), self.log_normalizer).log_probs(temperature)
+
+    def student_log_probs(self, student_logits: Tensor, temperature: float = 1.0) -> Tensor:
+        """Student fp32 logits [N, V] collapsed onto the same buckets: [N, k+1] log-probs."""
+        log_q = torch.log_softmax(_tempered(student_logits, temperature), dim=-1)
+        mapped = self.mapped
+        gathered = log_q.gather(-1, self.ids.long().clamp(min=0))
+        # Unmapped slots sit at a huge finite floor, not -inf: an all-(-inf) logsumexp has a NaN gradient.
+        mass = torch.logsumexp(gathered.masked_fill(~mapped, _LOG_FLOOR), dim=-1)
+        _, negligible = self.tail()
+        rest = torch.where(negligible, -torch.inf, log1mexp(mass))
+        return torch.cat([gathered.masked_fill(~mapped, -torch.inf), rest[:, None]], dim=-1)
+
+    def top1_prob(self) -> Tensor:
+        """Probability of the most likely mapped token at T=1: [N] fp32 (0 for a row with none)."""
+        return self.log_probs(1.0)[:, :-1].max(dim=-1).values.exp()
+
+    def unmapped_probs(self, temperature: float = 1.0) -> Tensor:
+        """Tempered teacher probabilities of the unmapped top-k entries, 0 elsewhere: [N, k] fp32.
+
+        Buckets are all k entries plus the true tail, at temperature T (same convention as TopKTeacher).
+        """
+        probs = TopKTeacher(self.ids, self.logits, self.log_normalizer).log_probs(temperature)[:, :-1].exp()
+        return probs.masked_fill(self.mapped, 0.0)
+
+
+Teacher = TopKTeacher | DenseTeacher | MappedTopKTeacher

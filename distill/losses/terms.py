@@ -14,10 +14,17 @@ Logit terms (kind "logits") share one signature:
 | skew_reverse_kl | T^2 KL(s || alpha s + (1-alpha) t)                           | alpha=0.1, select_*      |
 | tv              | 0.5 sum |t - s|   (no T^2: a bounded distance, not a KL)     | select_*                 |
 | ce              | -log softmax(z)[label] (teacher and temperature ignored)     | none                     |
+| uld             | sum_j |sort(t_unmapped)_j - sort(s_outside_mapped)_j|, j < n_unmapped (no T^2) | none |
 
 The T^2 factor (Hinton et al.) keeps KL gradients the same size as T changes. select_by ("confidence" |
 "entropy"), select_threshold, select_keep ("above" | "below") restrict the term to the tokens where the
 teacher statistic at T=1 passes the threshold; num_tokens then counts the kept tokens.
+
+Cross-tokenizer runs pass a `MappedTopKTeacher` (teacher top-k mapped into the student's vocabulary): the KL
+family then compares the mapped mass (see teachers.py), and `uld` (universal logit distillation, Boizard et
+al. 2024, as GOLD's hybrid loss uses it) compares the mass that has no student counterpart by distribution
+shape alone: the teacher's unmapped top-k probabilities sorted, against the student's largest probabilities
+outside the mapped ids, sorted, over as many places as the row has unmapped entries.
 
 Feature terms (kind "hidden") and the attention term (kind "attention") are documented on their functions.
 """
@@ -36,7 +43,7 @@ from distill.losses import divergences
 from distill.losses.chunked import DEFAULT_CHUNK_SIZE, chunked_loss_sum
 from distill.losses.registry import register
 from distill.losses.selection import select_tokens
-from distill.losses.teachers import DenseTeacher, Teacher, TopKTeacher
+from distill.losses.teachers import DenseTeacher, MappedTopKTeacher, Teacher, TopKTeacher
 from distill.losses.validation import check_temperature
 
 # ---------------------------------------------------------------------------------------------- logit terms
@@ -140,6 +147,57 @@ def ce(
         return torch.logsumexp(x, dim=-1) - x.gather(-1, target).squeeze(-1)
 
     return chunked_loss_sum(student_logits, mask, row_loss, chunk_size), mask.sum()
+
+
+@register("uld", "logits")
+def uld(
+    student_logits: Tensor,
+    teacher: Teacher | None,
+    mask: Tensor,
+    *,
+    temperature: float = 1.0,
+    labels: Tensor | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> tuple[Tensor, Tensor]:
+    """Universal logit distillation on the teacher mass that has no student token (see the table).
+
+    Reads a `MappedTopKTeacher`; a row whose top-k is fully mapped contributes 0 (identical tokenizers give
+    0 everywhere, and so does a plain TopKTeacher or DenseTeacher, which are in the student's vocabulary). Both sides at temperature T; an L1 distance, so no T^2 factor.
+    """
+    check_temperature(temperature)
+    _check_logit_inputs("uld", student_logits, teacher, mask)
+    if teacher is None:
+        raise ConfigError("loss term 'uld' needs a teacher (a MappedTopKTeacher from a cross-tokenizer run).")
+    if not isinstance(teacher, MappedTopKTeacher):
+        # A teacher already in the student's vocabulary has no unmapped mass: the term is exactly 0 (config
+        # validation refuses a weighted uld term without teacher.token_map.enabled, so this is not silent).
+        return student_logits.float().narrow(0, 0, 0).sum(), mask.sum()
+
+    def row_loss(x: Tensor, rows: Tensor) -> Tensor:
+        t = teacher.select(rows)
+        p_t = t.unmapped_probs(temperature).sort(dim=-1, descending=True).values  # [c, k]
+        n_unmapped = (p_t > 0).sum(dim=-1, keepdim=True)
+        q = torch.softmax(_tempered_logits(x, temperature), dim=-1)
+        q = _zero_mapped(q, t)
+        q_top = q.topk(t.k, dim=-1).values  # sorted descending
+        place = torch.arange(t.k, device=x.device)[None, :]
+        return torch.where(place < n_unmapped, (p_t - q_top).abs(), 0.0).sum(dim=-1)
+
+    return chunked_loss_sum(student_logits, mask, row_loss, chunk_size), mask.sum()
+
+
+def _tempered_logits(x: Tensor, temperature: float) -> Tensor:
+    return x if temperature == 1.0 else x / temperature
+
+
+def _zero_mapped(q: Tensor, t: MappedTopKTeacher) -> Tensor:
+    """q [c, V] with the row's mapped student ids set to 0; unmapped slots (id -1) touch nothing.
+
+    scatter_add of 0/1 counts, not a scatter of flags: unmapped slots share index 0 with a possibly mapped
+    id 0, and scatter's order among duplicate indices is undefined.
+    """
+    hits = torch.zeros_like(q).scatter_add_(-1, t.ids.long().clamp(min=0), t.mapped.to(q.dtype))
+    return q.masked_fill(hits > 0, 0.0)
 
 
 # -------------------------------------------------------------------------------------------- feature terms

@@ -63,9 +63,12 @@ class Objective(nn.Module):
         chunk_size: int,
         student_hidden_size: int = 0,
         teacher_hidden_size: int = 0,
+        cross_tokenizer: bool = False,
     ) -> None:
         super().__init__()
         self.terms = [t for t in terms if t.weight != 0.0]
+        # Cross-tokenizer TeacherBatches carry student ids with -1 for unmapped teacher tokens (distill.xtok).
+        self.cross_tokenizer = cross_tokenizer
         self.temperature = temperature
         self.chunk_size = chunk_size
         self.projectors = nn.ModuleDict()
@@ -138,7 +141,8 @@ class Objective(nn.Module):
     def _teacher(self, batch):
         if batch.get("topk_ids") is None:
             return None
-        return losses.TopKTeacher(
+        kind = losses.MappedTopKTeacher if self.cross_tokenizer else losses.TopKTeacher
+        return kind(
             ids=batch["topk_ids"].reshape(-1, batch["topk_ids"].shape[-1]),
             logits=batch["topk_logits"].reshape(-1, batch["topk_logits"].shape[-1]),
             log_normalizer=batch["log_normalizer"].reshape(-1),

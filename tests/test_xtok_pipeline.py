@@ -1,0 +1,139 @@
+"""The cross-tokenizer path end to end on tiny real models (no trained weights needed), and its config checks."""
+
+import pytest
+import torch
+
+from distill.config import compose
+from distill.config.validate import validate_run
+from distill.data import build_task_dataset, encode_example, pad_batch
+from distill.errors import ConfigError
+from distill.models.tiny import build_model, tiny_config
+from distill.models.tokenizer import task_corpus, train_tokenizer
+from distill.teacher.engine import TeacherEngine
+from distill.training.objective import Objective, TermSpec
+from distill.xtok import CrossTokenizerTeacher, build_token_map, encode_pair
+from launch import builders
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_tokenizer(task_corpus(0, 40), 320)
+
+
+def _model(tok, arch, seed):
+    cfg = tiny_config(arch, len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    return build_model(cfg, seed=seed)
+
+
+def test_identical_tokenizers_cross_path_equals_same_tokenizer_path(tok):
+    """Same tokenizer on both sides: the cross-tokenizer data path, projection and loss give the plain loss."""
+    examples = list(build_task_dataset(["shopping", "travel"], [1], 6, 0, seed=0)["train"])
+    examples += [{"text": "héllo 日本 12  +  3\n\n= 15"}]
+    engine = TeacherEngine(_model(tok, "tiny_qwen2", 1), topk=8)
+    student = _model(tok, "tiny_qwen2", 2)
+    plain_rows = [encode_example(tok, ex, 96) for ex in examples]
+    cross_rows = [encode_pair(tok, tok, ex, 96) for ex in examples]
+    plain, cross = pad_batch(plain_rows, tok.pad_token_id), pad_batch(cross_rows, tok.pad_token_id)
+    assert torch.equal(plain["input_ids"], cross["input_ids"]) and torch.equal(
+        plain["loss_mask"], cross["loss_mask"]
+    )
+
+    same_tb = engine.score((0, 0), plain["input_ids"], plain["attention_mask"], plain["loss_mask"]).to_torch()
+    table = build_token_map(tok, tok).padded(engine.vocab_size)
+    cross_tb = CrossTokenizerTeacher(engine, table).score((0, 0), cross).to_torch()
+
+    kd = [TermSpec("forward_kl", "forward_kl", 1.0), TermSpec("ce", "ce", 0.5)]
+    out = student(input_ids=plain["input_ids"], attention_mask=plain["attention_mask"].long())
+    same = Objective(kd, temperature=2.0, chunk_size=0)(out, same_tb)
+    xtok = Objective([*kd, TermSpec("uld", "uld", 1.0)], temperature=2.0, chunk_size=0, cross_tokenizer=True)
+    got = xtok(out, cross_tb)
+    assert float(same["forward_kl"]) > 0
+    for label in ("forward_kl", "ce"):
+        assert abs(float(got[label]) - float(same[label])) < 1e-6 * max(1.0, abs(float(same[label])))
+    assert float(got["uld"]) == 0.0
+
+
+def test_different_tokenizers_train_through_the_cross_path(tok):
+    """A teacher on another tokenizer: every trained position gets a finite loss and a gradient."""
+    teacher_tok = train_tokenizer(task_corpus(1, 40), 400)
+    examples = list(build_task_dataset(["garden"], [1, 2], 4, 0, seed=1)["train"])
+    rows = [encode_pair(tok, teacher_tok, ex, 96) for ex in examples]
+    batch = pad_batch(rows, tok.pad_token_id)
+    engine = TeacherEngine(_model(teacher_tok, "tiny_deepseek_v3", 1), topk=8)
+    table = build_token_map(teacher_tok, tok).padded(engine.vocab_size)
+    tb = CrossTokenizerTeacher(engine, table).score((0, 1), batch)
+    assert tb.topk_ids.shape[:2] == batch["input_ids"].shape and tb.topk_ids.min() >= -1
+    aligned = (batch["align"] >= 0) & batch["loss_mask"]
+    assert (
+        aligned.sum() > 0.5 * batch["loss_mask"].sum()
+        and (tb.topk_ids[aligned.numpy()] >= 0).any(axis=-1).all()
+    )
+    student = _model(tok, "tiny_qwen2", 2)
+    objective = Objective(
+        [TermSpec("forward_kl", "forward_kl", 1.0), TermSpec("uld", "uld", 1.0)],
+        temperature=1.0,
+        chunk_size=0,
+        cross_tokenizer=True,
+    )
+    out = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"].long())
+    sums = objective(out, tb.to_torch())
+    total = objective.weighted_total(sums)
+    total.backward()
+    assert torch.isfinite(total) and float(sums["forward_kl"]) > 0
+    grads = [p.grad for p in student.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("student", ["qwen2_5_3b", "phi3_mini"])
+def test_production_pairs_validate_with_a_token_map(student):
+    base = ["teacher=deepseek_r1", f"student={student}", "cluster.teacher_tp=8", "loss=kd_xtok"]
+    cfg = compose([*base, "teacher.token_map.enabled=true"])
+    validate_run(cfg, builders.pair_facts(cfg))
+    cfg = compose(base)
+    with pytest.raises(ConfigError, match=r"teacher\.token_map\.enabled=true"):
+        validate_run(cfg, builders.pair_facts(cfg))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["loss=kd_features"], "logit terms only"),
+        (["data.packing=true"], "packing"),
+        (["cluster=local_ray", "cluster.teacher_tp=1"], "local_single"),
+    ],
+)
+def test_what_a_token_map_does_not_cover_fails_up_front(overrides, match):
+    base = [
+        "teacher=deepseek_r1",
+        "student=qwen2_5_3b",
+        "cluster.teacher_tp=8",
+        "teacher.token_map.enabled=true",
+    ]
+    cfg = compose([*base, *overrides])
+    with pytest.raises(ConfigError, match=match):
+        validate_run(cfg, builders.pair_facts(cfg))
+
+
+def test_tiny_student_on_its_own_tokenizer_needs_the_map(tok, tmp_path):
+    tok.save_pretrained(str(tmp_path / "student_tok"))
+    other = train_tokenizer(task_corpus(5, 20), 300)
+    cfg = compose([f"student.tokenizer={tmp_path / 'student_tok'}"])
+    facts = builders.pair_facts(cfg, other)
+    assert facts.student_vocab == len(tok) and not facts.same_tokenizer
+    with pytest.raises(ConfigError, match=r"teacher\.token_map\.enabled=true"):
+        validate_run(cfg, facts)
+    cfg = compose(
+        [
+            f"student.tokenizer={tmp_path / 'student_tok'}",
+            "experiment=xtok_demo",
+            f"student.tokenizer={tmp_path / 'student_tok'}",
+        ]
+    )
+    validate_run(cfg, builders.pair_facts(cfg, other))
+    assert builders.pair_facts(cfg, tok).same_tokenizer  # same hash: a shared tokenizer after all
+
+
+def test_uld_without_a_token_map_is_refused():
+    cfg = compose(["loss=kd_xtok"])
+    with pytest.raises(ConfigError, match=r"uld.*teacher\.token_map\.enabled=true"):
+        validate_run(cfg, builders.pair_facts(cfg))
