@@ -85,9 +85,7 @@ def build_cache(cfg: DictConfig) -> Path:
 def _score(cfg, teacher_path: Path, identity: dict, batches) -> Iterator[TeacherBatch]:
     """Teacher outputs in batch order: the Ray TeacherGroup for cluster.mode=ray, else one local engine."""
     if cfg.cluster.mode == "ray":
-        import ray
-
-        from distill.cluster.runtime import connect, teacher_group_from_config
+        from distill.cluster.runtime import connect, fetched_outputs, teacher_group_from_config
 
         connect(cfg.cluster)
         group = teacher_group_from_config(
@@ -95,8 +93,7 @@ def _score(cfg, teacher_path: Path, identity: dict, batches) -> Iterator[Teacher
         )
         try:
             arrays = ((bid, {k: v.numpy() for k, v in b.items()}) for bid, b in batches)
-            for _, ref in group.score_stream(arrays):
-                yield ray.get(ref)
+            yield from fetched_outputs(group, arrays)
         finally:
             group.shutdown()
         return

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from distill.cluster.buffer import PUT_FULL, Buffer
 from distill.cluster.student_group import StudentFailure, StudentGroup
@@ -231,6 +232,7 @@ class Driver:
         checkpoint_every: int = 0,
         hooks: Hooks | None = None,
         max_student_restarts: int = 3,
+        progress: bool = False,
     ) -> None:
         self.teachers, self.students, self.buffer = teachers, students, buffer
         self.assignment, self.inputs, self.tokens = assignment, inputs, tokens
@@ -238,6 +240,8 @@ class Driver:
         self.checkpoints, self.checkpoint_every = checkpoints, checkpoint_every
         self.hooks = hooks or Hooks()
         self.max_student_restarts = max_student_restarts
+        self.progress = progress
+        self.last_loss = float("nan")
         self.committed = 0  # steps whose batches are acked
         self.producer: Producer | None = None
         self.first_step = 0
@@ -250,6 +254,13 @@ class Driver:
         self.committed = step
         self.sink.rewind(step)
         self._start_producer(step)
+        bar = tqdm(
+            total=self.total_steps,
+            initial=step,
+            desc="distill",
+            disable=not self.progress,
+            dynamic_ncols=True,
+        )
         try:
             while step < self.total_steps:
                 try:
@@ -259,9 +270,14 @@ class Driver:
                         self._checkpoint(step)
                 except StudentFailure as err:
                     step = self._recover(err)
+                    bar.n = step  # steps after the restored checkpoint are trained again
+                    bar.refresh()
                     continue
+                bar.update(1)
+                bar.set_postfix(loss=f"{self.last_loss:.4f}", refresh=False)
                 self.hooks.after_step(self, step - 1)
         finally:
+            bar.close()
             self._stop_producer()
 
     def _train_step(self, step: int) -> None:
@@ -276,9 +292,10 @@ class Driver:
         self.committed = step + 1
         denom = max(num_tokens, 1)
         terms = {label: sum(o["terms"][label] for o in outs) / denom for label in outs[0]["terms"]}
+        self.last_loss = sum(o["loss_sum"] for o in outs) / denom
         metrics = StepMetrics(
             step=step,
-            loss=sum(o["loss_sum"] for o in outs) / denom,
+            loss=self.last_loss,
             terms=terms,
             tokens=num_tokens,
             lr=outs[0]["lr"],

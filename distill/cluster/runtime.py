@@ -31,6 +31,13 @@ def connect(cluster) -> None:
     )
 
 
+def fetched_outputs(group: TeacherGroup, inputs):
+    """The TeacherBatches of `group.score_stream(inputs)`, fetched into this process, in input order (for
+    consumers that need the payload here, e.g. the offline cache writer; the online run leaves them in the store)."""
+    for _, ref in group.score_stream(inputs):
+        yield ray.get(ref)
+
+
 def teacher_group_from_config(cfg, teacher_path: Path, hidden_layers, attention_layers) -> TeacherGroup:
     c = cfg.cluster
     spec = TeacherSpec(
