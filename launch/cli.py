@@ -16,6 +16,8 @@ SUBCOMMANDS = {
     "eval": "launch.evaluate",
     "teacher-cache": "launch.teacher_cache",
     "generate": "launch.generate",
+    "plan": "launch.plan",
+    "sweep-summary": "launch.sweep",
 }
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -20,6 +21,8 @@ from distill.io import atomic_write_json, atomic_write_text
 from distill.models.loading import load_tokenizer, save_model
 from distill.models.lora import merge_for_export
 from distill.tracking.metrics_log import MetricsLog
+from distill.tracking.rates import RateMeter, distill_alpha
+from distill.tracking.wandb_log import open_wandb
 from distill.training.reference import run_steps
 from launch import builders
 from launch.app import hydra_app
@@ -67,14 +70,27 @@ def run(cfg: DictConfig) -> dict:
         def teacher_fn(batch_id, batch):
             return score(batch_id, batch).to_torch()
 
+    teacher_rate, alpha = RateMeter(), distill_alpha(cfg.loss.terms)
+    if teacher_fn is not None:
+        teacher_fn = _timed(teacher_fn, teacher_rate)
+    wandb = open_wandb(cfg, run_dir)  # a background thread; a no-op unless tracking.wandb
     bar = tqdm(total=cfg.train.steps, desc="distill", disable=not cfg.tracking.progress, dynamic_ncols=True)
-    with MetricsLog(run_dir / "metrics.jsonl") as metrics:
+    with MetricsLog(run_dir / "metrics.jsonl", mirror=wandb.log) as metrics:
 
         def on_step(m):
             bar.update(1)
             bar.set_postfix(loss=f"{m.loss:.4f}", refresh=False)
             if (m.step + 1) % cfg.train.log_every == 0 or m.step + 1 == cfg.train.steps:
-                metrics.write({**m.as_record(), "stage": "main", "temperature": cfg.loss.temperature})
+                record = {
+                    **m.as_record(),
+                    "stage": "main",
+                    "temperature": cfg.loss.temperature,
+                    "alpha": alpha,
+                }
+                record["student/tokens_per_s"] = record["tokens_per_s"]
+                record["teacher/tokens_per_s"] = teacher_rate.take()
+                record["buffer/depth"] = 0  # no buffer: the teacher scores each batch just before its step
+                metrics.write(record)
 
         run_steps(
             trainer,
@@ -97,8 +113,21 @@ def run(cfg: DictConfig) -> dict:
     )
     summary = builders.evaluate(cfg, student, tokenizer, data, teacher_logits)
     atomic_write_json(run_dir / "eval.json", summary)
+    wandb.finish({f"eval/{k}": v for k, v in summary.items() if isinstance(v, int | float)})
     log.info("eval %s", json.dumps(summary, sort_keys=True))
     return summary
+
+
+def _timed(teacher_fn, rate: RateMeter):
+    """teacher_fn that adds its scored tokens (loss-mask positions) and seconds to `rate`."""
+
+    def timed(batch_id, batch):
+        start = time.perf_counter()
+        out = teacher_fn(batch_id, batch)
+        rate.add(int(batch["loss_mask"].sum()), time.perf_counter() - start)
+        return out
+
+    return timed
 
 
 @hydra_app

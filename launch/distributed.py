@@ -16,10 +16,13 @@ import functools
 import json
 import logging
 import os
+import signal
+import threading
 import time
 from collections import defaultdict
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -39,6 +42,8 @@ from distill.models.fingerprint import model_fingerprint
 from distill.models.loading import load_causal_lm, load_tokenizer
 from distill.student import build_ds_config
 from distill.tracking.metrics_log import MetricsLog, read_metrics
+from distill.tracking.rates import distill_alpha
+from distill.tracking.wandb_log import open_wandb
 from distill.training.objective import teacher_layers, term_specs_from_config
 from distill.training.reference import StepMetrics
 from launch import builders
@@ -46,9 +51,56 @@ from launch import builders
 log = logging.getLogger("distill")
 
 
+class Preempted(SystemExit):
+    """Raised after a stop signal's checkpoint: exits the process with code 75 (EX_TEMPFAIL), which
+    slurm/distill.sbatch answers with a requeue; the requeued job resumes from `checkpoint`."""
+
+    EXIT_CODE = 75
+
+    def __init__(self, step: int, checkpoint: Path) -> None:
+        super().__init__(self.EXIT_CODE)
+        self.step, self.checkpoint = step, checkpoint
+
+
+class StopOnSignal(Hooks):
+    """SIGUSR1 (Slurm's `--signal` before a time limit or preemption): finish the current step, checkpoint and
+    raise `Preempted`. The handler only sets a flag; the stop happens between steps, on the main thread."""
+
+    def __init__(self, inner: Hooks | None = None, signals: tuple[int, ...] = (signal.SIGUSR1,)) -> None:
+        self.inner, self.signals = inner or Hooks(), signals
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopOnSignal:
+        if threading.current_thread() is threading.main_thread():  # signal handlers live on the main thread
+            for sig in self.signals:
+                self._previous[sig] = signal.signal(sig, self._on_signal)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _on_signal(self, signum: int, frame) -> None:
+        self.received = signum
+        log.warning("signal %d: will checkpoint after the current step and stop", signum)
+
+    def after_step(self, driver: Driver, step: int) -> None:
+        self.inner.after_step(driver, step)
+        if self.received is not None and step + 1 < driver.total_steps:
+            path = driver.checkpoint(step + 1)
+            log.warning("stopped after step %d; checkpoint %s (resume with resume=true)", step, path)
+            raise Preempted(step + 1, path)
+
+
 def run_distributed(cfg: DictConfig, *, hooks: Hooks | None = None) -> dict:
     """Train with the Ray teacher group, buffer and DeepSpeed student group; export; evaluate. Returns the
-    eval summary. `hooks` inject failures or stops (tests, chaos drills)."""
+    eval summary. `hooks` inject failures or stops (tests, chaos drills); SIGUSR1 stops after a checkpoint."""
+    with StopOnSignal(hooks) as stop:
+        return _run_distributed(cfg, stop)
+
+
+def _run_distributed(cfg: DictConfig, hooks: Hooks) -> dict:
     c = cfg.cluster
     run_dir = Path(cfg.run_dir)
     teacher_path = builders.require_teacher(cfg)
@@ -88,6 +140,7 @@ def run_distributed(cfg: DictConfig, *, hooks: Hooks | None = None) -> dict:
     hidden_layers, attention_layers = teacher_layers(terms, "hidden"), teacher_layers(terms, "attention")
     teacher_hidden = builders.model_facts(cfg.teacher, len(tokenizer)).hidden_size
 
+    wandb = open_wandb(cfg, run_dir)  # a background thread; a no-op unless tracking.wandb
     clock = time.perf_counter()
     connect(c)
     teacher_nodes, student_nodes = plan_nodes(topology)  # the live cluster; raises before any actor starts
@@ -110,7 +163,15 @@ def run_distributed(cfg: DictConfig, *, hooks: Hooks | None = None) -> dict:
         clock = time.perf_counter()
         # Tokens per batch for the loss normalisation; its own stream object (the producer thread has one).
         token_stream = builders.batch_stream(cfg, data.train_rows, tokenizer)
-        with _MetricsSink(run_dir / "metrics.jsonl", cfg.loss.temperature) as sink:
+        sink = _MetricsSink(
+            run_dir / "metrics.jsonl",
+            cfg.loss.temperature,
+            alpha=distill_alpha(cfg.loss.terms),
+            buffer=buffer,
+            batches_per_step=batches_per_step,
+            mirror=wandb.log,
+        )
+        with sink:
             driver = Driver(
                 teachers=teachers,
                 students=students,
@@ -139,6 +200,7 @@ def run_distributed(cfg: DictConfig, *, hooks: Hooks | None = None) -> dict:
 
     summary = evaluate(cfg, teacher_path, tokenizer, data, run_dir / "student")
     atomic_write_json(run_dir / "eval.json", summary)
+    wandb.finish({f"eval/{k}": v for k, v in summary.items() if isinstance(v, int | float)})
     log.info("eval %s", json.dumps(summary, sort_keys=True))
     return summary
 
@@ -240,20 +302,47 @@ def _numbered_inputs(stream, assignment: Assignment, position: int):
 
 
 class _MetricsSink:
-    """metrics.jsonl with the reference run's records (+ buffer figures); `rewind` drops steps to be redone."""
+    """metrics.jsonl with the reference run's records (+ buffer figures); `rewind` drops steps to be redone.
 
-    def __init__(self, path: Path, temperature: float) -> None:
-        self.path, self.temperature = path, temperature
-        self._log = MetricsLog(path)
+    teacher/tokens_per_s: trained tokens the teacher group put into the buffer per wall second since the last
+    record (a step's tokens / its batches x batches put); below the students' rate, the students wait for it.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        temperature: float,
+        *,
+        alpha: float = 0.0,
+        buffer: Buffer | None = None,
+        batches_per_step: int = 1,
+        mirror=None,
+    ) -> None:
+        self.path, self.temperature, self.alpha, self.mirror = path, temperature, alpha, mirror
+        self.buffer, self.batches_per_step = buffer, batches_per_step
+        self._puts, self._clock = 0.0, time.perf_counter()
+        self._log = MetricsLog(path, mirror=mirror)
 
     def write(self, metrics: StepMetrics, extras: dict[str, float]) -> None:
-        self._log.write({**metrics.as_record(), "stage": "main", "temperature": self.temperature, **extras})
+        record = {
+            **metrics.as_record(),
+            "stage": "main",
+            "temperature": self.temperature,
+            "alpha": self.alpha,
+        }
+        record["student/tokens_per_s"] = record["tokens_per_s"]
+        if self.buffer is not None:
+            puts, now = self.buffer.stats()["puts"], time.perf_counter()
+            per_batch = metrics.tokens / self.batches_per_step
+            record["teacher/tokens_per_s"] = (puts - self._puts) * per_batch / max(now - self._clock, 1e-9)
+            self._puts, self._clock = puts, now
+        self._log.write({**record, **extras})
 
     def rewind(self, step: int) -> None:
         self._log.close()
         kept = [r for r in read_metrics(self.path) if r["step"] < step]
         atomic_write_text(self.path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
-        self._log = MetricsLog(self.path)
+        self._log = MetricsLog(self.path, mirror=self.mirror)
 
     def __enter__(self) -> _MetricsSink:
         return self

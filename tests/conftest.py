@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -76,3 +77,23 @@ def ray_cluster():
     yield cluster
     ray.shutdown()
     cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def local_slurm() -> Iterator[dict[str, str]]:
+    """A real Slurm on this machine (munged, slurmctld, two slurmd "nodes"; scripts/local_slurm.sh installs the
+    Debian packages if missing). Returns the environment for sbatch/squeue; skips, saying why, only where the
+    daemons cannot be installed or started (not root, no apt)."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).parent.parent / "scripts" / "local_slurm.sh"
+    env = {**os.environ, "LOCAL_SLURM_NODES": "2", "LOCAL_SLURM_CPUS": "1"}
+    proc = subprocess.run(["bash", str(script), "start"], env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        reason = f"local Slurm unavailable: {proc.stderr.strip()[-600:]}"
+        print(reason, file=sys.stderr)
+        pytest.skip(reason)
+    conf = proc.stdout.strip().removeprefix("export SLURM_CONF=")
+    yield {**os.environ, "SLURM_CONF": conf}
+    subprocess.run(["bash", str(script), "stop"], env=env, capture_output=True, text=True)

@@ -206,8 +206,12 @@ class EvalConfig:
 @dataclass
 class TrackingConfig:
     wandb: bool = False
+    """Mirror metrics.jsonl to Weights & Biases (a background thread; never blocks a step)."""
     project: str = "distill"
     wandb_mode: str = "offline"
+    """`offline` (files under run_dir/wandb, `wandb sync` later), `online` (API key from WANDB_API_KEY only)."""
+    entity: str | None = None
+    run_name: str | None = None
     progress: bool = True
 
 

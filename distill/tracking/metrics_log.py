@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 
 class MetricsLog:
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
+    """`mirror` also receives every record (e.g. `WandbLog.log`, which only queues it)."""
+
+    def __init__(self, path: str | Path, mirror: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.path, self.mirror = Path(path), mirror
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = self.path.open("a", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(record, sort_keys=True) + "\n")
         self._file.flush()
+        if self.mirror is not None:
+            self.mirror(record)
 
     def close(self) -> None:
         self._file.close()

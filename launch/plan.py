@@ -1,0 +1,308 @@
+"""`distill plan`: a cluster layout that balances teacher and student throughput, and the overrides to use it.
+
+    distill plan teacher=deepseek_r1 student=qwen2_5_3b --nodes 2 --gpus-per-node 8 --gpu-memory-gb 141 \
+        --teacher-dtype float8
+
+The teacher and student come from the usual config groups (or `teacher.path=` / `student.path=`); only their
+config.json numbers are read. Per-device throughputs are given (`--teacher-tokens-per-s`, measured e.g. from a
+run's metrics) or estimated from FLOPs: a teacher forward costs 2 x active parameters per token, a student
+training step 6 x parameters, at `--mfu` of `--peak-tflops`. Throughput is taken as linear in devices.
+
+The arithmetic (`plan_layout`) is pure and tested without processes; the chosen layout is checked with the same
+`Topology` a run uses, so the printed overrides validate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass
+
+from distill.cluster.buffer import check_capacity
+from distill.config.topology import ModelShape, Topology
+from distill.errors import TopologyError
+from distill.models.facts import ModelFacts
+
+BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float8": 1, "fp8": 1, "int8": 1, "int4": 0.5}
+TEACHER_HEADROOM = 1.2
+"""Teacher memory = weights x this (activations, top-k buffers, allocator slack; scoring keeps no KV cache)."""
+USABLE = 0.9
+"""Share of a device's memory a process can use (CUDA context, fragmentation)."""
+
+
+@dataclass(frozen=True)
+class Hardware:
+    nodes: int
+    gpus_per_node: int
+    gpu_memory_gb: float = 80.0
+    cpus_per_node: int = 96
+    peak_tflops: float = 989.0
+    """Dense bf16 peak per device (H100/H200 SXM: 989)."""
+    mfu: float = 0.4
+
+
+@dataclass(frozen=True)
+class Workload:
+    teacher_dtype: str = "bfloat16"
+    student_dtype: str = "bfloat16"
+    zero_stage: int = 2
+    seq_len: int = 4096
+    micro_batch: int = 4
+    global_batch: int = 256
+    topk: int = 64
+    teacher_tokens_per_s: float | None = None
+    """Per device; None estimates it from FLOPs."""
+    student_tokens_per_s: float | None = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    teacher_tp: int
+    teacher_replicas: int
+    student_world_size: int
+    grad_accum_steps: int
+    buffer_shards: int
+    buffer_capacity: int
+    teacher_tokens_per_s: float
+    """The whole teacher group."""
+    student_tokens_per_s: float
+    """The whole student group."""
+    teacher_memory_gb: float
+    """Per teacher device."""
+    student_memory_gb: float
+    """Per student device."""
+    buffer_gb: float
+    idle_devices: int
+
+    @property
+    def balance(self) -> float:
+        """Teacher / student throughput: 1 is balanced; < 1 the students wait, > 1 the teacher waits."""
+        return self.teacher_tokens_per_s / self.student_tokens_per_s
+
+
+def teacher_memory_gb(teacher: ModelFacts, dtype: str) -> float:
+    return teacher.param_count * _bytes(dtype) * TEACHER_HEADROOM / 1e9
+
+
+def student_memory_gb(student: ModelFacts, dtype: str, zero_stage: int, world: int) -> float:
+    """Per-rank training state: weights, gradients and Adam (fp32 master, m, v = 12 B/param), ZeRO-sharded."""
+    p, w = student.param_count, _bytes(dtype)
+    weights, grads, optim = p * w, p * w, p * 12
+    if zero_stage >= 1:
+        optim /= world
+    if zero_stage >= 2:
+        grads /= world
+    if zero_stage >= 3:
+        weights /= world
+    return (weights + grads + optim) / 1e9
+
+
+def estimated_tokens_per_s(flops_per_token: float, hw: Hardware) -> float:
+    return hw.peak_tflops * 1e12 * hw.mfu / flops_per_token
+
+
+def valid_tp(teacher: ModelFacts, gpus_per_node: int) -> list[int]:
+    """TP sizes a teacher replica can use: within one node, dividing heads and experts (Topology's rules)."""
+    shape = _shape(teacher)
+    out = []
+    for tp in range(1, gpus_per_node + 1):
+        try:
+            _topology(1, tp, 1, 1, 1, Hardware(1, gpus_per_node), 1).check_model(shape)
+        except TopologyError:
+            continue
+        out.append(tp)
+    return out
+
+
+def plan_layout(teacher: ModelFacts, student: ModelFacts, hw: Hardware, work: Workload) -> Plan:
+    """The layout with the highest end-to-end rate min(teacher, student tokens/s); ties go to fewer devices,
+    then to the smaller TP. TopologyError (with the numbers) when the teacher or the student cannot fit."""
+    devices, usable = hw.nodes * hw.gpus_per_node, hw.gpu_memory_gb * USABLE
+    t_mem = teacher_memory_gb(teacher, work.teacher_dtype)
+    tps = [tp for tp in valid_tp(teacher, hw.gpus_per_node) if t_mem / tp <= usable]
+    if not tps:
+        need = math.ceil(t_mem / usable)
+        raise TopologyError(
+            f"the teacher needs {t_mem:.0f} GB ({teacher.param_count / 1e9:.1f}B params in {work.teacher_dtype} x "
+            f"{TEACHER_HEADROOM} headroom), i.e. at least {need} devices of {hw.gpu_memory_gb:g} GB ({usable:.0f} GB "
+            f"usable) in one TP group, but a TP group lives on one node of {hw.gpus_per_node} devices "
+            f"(cluster: {hw.nodes} nodes x {hw.gpus_per_node} = {devices} devices). Use devices with more memory "
+            "(--gpu-memory-gb), a smaller teacher dtype (--teacher-dtype float8), or more devices per node."
+        )
+    per_device_t = work.teacher_tokens_per_s or estimated_tokens_per_s(2 * teacher.active_param_count, hw)
+    per_device_s = work.student_tokens_per_s or estimated_tokens_per_s(6 * student.param_count, hw)
+    if work.global_batch % work.micro_batch:
+        raise TopologyError(
+            f"global batch {work.global_batch} is not a multiple of the micro-batch {work.micro_batch}."
+        )
+    sequences = work.global_batch // work.micro_batch
+    worlds = [
+        w
+        for w in range(1, sequences + 1)
+        if sequences % w == 0 and student_memory_gb(student, work.student_dtype, work.zero_stage, w) <= usable
+    ]
+    best: tuple | None = None
+    for tp in tps:
+        slots = hw.nodes * (hw.gpus_per_node // tp)  # a replica never spans nodes
+        for replicas in range(1, slots + 1):
+            for world in worlds:
+                used = replicas * tp + world
+                if used > devices:
+                    break
+                rate = min(replicas * tp * per_device_t, world * per_device_s)
+                key = (round(rate, 6), -used, -tp)
+                if best is None or key > best[0]:
+                    best = (key, tp, replicas, world)
+    if best is None:
+        smallest = min(tps)
+        raise TopologyError(
+            f"the cluster has {devices} devices ({hw.nodes} nodes x {hw.gpus_per_node}); one teacher replica "
+            f"needs {smallest} (TP {smallest}) and the student at least "
+            f"{worlds[0] if worlds else '(none fits: ZeRO state exceeds device memory)'} more. Add nodes."
+        )
+    _, tp, replicas, world = best
+    accum = sequences // world
+    shards = min(hw.nodes, world * accum)
+    capacity = math.ceil(2 * accum * world / shards) * shards  # the teacher may run one step ahead
+    per_batch = (
+        work.micro_batch * work.seq_len * (work.topk * (4 + 4) + 4)
+    )  # ids int32, logits fp32, normalizer
+    plan = Plan(
+        teacher_tp=tp,
+        teacher_replicas=replicas,
+        student_world_size=world,
+        grad_accum_steps=accum,
+        buffer_shards=shards,
+        buffer_capacity=capacity,
+        teacher_tokens_per_s=replicas * tp * per_device_t,
+        student_tokens_per_s=world * per_device_s,
+        teacher_memory_gb=t_mem / tp,
+        student_memory_gb=student_memory_gb(student, work.student_dtype, work.zero_stage, world),
+        buffer_gb=capacity * per_batch / 1e9,
+        idle_devices=devices - replicas * tp - world,
+    )
+    topology = _topology(replicas, tp, world, accum, work.micro_batch, hw, capacity, shards)
+    topology.check_model(_shape(teacher))
+    topology.check_fits()
+    check_capacity(capacity, shards, accum * world)
+    return plan
+
+
+def overrides(plan: Plan, hw: Hardware, work: Workload) -> list[str]:
+    """The `cluster.*` overrides of the plan (GPU nodes: cuda + nccl, one device per actor)."""
+    t = _topology(
+        plan.teacher_replicas,
+        plan.teacher_tp,
+        plan.student_world_size,
+        plan.grad_accum_steps,
+        work.micro_batch,
+        hw,
+        plan.buffer_capacity,
+        plan.buffer_shards,
+    )
+    return [f"cluster.{name}={getattr(t, name)}" for name in Topology.__dataclass_fields__]
+
+
+def _topology(
+    replicas: int, tp: int, world: int, accum: int, micro: int, hw: Hardware, capacity: int, shards: int = 1
+) -> Topology:
+    cpus = max(1, hw.cpus_per_node // hw.gpus_per_node)
+    return Topology(
+        nodes=hw.nodes,
+        cpus_per_node=hw.cpus_per_node,
+        gpus_per_node=hw.gpus_per_node,
+        device="cuda",
+        backend="nccl",
+        teacher_replicas=replicas,
+        teacher_tp=tp,
+        student_world_size=world,
+        micro_batch_size=micro,
+        grad_accum_steps=accum,
+        global_batch_size=micro * accum * world,
+        buffer_shards=shards,
+        buffer_capacity=capacity,
+        cpus_per_teacher_actor=cpus,
+        cpus_per_student_actor=cpus,
+        gpus_per_teacher_actor=1,
+        gpus_per_student_actor=1,
+    )
+
+
+def _shape(facts: ModelFacts) -> ModelShape:
+    return ModelShape(
+        facts.num_attention_heads, facts.num_key_value_heads, facts.num_experts, facts.vocab_size
+    )
+
+
+def _bytes(dtype: str) -> float:
+    if dtype not in BYTES:
+        raise TopologyError(f"unknown dtype {dtype!r} for memory planning; use one of {', '.join(BYTES)}")
+    return BYTES[dtype]
+
+
+def report(teacher: ModelFacts, student: ModelFacts, plan: Plan, hw: Hardware, work: Workload) -> str:
+    t_dev, s_dev = plan.teacher_replicas * plan.teacher_tp, plan.student_world_size
+    lines = [
+        f"cluster   {hw.nodes} nodes x {hw.gpus_per_node} devices ({hw.gpu_memory_gb:g} GB each)",
+        f"teacher   {teacher.architecture} {teacher.param_count / 1e9:.1f}B ({teacher.active_param_count / 1e9:.1f}B "
+        f"active) {work.teacher_dtype}: {plan.teacher_replicas} replicas x TP {plan.teacher_tp} = {t_dev} devices, "
+        f"{plan.teacher_memory_gb:.1f} GB/device, {plan.teacher_tokens_per_s:,.0f} tokens/s",
+        f"student   {student.architecture} {student.param_count / 1e9:.2f}B ZeRO-{work.zero_stage}: "
+        f"{s_dev} ranks, {plan.student_memory_gb:.1f} GB/device, {plan.student_tokens_per_s:,.0f} tokens/s",
+        f"balance   teacher/student = {plan.balance:.2f}; end-to-end "
+        f"{min(plan.teacher_tokens_per_s, plan.student_tokens_per_s):,.0f} tokens/s; {plan.idle_devices} devices idle",
+        f"batch     micro {work.micro_batch} x accum {plan.grad_accum_steps} x {s_dev} ranks = {work.global_batch} "
+        f"sequences of {work.seq_len} tokens",
+        f"buffer    {plan.buffer_shards} shards, {plan.buffer_capacity} batches ({plan.buffer_gb:.2f} GB of top-{work.topk})",
+        "",
+        "overrides:",
+        "  " + " ".join(overrides(plan, hw, work)),
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="distill plan", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "overrides", nargs="*", help="config overrides, e.g. teacher=deepseek_r1 student=phi3_mini"
+    )
+    parser.add_argument("--nodes", type=int, required=True)
+    parser.add_argument("--gpus-per-node", type=int, default=8)
+    parser.add_argument("--gpu-memory-gb", type=float, default=80.0)
+    parser.add_argument("--cpus-per-node", type=int, default=96)
+    parser.add_argument("--peak-tflops", type=float, default=989.0)
+    parser.add_argument("--mfu", type=float, default=0.4)
+    parser.add_argument("--teacher-dtype", help="weights dtype (default: the teacher config's dtype)")
+    parser.add_argument("--teacher-tokens-per-s", type=float, help="measured, per device")
+    parser.add_argument("--student-tokens-per-s", type=float, help="measured, per device")
+    parser.add_argument("--seq-len", type=int, default=4096)
+    parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--global-batch", type=int, default=256)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+
+    from distill.config import compose
+    from launch.builders import model_facts
+
+    cfg = compose(args.overrides)
+    teacher = model_facts(cfg.teacher, cfg.prepare.vocab_size)
+    student = model_facts(cfg.student, cfg.prepare.vocab_size)
+    hw = Hardware(
+        args.nodes, args.gpus_per_node, args.gpu_memory_gb, args.cpus_per_node, args.peak_tflops, args.mfu
+    )
+    work = Workload(
+        teacher_dtype=args.teacher_dtype or cfg.teacher.dtype,
+        student_dtype=cfg.student.dtype,
+        zero_stage=cfg.student.zero_stage,
+        seq_len=args.seq_len,
+        micro_batch=args.micro_batch,
+        global_batch=args.global_batch,
+        topk=cfg.teacher.topk,
+        teacher_tokens_per_s=args.teacher_tokens_per_s,
+        student_tokens_per_s=args.student_tokens_per_s,
+    )
+    try:
+        plan = plan_layout(teacher, student, hw, work)
+    except TopologyError as err:
+        sys.exit(f"distill plan: {err}")
+    print(report(teacher, student, plan, hw, work))

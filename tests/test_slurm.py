@@ -1,0 +1,163 @@
+"""slurm/distill.sbatch on a real Slurm (slurmctld + two slurmd "nodes" on this machine, see the `local_slurm`
+fixture): the Ray head starts on node1 and a worker on node2 through srun, the driver trains the tiny online
+run across them, then Ray is torn down.
+
+1. A plain job: completes, both Slurm nodes joined the Ray cluster, the teacher and student actors sat on
+   different Ray nodes, the student export exists, no Ray process of the job survives it.
+2. Requeue: `scontrol requeue` of a running job (hard stop) resumes from the last periodic checkpoint; then
+   the Slurm time-limit signal (USR1 to the batch shell, as `--signal=B:USR1@300` sends it) makes the driver
+   checkpoint after its current step and exit 75, and the script requeues itself; the third run finishes.
+   The metrics of all three runs form the uninterrupted curve's steps, each once.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from distill.tracking.metrics_log import read_metrics
+
+ROOT = Path(__file__).parent.parent
+SBATCH = ROOT / "slurm" / "distill.sbatch"
+pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.slurm]
+
+# The tiny online run (train.steps from the test), split over the two Slurm nodes.
+RUN = [
+    "train.log_every=1",
+    "data.num_train=80",
+    "eval.generate_examples=0",
+    "eval.max_batches=1",
+]
+
+
+def _slurm(env: dict[str, str], *args: str) -> str:
+    return subprocess.run(args, env=env, capture_output=True, text=True, check=True).stdout
+
+
+def _job(env: dict[str, str], job: str) -> dict[str, str]:
+    """`scontrol show job` as key -> value (jobs stay visible for MinJobAge = 300 s after they end)."""
+    out = _slurm(env, "scontrol", "show", "job", job)
+    return dict(re.findall(r"(\w+)=(\S*)", out))
+
+
+def _submit(env: dict[str, str], tmp: Path, overrides: list[str]) -> str:
+    job_env = {**env, "DISTILL_ENV": sys.prefix, "DISTILL_RUN_DIR": str(tmp / "run")}
+    out = subprocess.run(
+        ["sbatch", "--parsable", "-N", "2", f"--output={tmp}/job.out", str(SBATCH), *overrides],
+        env=job_env,
+        cwd=tmp,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return out.strip().split(";")[0]
+
+
+def _wait(env: dict[str, str], job: str, until, what: str, tmp: Path, timeout: float = 600) -> dict[str, str]:
+    """Poll until `until(job_info)` holds. A requeued job waits out Slurm's fixed requeue delay (BeginTime,
+    ~2 min) on a real cluster; the test starts it at once."""
+    deadline = time.monotonic() + timeout
+    while True:
+        info = _job(env, job)
+        if until(info):
+            return info
+        if info["JobState"] in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+            pytest.fail(f"job {job} {info['JobState']} waiting for {what}:\n{_tail(tmp)}")
+        if info["JobState"] == "PENDING" and info.get("Reason") == "BeginTime":
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, check=False)
+        if time.monotonic() > deadline:
+            pytest.fail(
+                f"job {job} still {info['JobState']} after {timeout:.0f} s waiting for {what}:\n{_tail(tmp)}"
+            )
+        time.sleep(1)
+
+
+def _tail(tmp: Path, lines: int = 60) -> str:
+    log = tmp / "job.out"
+    return (
+        "\n".join(log.read_text(errors="replace").splitlines()[-lines:]) if log.exists() else "(no job.out)"
+    )
+
+
+def _no_ray_left(job: str) -> list[str]:
+    """Command lines of processes still using the job's Ray temp dir."""
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True).stdout
+    return [line for line in ps.splitlines() if f"/ray-{job}/" in line or f"ray-{job} " in line]
+
+
+def _latest_step(run_dir: Path) -> int | None:
+    pointer = run_dir / "checkpoints" / "latest"
+    return int(pointer.read_text().strip().removeprefix("step-")) if pointer.is_file() else None
+
+
+def test_sbatch_runs_ray_across_two_slurm_nodes(local_slurm, tiny_teacher, base_overrides, tmp_path):
+    start = time.monotonic()
+    job = _submit(local_slurm, tmp_path, [*base_overrides, *RUN, "train.steps=2"])
+    info = _wait(local_slurm, job, lambda i: i["JobState"] == "COMPLETED", "completion", tmp_path)
+    print(f"slurm job {job}: {time.monotonic() - start:.1f} s")
+    assert info["NodeList"] == "node[1-2]" and info["ExitCode"] == "0:0"
+    log = (tmp_path / "job.out").read_text()
+    assert re.search(r"2 Ray nodes alive", log), _tail(tmp_path)
+    run_dir = tmp_path / "run"
+    stats = json.loads((run_dir / "online_stats.json").read_text())
+    # One Ray node per Slurm node: the teacher actor on one, the student rank on the other.
+    (teacher_nodes,) = stats["teacher_nodes"]
+    assert len(set(teacher_nodes) | set(stats["student_nodes"])) == 2
+    assert list((run_dir / "student").glob("*.safetensors"))
+    assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == [0, 1]
+    assert (run_dir / "eval.json").is_file()
+    assert _no_ray_left(job) == []
+    assert not Path(f"/tmp/ray-{job}").exists()
+
+
+def test_requeued_job_resumes_from_its_checkpoint(local_slurm, tiny_teacher, base_overrides, tmp_path):
+    steps = 24  # ~0.3 s each: a window of seconds in which the signal lands mid-run
+    job = _submit(
+        local_slurm, tmp_path, [*base_overrides, *RUN, f"train.steps={steps}", "checkpoint.every_steps=4"]
+    )
+    run_dir = tmp_path / "run"
+
+    # 1. A hard requeue once the first checkpoint exists: the job restarts from it.
+    _wait(local_slurm, job, lambda i: _latest_step(run_dir) is not None, "a checkpoint", tmp_path)
+    _slurm(local_slurm, "scontrol", "requeue", job)
+    _wait(
+        local_slurm, job, lambda i: i["Restarts"] == "1" and i["JobState"] == "RUNNING", "restart", tmp_path
+    )
+
+    # 2. The time-limit warning once the second run has trained a step past its checkpoint.
+    def trained_past_resume(info: dict[str, str]) -> bool:
+        log = (tmp_path / "job.out").read_text(errors="replace")
+        restored = re.findall(r"restored \S+step-(\d+)", log)
+        if not restored or not (run_dir / "metrics.jsonl").exists():
+            return False
+        return read_metrics(run_dir / "metrics.jsonl")[-1]["step"] >= int(restored[-1])
+
+    _wait(local_slurm, job, trained_past_resume, "a step after the resume", tmp_path)
+    _slurm(local_slurm, "scancel", "--batch", "--signal=USR1", job)
+    info = _wait(
+        local_slurm,
+        job,
+        lambda i: i["JobState"] == "COMPLETED" and i["Restarts"] == "2",
+        "completion",
+        tmp_path,
+    )
+    assert info["ExitCode"] == "0:0"
+
+    log = (tmp_path / "job.out").read_text()
+    restored = [int(s) for s in re.findall(r"restored \S+step-(\d+)", log)]
+    stopped = [int(s) for s in re.findall(r"stopped after step \d+; checkpoint \S+step-(\d+)", log)]
+    assert len(restored) == 2 and len(stopped) == 1, _tail(tmp_path)
+    assert restored[0] % 4 == 0 and restored[0] >= 4  # the periodic checkpoint before the hard requeue
+    assert restored[1] == stopped[0] > restored[0]  # the checkpoint the signal asked for
+    assert "driver exited with 75" in log and "requeueing job" in log
+    assert log.count("2 Ray nodes alive") == 3  # every run had both nodes
+    # Each step once, in order: the rewound metrics of the runs join into the whole curve.
+    assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == list(range(steps))
+    assert list((run_dir / "student").glob("*.safetensors"))
+    assert _no_ray_left(job) == []
