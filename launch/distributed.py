@@ -304,8 +304,9 @@ def _numbered_inputs(stream, assignment: Assignment, position: int):
 class _MetricsSink:
     """metrics.jsonl with the reference run's records (+ buffer figures); `rewind` drops steps to be redone.
 
-    teacher/tokens_per_s: trained tokens the teacher group put into the buffer per wall second since the last
-    record (a step's tokens / its batches x batches put); below the students' rate, the students wait for it.
+    teacher/tokens_per_s: trained tokens the teacher group has put into the buffer per wall second since the
+    sink opened (a step's tokens / its batches x batches put): a running average, since the buffer lets the
+    teacher work in bursts; below the students' rate, the students wait for it.
     """
 
     def __init__(
@@ -320,7 +321,7 @@ class _MetricsSink:
     ) -> None:
         self.path, self.temperature, self.alpha, self.mirror = path, temperature, alpha, mirror
         self.buffer, self.batches_per_step = buffer, batches_per_step
-        self._puts, self._clock = 0.0, time.perf_counter()
+        self._opened = time.perf_counter()
         self._log = MetricsLog(path, mirror=mirror)
 
     def write(self, metrics: StepMetrics, extras: dict[str, float]) -> None:
@@ -332,10 +333,10 @@ class _MetricsSink:
         }
         record["student/tokens_per_s"] = record["tokens_per_s"]
         if self.buffer is not None:
-            puts, now = self.buffer.stats()["puts"], time.perf_counter()
-            per_batch = metrics.tokens / self.batches_per_step
-            record["teacher/tokens_per_s"] = (puts - self._puts) * per_batch / max(now - self._clock, 1e-9)
-            self._puts, self._clock = puts, now
+            puts, seconds = self.buffer.stats()["puts"], time.perf_counter() - self._opened
+            record["teacher/tokens_per_s"] = (
+                puts * metrics.tokens / self.batches_per_step / max(seconds, 1e-9)
+            )
         self._log.write({**record, **extras})
 
     def rewind(self, step: int) -> None:
