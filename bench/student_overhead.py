@@ -119,7 +119,7 @@ def main() -> None:
         )
         engine.backward(out.loss)
         engine.step()
-        float(out.loss)
+        out.loss.detach().item()  # sync, as the KD step does (it returns floats)
         if i >= args.warmup:
             sft_times.append(time.perf_counter() - start)
     del engine, model
