@@ -68,10 +68,14 @@ def test_submitit_launcher_on_local_slurm(local_slurm, tiny_teacher, base_overri
         "hydra.launcher.timeout_min=30",
         f"hydra.launcher.submitit_folder={sweep}/.submitit/%j",
     ]
-    _distill_multirun([*base_overrides, *TINY, *launcher], sweep, env=local_slurm)
+    out = _distill_multirun(
+        [*base_overrides, *TINY, *launcher, "hydra/callbacks=sweep_summary"], sweep, local_slurm
+    )
+    assert "sweep summary (4 runs)" in out  # the callback ran in the submitting process after the jobs
+    _check_sweep(sweep)
     # The command-line route to the same table (the run folders were written by Slurm jobs).
-    rows = summarize(sweep)
-    assert len(rows) == 4
+    (sweep / "summary.csv").unlink()
+    assert len(summarize(sweep)) == 4
     _check_sweep(sweep)
     logs = list((sweep / ".submitit").glob("*/*_log.out"))
     assert len(logs) == 4  # four Slurm jobs ran them
