@@ -6,7 +6,8 @@
 The teacher and student come from the usual config groups (or `teacher.path=` / `student.path=`); only their
 config.json numbers are read. Per-device throughputs are given (`--teacher-tokens-per-s`, measured e.g. from a
 run's metrics) or estimated from FLOPs: a teacher forward costs 2 x active parameters per token, a student
-training step 6 x parameters, at `--mfu` of `--peak-tflops`. Throughput is taken as linear in devices.
+training step 6 x parameters, at `--mfu` of `--peak-tflops`. `--from-run RUN_DIR` takes both from a run's
+metrics.jsonl (e.g. a short job on the target hardware). Throughput is taken as linear in devices.
 
 The arithmetic (`plan_layout`) is pure and tested without processes; the chosen layout is checked with the same
 `Topology` a run uses, so the printed overrides validate.
@@ -18,11 +19,15 @@ import argparse
 import math
 import sys
 from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
 
 from distill.cluster.buffer import check_capacity
 from distill.config.topology import ModelShape, Topology
 from distill.errors import TopologyError
 from distill.models.facts import ModelFacts
+from distill.tracking.metrics_log import read_metrics
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float8": 1, "fp8": 1, "int8": 1, "int4": 0.5}
 TEACHER_HEADROOM = 1.2
@@ -189,6 +194,24 @@ def plan_layout(teacher: ModelFacts, student: ModelFacts, hw: Hardware, work: Wo
     return plan
 
 
+def measured_per_device(run_dir: str | Path) -> tuple[float, float]:
+    """(teacher, student) tokens/s per device from a finished run: the mean of its logged steps'
+    `teacher/tokens_per_s` and `student/tokens_per_s`, divided by the devices (or CPU actors) each group used."""
+    run_dir = Path(run_dir)
+    records = read_metrics(run_dir / "metrics.jsonl")
+    cluster = yaml.safe_load((run_dir / "config.yaml").read_text())["cluster"]
+    rows = [r for r in records if "teacher/tokens_per_s" in r and "student/tokens_per_s" in r]
+    if not rows:
+        raise TopologyError(
+            f"{run_dir}/metrics.jsonl has no teacher/student tokens_per_s records to plan from"
+        )
+    teacher = sum(r["teacher/tokens_per_s"] for r in rows) / len(rows)
+    student = sum(r["student/tokens_per_s"] for r in rows) / len(rows)
+    return teacher / (cluster["teacher_replicas"] * cluster["teacher_tp"]), student / cluster[
+        "student_world_size"
+    ]
+
+
 def overrides(plan: Plan, hw: Hardware, work: Workload) -> list[str]:
     """The `cluster.*` overrides of the plan (GPU nodes: cuda + nccl, one device per actor)."""
     t = _topology(
@@ -276,6 +299,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--teacher-dtype", help="weights dtype (default: the teacher config's dtype)")
     parser.add_argument("--teacher-tokens-per-s", type=float, help="measured, per device")
     parser.add_argument("--student-tokens-per-s", type=float, help="measured, per device")
+    parser.add_argument(
+        "--from-run", help="a finished run folder: per-device tokens/s from its metrics.jsonl"
+    )
     parser.add_argument("--seq-len", type=int, default=4096)
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--global-batch", type=int, default=256)
@@ -284,6 +310,10 @@ def main(argv: list[str] | None = None) -> None:
     from distill.config import compose
     from launch.builders import model_facts
 
+    teacher_rate, student_rate = args.teacher_tokens_per_s, args.student_tokens_per_s
+    if args.from_run:
+        measured = measured_per_device(args.from_run)
+        teacher_rate, student_rate = teacher_rate or measured[0], student_rate or measured[1]
     cfg = compose(args.overrides)
     teacher = model_facts(cfg.teacher, cfg.prepare.vocab_size)
     student = model_facts(cfg.student, cfg.prepare.vocab_size)
@@ -298,8 +328,8 @@ def main(argv: list[str] | None = None) -> None:
         micro_batch=args.micro_batch,
         global_batch=args.global_batch,
         topk=cfg.teacher.topk,
-        teacher_tokens_per_s=args.teacher_tokens_per_s,
-        student_tokens_per_s=args.student_tokens_per_s,
+        teacher_tokens_per_s=teacher_rate,
+        student_tokens_per_s=student_rate,
     )
     try:
         plan = plan_layout(teacher, student, hw, work)

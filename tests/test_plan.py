@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ from distill.models.facts import ModelFacts
 from launch.plan import (
     Hardware,
     Workload,
+    measured_per_device,
     overrides,
     plan_layout,
     student_memory_gb,
@@ -129,3 +131,34 @@ def test_cli_prints_overrides_and_fails_clearly():
     assert "1 replicas x TP 8" in ok.stdout and "cluster.teacher_tp=8" in ok.stdout
     bad = subprocess.run(cmd, capture_output=True, text=True)  # bf16 R1 on 80 GB devices
     assert bad.returncode == 1 and "distill plan: the teacher needs 1610 GB" in bad.stderr
+
+
+def test_measured_throughputs_come_from_a_run_folder(tmp_path):
+    """A run with 1 replica x TP 2 and 4 student ranks: per-device figures divide by 2 and by 4."""
+    (tmp_path / "config.yaml").write_text(
+        "cluster:\n  teacher_replicas: 1\n  teacher_tp: 2\n  student_world_size: 4\n"
+    )
+    rows = [
+        {"step": s, "teacher/tokens_per_s": 3000.0 + 200 * s, "student/tokens_per_s": 8000.0}
+        for s in range(3)
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert measured_per_device(tmp_path) == (pytest.approx(1600.0), pytest.approx(2000.0))
+    cmd = [
+        sys.executable,
+        "-m",
+        "launch.cli",
+        "plan",
+        "teacher=deepseek_r1",
+        "student=phi3_mini",
+        "--nodes",
+        "2",
+    ]
+    out = subprocess.run(
+        [*cmd, "--gpu-memory-gb", "141", "--teacher-dtype", "float8", "--from-run", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    # TP 8 x 1600 = 12 800 tokens/s per replica; 2000 per student rank: 8 ranks (16 000) cover one replica.
+    assert "12,800 tokens/s" in out.stdout and "8 ranks" in out.stdout
