@@ -185,6 +185,7 @@ def _run_distributed(cfg: DictConfig, hooks: Hooks) -> dict:
                 checkpoints=checkpoints,
                 checkpoint_every=cfg.checkpoint.every_steps,
                 hooks=hooks,
+                progress=cfg.tracking.progress,
             )
             driver.run(start)
         log.info(
