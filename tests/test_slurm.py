@@ -13,6 +13,7 @@ run across them, then Ray is torn down.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -113,7 +114,7 @@ def test_sbatch_runs_ray_across_two_slurm_nodes(local_slurm, tiny_teacher, base_
     assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == [0, 1]
     assert (run_dir / "eval.json").is_file()
     assert _no_ray_left(job) == []
-    assert not Path(f"/tmp/ray-{job}").exists()
+    assert not (Path(os.environ.get("TMPDIR", "/tmp")) / f"ray-{job}").exists()  # the job's Ray temp dir
 
 
 def test_requeued_job_resumes_from_its_checkpoint(local_slurm, tiny_teacher, base_overrides, tmp_path):
