@@ -2,7 +2,7 @@
 # A real Slurm on this one machine, for tests and for trying the slurm/ scripts: munged + slurmctld + N slurmd
 # "nodes" (slurmd -N nodeI, one port each), no systemd. Installs the Debian packages when they are missing.
 #
-#   scripts/local_slurm.sh start   # idempotent; prints `export SLURM_CONF=...` on stdout when the nodes are idle
+#   scripts/local_slurm.sh start   # idempotent; prints `export SLURM_CONF=...` and `# started=0|1` on stdout
 #   scripts/local_slurm.sh stop    # cancels jobs, stops what `start` started (by PID file only)
 #
 # Needs root (apt, /etc/munge, slurmd). Knobs (env): LOCAL_SLURM_DIR (default ${TMPDIR:-/tmp}/distill-slurm),
@@ -119,7 +119,9 @@ EOF
   rm -f "$SLURM_CONF.new"
   ((changed)) && stop_daemons # a new node list or port needs fresh daemons, not `scontrol reconfigure`
 
+  local started=0
   if ! alive "$(pid_in "$DIR/run/slurmctld.pid")" slurmctld; then
+    started=1
     slurmctld # daemonizes and writes its PID file
     poll 100 scontrol ping || { log "slurmctld did not start"; tail -n 30 "$DIR/log/slurmctld.log" >&2; exit 1; }
   fi
@@ -145,6 +147,7 @@ EOF
   done
   log "ready: $(tr '\n' ' ' <<<"$states")"
   echo "export SLURM_CONF=$SLURM_CONF"
+  echo "# started=$started" # 0: reused daemons someone else started (leave them to their owner)
 }
 
 stop_daemons() {

@@ -94,6 +94,9 @@ def local_slurm() -> Iterator[dict[str, str]]:
         reason = f"local Slurm unavailable: {proc.stderr.strip()[-600:]}"
         print(reason, file=sys.stderr)
         pytest.skip(reason)
-    conf = proc.stdout.strip().removeprefix("export SLURM_CONF=")
+    conf = proc.stdout.split("export SLURM_CONF=")[1].split()[0]
     yield {**os.environ, "SLURM_CONF": conf}
-    subprocess.run(["bash", str(script), "stop"], env=env, capture_output=True, text=True)
+    # Only the session that started the daemons stops them, and not while another session's jobs run.
+    queued = subprocess.run(["squeue", "-h"], env={**env, "SLURM_CONF": conf}, capture_output=True, text=True)
+    if "# started=1" in proc.stdout and not queued.stdout.strip():
+        subprocess.run(["bash", str(script), "stop"], env=env, capture_output=True, text=True)
