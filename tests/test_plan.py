@@ -21,6 +21,7 @@ from launch.plan import (
     teacher_memory_gb,
     valid_tp,
 )
+from launch.plan import main as plan_main
 
 R1 = ModelFacts.from_arch("deepseek_r1")
 H200 = {"gpus_per_node": 8, "gpu_memory_gb": 141}
@@ -133,7 +134,7 @@ def test_cli_prints_overrides_and_fails_clearly():
     assert bad.returncode == 1 and "distill plan: the teacher needs 1610 GB" in bad.stderr
 
 
-def test_measured_throughputs_come_from_a_run_folder(tmp_path):
+def test_measured_throughputs_come_from_a_run_folder(tmp_path, capsys):
     """A run with 1 replica x TP 2 and 4 student ranks: per-device figures divide by 2 and by 4."""
     (tmp_path / "config.yaml").write_text(
         "cluster:\n  teacher_replicas: 1\n  teacher_tp: 2\n  student_world_size: 4\n"
@@ -144,21 +145,8 @@ def test_measured_throughputs_come_from_a_run_folder(tmp_path):
     ]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert measured_per_device(tmp_path) == (pytest.approx(1600.0), pytest.approx(2000.0))
-    cmd = [
-        sys.executable,
-        "-m",
-        "launch.cli",
-        "plan",
-        "teacher=deepseek_r1",
-        "student=phi3_mini",
-        "--nodes",
-        "2",
-    ]
-    out = subprocess.run(
-        [*cmd, "--gpu-memory-gb", "141", "--teacher-dtype", "float8", "--from-run", str(tmp_path)],
-        capture_output=True,
-        text=True,
-    )
-    assert out.returncode == 0, out.stderr
+    args = ["teacher=deepseek_r1", "student=phi3_mini", "--nodes", "2", "--gpu-memory-gb", "141"]
+    plan_main([*args, "--teacher-dtype", "float8", "--from-run", str(tmp_path)])
+    out = capsys.readouterr().out
     # TP 8 x 1600 = 12 800 tokens/s per replica; 2000 per student rank: 8 ranks (16 000) cover one replica.
-    assert "12,800 tokens/s" in out.stdout and "8 ranks" in out.stdout
+    assert "12,800 tokens/s" in out and "8 ranks" in out
