@@ -223,19 +223,24 @@ class RunData:
     """Raw held-out examples (with `answer` on the embedded task) for exact-match generation."""
 
 
-def build_data(cfg, tokenizer, teacher_tokenizer=None) -> RunData:
-    """Encoded train/held-out rows; with a token map, rows also carry the teacher's tokens and alignment."""
+def raw_dataset(cfg):
+    """The run's raw train/eval splits: `data.path` (a user dataset) or the embedded task."""
     d = cfg.data
     if d.path:
-        ds = load_user_dataset(
+        return load_user_dataset(
             d.path,
             text_field=d.text_field,
             messages_field=d.messages_field,
             eval_fraction=d.eval_fraction,
             seed=d.seed,
         )
-    else:
-        ds = build_task_dataset(list(d.domains), list(d.levels), d.num_train, d.num_eval, d.seed)
+    return build_task_dataset(list(d.domains), list(d.levels), d.num_train, d.num_eval, d.seed)
+
+
+def build_data(cfg, tokenizer, teacher_tokenizer=None) -> RunData:
+    """Encoded train/held-out rows; with a token map, rows also carry the teacher's tokens and alignment."""
+    d = cfg.data
+    ds = raw_dataset(cfg)
     if cfg.teacher.token_map.enabled:
         if teacher_tokenizer is None:
             raise ConfigError("build_data: a cross-tokenizer run needs the teacher's tokenizer too.")

@@ -36,7 +36,6 @@ from distill.config import resolved_yaml
 from distill.config.topology import Topology
 from distill.config.validate import validate_run
 from distill.errors import ConfigError
-from distill.eval import evaluate_model
 from distill.io import atomic_write_json, atomic_write_text
 from distill.models.fingerprint import model_fingerprint
 from distill.models.loading import load_causal_lm, load_tokenizer
@@ -357,15 +356,6 @@ def evaluate(cfg: DictConfig, teacher_path: Path, tokenizer, data, student_dir: 
     """The reference run's evaluation, on the exported student loaded in this process."""
     student = load_causal_lm(student_dir, dtype="float32")
     engine = builders.build_teacher_engine(cfg, teacher_path, None)
-    return evaluate_model(
-        student,
-        tokenizer,
-        data.eval_rows,
-        data.eval_examples,
-        teacher_logits=lambda b: engine.logits(b["input_ids"], b["attention_mask"]),
-        stop_id=builders.generation_stop_id(tokenizer),
-        batch_size=cfg.eval.batch_size,
-        max_batches=cfg.eval.max_batches,
-        generate_examples=cfg.eval.generate_examples,
-        max_new_tokens=cfg.eval.max_new_tokens,
+    return builders.evaluate(
+        cfg, student, tokenizer, data, lambda b: engine.logits(b["input_ids"], b["attention_mask"])
     )

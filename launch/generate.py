@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from distill.config.validate import validate_run
-from distill.data import build_task_dataset, encode_prompt, load_user_dataset
+from distill.data import encode_prompt
 from distill.data.filters import Candidate, Predicate, build_filter
 from distill.errors import ConfigError
 from distill.io import atomic_dir, atomic_write_json
@@ -70,16 +70,7 @@ Sampler = Callable[[Iterable[PromptBatch]], Iterator[Completions]]
 def prompt_set(cfg) -> datasets.DatasetDict:
     """The rows whose user turns are prompted: the embedded task, or `data.path` (train and eval splits)."""
     d = cfg.data
-    if d.path:
-        ds = load_user_dataset(
-            d.path,
-            text_field=d.text_field,
-            messages_field=d.messages_field,
-            eval_fraction=d.eval_fraction,
-            seed=d.seed,
-        )
-    else:
-        ds = build_task_dataset(list(d.domains), list(d.levels), d.num_train, d.num_eval, d.seed)
+    ds = builders.raw_dataset(cfg)
     if "messages" not in ds["train"].column_names:
         raise ConfigError(
             f"distill generate needs chat prompts (a `messages` field), but {d.path} has "

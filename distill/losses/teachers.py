@@ -163,7 +163,7 @@ class DenseTeacher:
 
 
 @dataclass
-class MappedTopKTeacher:
+class MappedTopKTeacher(TopKTeacher):
     """A teacher top-k whose ids were mapped into the student's vocabulary (cross-tokenizer distillation).
 
     ids            [N, k] integer  student ids; -1 where the teacher token has no student counterpart
@@ -178,21 +178,6 @@ class MappedTopKTeacher:
     `TopKTeacher` to the last bit. A row with nothing mapped is one bucket on both sides: zero loss, zero
     gradient. The unmapped entries are what the `uld` term compares.
     """
-
-    ids: Tensor
-    logits: Tensor
-    log_normalizer: Tensor
-
-    def __post_init__(self) -> None:
-        TopKTeacher.__post_init__(self)  # type: ignore[arg-type]  # same shape rules
-
-    @property
-    def num_rows(self) -> int:
-        return self.ids.shape[0]
-
-    @property
-    def k(self) -> int:
-        return self.ids.shape[1]
 
     @property
     def mapped(self) -> Tensor:
@@ -224,15 +209,12 @@ class MappedTopKTeacher:
         rest = torch.where(negligible, -torch.inf, log1mexp(mass))
         return torch.cat([gathered.masked_fill(~mapped, -torch.inf), rest[:, None]], dim=-1)
 
-    def top1_prob(self) -> Tensor:
-        """Probability of the most likely mapped token at T=1: [N] fp32 (0 for a row with none)."""
-        return self.log_probs(1.0)[:, :-1].max(dim=-1).values.exp()
-
     def unmapped_probs(self, temperature: float = 1.0) -> Tensor:
         """Tempered teacher probabilities of the unmapped top-k entries, 0 elsewhere: [N, k] fp32.
 
         Buckets are all k entries plus the true tail, at temperature T (same convention as TopKTeacher).
         """
+        # A plain TopKTeacher: its tail is the true tail (self.tail() is the rest bucket, unmapped entries included).
         probs = TopKTeacher(self.ids, self.logits, self.log_normalizer).log_probs(temperature)[:, :-1].exp()
         return probs.masked_fill(self.mapped, 0.0)
 
