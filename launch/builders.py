@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -12,8 +13,10 @@ from omegaconf import OmegaConf
 from transformers import TokenizersBackend
 
 from distill.config.topology import ModelShape
-from distill.config.validate import PairFacts
+from distill.config.validate import PairFacts, data_sources, run_curriculum
+from distill.curriculum import Curriculum
 from distill.data import BatchStream, build_task_dataset, encode_example, load_user_dataset
+from distill.data.mixing import MixedStream, Segment
 from distill.errors import CheckpointError, ConfigError
 from distill.eval import evaluate_model
 from distill.models.facts import ModelFacts, arch_config_path
@@ -24,7 +27,7 @@ from distill.models.tokenizer import tokenizer_hash
 from distill.teacher.engine import TeacherEngine
 from distill.training.objective import Objective, term_specs_from_config
 from distill.training.reference import ReferenceTrainer, build_optimizer
-from distill.training.schedule import lr_multiplier
+from distill.training.schedule import curriculum_lr, lr_multiplier
 from distill.xtok import CrossTokenizerTeacher, bits_per_char, encode_pairs, load_or_build_token_map
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -216,11 +219,17 @@ def build_teacher_engine(
 
 # ---- data ------------------------------------------------------------------------------------------------
 @dataclass
-class RunData:
+class DataSlice:
     train_rows: list[dict]
     eval_rows: list[dict]
     eval_examples: list[dict]
     """Raw held-out examples (with `answer` on the embedded task) for exact-match generation."""
+
+
+@dataclass
+class RunData(DataSlice):
+    slices: dict[str, DataSlice] = field(default_factory=dict)
+    """The data.subsets the run's curriculum or increments draw from, by name (`train`: this whole split)."""
 
 
 def raw_dataset(cfg):
@@ -238,18 +247,56 @@ def raw_dataset(cfg):
 
 
 def build_data(cfg, tokenizer, teacher_tokenizer=None) -> RunData:
-    """Encoded train/held-out rows; with a token map, rows also carry the teacher's tokens and alignment."""
-    d = cfg.data
+    """Encoded train/held-out rows, and the named slices the run mixes; with a token map, rows also carry the
+    teacher's tokens and alignment."""
+    if cfg.teacher.token_map.enabled and teacher_tokenizer is None:
+        raise ConfigError("build_data: a cross-tokenizer run needs the teacher's tokenizer too.")
     ds = raw_dataset(cfg)
+    encode = functools.partial(_encode_rows, cfg, tokenizer, teacher_tokenizer)
+    train, heldout = encode(ds["train"]), encode(ds["eval"])
+    data = RunData(train, heldout, list(ds["eval"]))
+    data.slices["train"] = DataSlice(train, heldout, data.eval_examples)
+    for name in data_sources(cfg):
+        if name in data.slices or name not in cfg.data.subsets:
+            continue  # `replay` is built by the run, unknown names failed validation
+        sub = cfg.data.subsets[name]
+        if sub.path:
+            own = load_user_dataset(
+                sub.path,
+                text_field=cfg.data.text_field,
+                messages_field=cfg.data.messages_field,
+                eval_fraction=cfg.data.eval_fraction,
+                seed=cfg.data.seed,
+            )
+            part = DataSlice(encode(own["train"]), encode(own["eval"]), list(own["eval"]))
+        else:
+            keep_train = [i for i, ex in enumerate(ds["train"]) if _in_subset(sub, ex)]
+            keep_eval = [i for i, ex in enumerate(ds["eval"]) if _in_subset(sub, ex)]
+            part = DataSlice(
+                [train[i] for i in keep_train],
+                [heldout[i] for i in keep_eval],
+                [data.eval_examples[i] for i in keep_eval],
+            )
+        if not part.train_rows:
+            raise ConfigError(
+                f"data.subsets.{name} selects no training rows (domains={sub.domains}, levels={sub.levels}, "
+                f"path={sub.path}); the run's data has domains={list(cfg.data.domains)} and levels="
+                f"{list(cfg.data.levels)}. Add them to data.domains / data.levels or fix the subset."
+            )
+        data.slices[name] = part
+    return data
+
+
+def _encode_rows(cfg, tokenizer, teacher_tokenizer, examples) -> list[dict]:
     if cfg.teacher.token_map.enabled:
-        if teacher_tokenizer is None:
-            raise ConfigError("build_data: a cross-tokenizer run needs the teacher's tokenizer too.")
-        train = encode_pairs(tokenizer, teacher_tokenizer, ds["train"], d.max_length)
-        heldout = encode_pairs(tokenizer, teacher_tokenizer, ds["eval"], d.max_length)
-        return RunData(train, heldout, list(ds["eval"]))
-    train = [encode_example(tokenizer, ex, d.max_length) for ex in ds["train"]]
-    heldout = [encode_example(tokenizer, ex, d.max_length) for ex in ds["eval"]]
-    return RunData(train, heldout, list(ds["eval"]))
+        return encode_pairs(tokenizer, teacher_tokenizer, examples, cfg.data.max_length)
+    return [encode_example(tokenizer, ex, cfg.data.max_length) for ex in examples]
+
+
+def _in_subset(sub, example: dict) -> bool:
+    return (sub.domains is None or example.get("domain") in sub.domains) and (
+        sub.levels is None or example.get("level") in sub.levels
+    )
 
 
 def batch_scorer(cfg, engine: TeacherEngine, teacher_tokenizer, tokenizer):
@@ -261,16 +308,52 @@ def batch_scorer(cfg, engine: TeacherEngine, teacher_tokenizer, tokenizer):
     return CrossTokenizerTeacher(engine, token_map.padded(engine.vocab_size)).score
 
 
-def batch_stream(cfg, rows: list[dict], tokenizer, *, batch_size: int | None = None) -> BatchStream:
+def batch_stream(
+    cfg, rows: list[dict], tokenizer, *, batch_size: int | None = None, seed: int | None = None
+) -> BatchStream:
     return BatchStream(
         rows,
         batch_size=batch_size or cfg.cluster.micro_batch_size,
-        seed=cfg.data.seed,
+        seed=cfg.data.seed if seed is None else seed,
         pad_id=tokenizer.pad_token_id,
         packing=cfg.data.packing,
         # Fixed-length rows only when packing; otherwise each batch pads to its longest row (less waste).
         seq_len=cfg.data.max_length if cfg.data.packing else None,
     )
+
+
+def run_stream(cfg, data: RunData, tokenizer) -> tuple[Curriculum, MixedStream]:
+    """The run's curriculum and its numbered batch stream: each stage's (or increment's) data mix laid over the
+    stage's stream positions (optimizer steps x batches per step)."""
+    per_step = cfg.cluster.grad_accum_steps * cfg.cluster.student_world_size
+    streams = {
+        # `train` keeps the data seed, so a single-stage run sees exactly the batches of a plain BatchStream;
+        # every other slice gets its own permutation seed.
+        name: batch_stream(cfg, part.train_rows, tokenizer, seed=_slice_seed(cfg.data.seed, name))
+        for name, part in data.slices.items()
+    }
+    segments: list[Segment] = []
+
+    def steps_for_tokens(index: int, start_step: int, shares, tokens: int) -> int:
+        # A provisional open-ended segment for this stage: count its steps until they hold `tokens`.
+        probe = MixedStream(streams, [*segments, Segment(start_step * per_step, 2**62, shares)])
+        steps, total = 0, 0
+        while total < tokens:
+            first = (start_step + steps) * per_step
+            total += sum(probe.batch_tokens(g) for g in range(first, first + per_step))
+            steps += 1
+        segments.append(Segment(start_step * per_step, (start_step + steps) * per_step, shares))
+        return steps
+
+    curriculum = run_curriculum(cfg, steps_for_tokens)
+    segments = [Segment(a * per_step, b * per_step, stage.data) for a, b, stage in curriculum.spans()]
+    return curriculum, MixedStream(streams, segments)
+
+
+def _slice_seed(seed: int, name: str) -> int:
+    if name == "train":
+        return seed
+    return int.from_bytes(hashlib.sha256(f"{seed}/{name}".encode()).digest()[:4], "little")
 
 
 def generation_stop_id(tokenizer) -> int:
@@ -303,20 +386,34 @@ def evaluate(
 
 
 # ---- training ---------------------------------------------------------------------------------------------
-def build_reference_trainer(model, objective: Objective, optim, steps: int, lr: float | None = None):
-    """AdamW over the student and the objective's projections, with the configured warm-up + decay."""
+def lr_schedule(cfg, curriculum: Curriculum):
+    """step -> LR multiplier: the optimizer's warm-up and decay, restarted at stages with `restart_lr`."""
+    o = cfg.optim
+    return curriculum_lr(
+        curriculum, schedule=o.schedule, warmup_steps=o.warmup_steps, min_ratio=o.min_lr_ratio
+    )
+
+
+def build_reference_trainer(
+    model, objective: Objective, optim, steps: int, lr: float | None = None, schedule=None
+):
+    """AdamW over the student and the objective's projections, with the configured warm-up + decay (or the
+    given `schedule`, step -> multiplier)."""
     params = [*model.parameters(), *objective.parameters()]
     optimizer = build_optimizer(
         params, lr=lr or optim.lr, weight_decay=optim.weight_decay, betas=optim.betas, eps=optim.eps
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
-        lambda step: lr_multiplier(
-            step,
-            steps,
-            schedule=optim.schedule,
-            warmup_steps=optim.warmup_steps,
-            min_ratio=optim.min_lr_ratio,
+        schedule
+        or (
+            lambda step: lr_multiplier(
+                step,
+                steps,
+                schedule=optim.schedule,
+                warmup_steps=optim.warmup_steps,
+                min_ratio=optim.min_lr_ratio,
+            )
         ),
     )
     return ReferenceTrainer(model, objective, optimizer, scheduler, grad_clip=optim.grad_clip)

@@ -21,7 +21,7 @@ from distill.io import atomic_write_json, atomic_write_text
 from distill.models.loading import load_tokenizer, save_model
 from distill.models.lora import merge_for_export
 from distill.tracking.metrics_log import MetricsLog
-from distill.tracking.rates import RateMeter, distill_alpha
+from distill.tracking.rates import RateMeter
 from distill.tracking.wandb_log import open_wandb
 from distill.training.reference import run_steps
 from launch import builders
@@ -57,9 +57,12 @@ def run(cfg: DictConfig) -> dict:
     objective = builders.build_objective(cfg, student, teacher_hidden)
     engine = builders.build_teacher_engine(cfg, teacher_path, objective)
     data = builders.build_data(cfg, tokenizer, teacher_tokenizer)
-    stream = builders.batch_stream(cfg, data.train_rows, tokenizer)
+    curriculum, stream = builders.run_stream(cfg, data, tokenizer)
+    write_stages(run_dir, curriculum)
 
-    trainer = builders.build_reference_trainer(student, objective, cfg.optim, cfg.train.steps)
+    trainer = builders.build_reference_trainer(
+        student, objective, cfg.optim, cfg.train.steps, schedule=builders.lr_schedule(cfg, curriculum)
+    )
     teacher_fn = None
     if objective.needs_teacher and cfg.teacher.cache:
         needed = cfg.train.steps * cfg.cluster.grad_accum_steps
@@ -70,7 +73,7 @@ def run(cfg: DictConfig) -> dict:
         def teacher_fn(batch_id, batch):
             return score(batch_id, batch).to_torch()
 
-    teacher_rate, alpha = RateMeter(), distill_alpha(cfg.loss.terms)
+    teacher_rate = RateMeter()
     if teacher_fn is not None:
         teacher_fn = _timed(teacher_fn, teacher_rate)
     wandb = open_wandb(cfg, run_dir)  # a background thread; a no-op unless tracking.wandb
@@ -79,14 +82,10 @@ def run(cfg: DictConfig) -> dict:
 
         def on_step(m):
             bar.update(1)
-            bar.set_postfix(loss=f"{m.loss:.4f}", refresh=False)
+            bar.set_postfix(loss=f"{m.loss:.4f}", stage=m.plan.stage, refresh=False)
+            log_transition(curriculum, m.step)
             if (m.step + 1) % cfg.train.log_every == 0 or m.step + 1 == cfg.train.steps:
-                record = {
-                    **m.as_record(),
-                    "stage": "main",
-                    "temperature": cfg.loss.temperature,
-                    "alpha": alpha,
-                }
+                record = m.as_record()
                 record["student/tokens_per_s"] = record["tokens_per_s"]
                 record["teacher/tokens_per_s"] = teacher_rate.take()
                 record["buffer/depth"] = 0  # no buffer: the teacher scores each batch just before its step
@@ -100,6 +99,7 @@ def run(cfg: DictConfig) -> dict:
             steps=cfg.train.steps,
             accum=cfg.cluster.grad_accum_steps,
             on_step=on_step,
+            plans=curriculum.plan,
         )
     bar.close()
 
@@ -116,6 +116,25 @@ def run(cfg: DictConfig) -> dict:
     wandb.finish({f"eval/{k}": v for k, v in summary.items() if isinstance(v, int | float)})
     log.info("eval %s", json.dumps(summary, sort_keys=True))
     return summary
+
+
+def write_stages(run_dir: Path, curriculum) -> None:
+    """stages.json: each stage's name and step span (what the report and `distill plan` show)."""
+    spans = [
+        {"name": st.name, "first_step": a, "last_step": b - 1, "steps": b - a, "data": dict(st.data)}
+        for a, b, st in curriculum.spans()
+    ]
+    atomic_write_json(run_dir / "stages.json", {"stages": spans, "total_steps": curriculum.total_steps})
+
+
+def log_transition(curriculum, step: int) -> None:
+    """A structured log line when `step` is the first step of a new stage."""
+    for t in curriculum.transitions():
+        if t.step == step:
+            log.info(
+                "curriculum transition %s",
+                json.dumps({"step": step, "from": t.previous, "to": t.to}, sort_keys=True),
+            )
 
 
 def _timed(teacher_fn, rate: RateMeter):

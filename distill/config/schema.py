@@ -114,6 +114,19 @@ class StudentConfig:
 
 
 @dataclass
+class SubsetConfig:
+    """A named slice of the data that a curriculum stage mixes or a continual increment trains on.
+
+    On the embedded task a slice filters the run's train and held-out splits by `domains` / `levels` (None: any);
+    `path` names a separate dataset instead (jsonl / parquet / `datasets` folder, split like `data.path`).
+    """
+
+    domains: list[str] | None = None
+    levels: list[int] | None = None
+    path: str | None = None
+
+
+@dataclass
 class DataConfig:
     name: str = "gsm_synth"
     path: str | None = None
@@ -129,6 +142,8 @@ class DataConfig:
     max_length: int = 128
     packing: bool = False
     seed: int = 0
+    subsets: dict[str, SubsetConfig] = field(default_factory=dict)
+    """Named slices for curriculum data mixes and continual increments; `train` always means the whole split."""
 
 
 @dataclass
@@ -159,6 +174,72 @@ class LossConfig:
     CHUNK_ELEMENTS // V rows, i.e. ~32 MiB of fp32 per working array whatever the vocabulary."""
     terms: dict[str, LossTermConfig] = field(default_factory=dict)
     """Terms by label; weights 0 disable a term."""
+
+
+@dataclass
+class ScheduleConfig:
+    """A value over a stage: `start` at its first step, `end` at its last (None: stays at start)."""
+
+    start: float | None = None
+    end: float | None = None
+    schedule: str = "constant"
+    """`constant`, `linear` or `cosine`; either direction (high -> low or low -> high)."""
+
+
+@dataclass
+class StageConfig:
+    """One curriculum stage. Exactly one of steps / tokens / fraction gives its length."""
+
+    name: str = MISSING
+    steps: int = 0
+    tokens: int = 0
+    """Length in trained tokens (loss-mask positions); resolved to steps from the stage's own data."""
+    fraction: float = 0.0
+    """Length as a share of train.steps."""
+    terms: dict[str, float] = field(default_factory=dict)
+    """Term label or group (`hard`, `soft`, `features`) -> multiplier of its loss.terms weight; unnamed terms are
+    off; empty: every term as configured."""
+    temperature: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """start None: loss.temperature."""
+    alpha: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """Teacher share of the logit loss (soft x alpha, hard x (1 - alpha)); start None: weights as they are."""
+    data: dict[str, float] = field(default_factory=lambda: {"train": 1.0})
+    """Source (`train` or a data.subsets name) -> share of the stage's batches."""
+    restart_lr: bool = False
+    """Restart the LR schedule (warm-up and decay over this stage) at the stage's first step."""
+    select_threshold: float | None = None
+    """Override the selective-distillation threshold of terms with `select_by` during this stage."""
+
+
+@dataclass
+class CurriculumConfig:
+    name: str = "single_stage"
+    stages: list[StageConfig] = field(default_factory=lambda: [StageConfig(name="main", fraction=1.0)])
+
+
+@dataclass
+class ReplayConfig:
+    capacity: int = 1024
+    """Sequences (with their teacher outputs) kept for replay; 0 disables replay."""
+    ratio: float = 0.25
+    """Share of each step's batches drawn from the replay buffer, in [0, 1) (increment 0 has nothing to replay)."""
+    quota: int = 0
+    """>0: at most this many sequences per increment (each increment keeps its own reservoir)."""
+
+
+@dataclass
+class ContinualConfig:
+    """`mode=continual`: train on `increments` in order, replaying earlier increments' samples."""
+
+    increments: list[str] = field(default_factory=lambda: ["shopping", "travel", "baking", "garden"])
+    """data.subsets names, in training order."""
+    steps_per_increment: int = 0
+    """0: train.steps split evenly over the increments."""
+    restart_lr: bool = True
+    """Each increment runs its own LR warm-up and decay."""
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    eval_generate_examples: int = 0
+    """Exact-match prompts per increment in the after-increment evaluation (0: CE and token accuracy only)."""
 
 
 @dataclass
@@ -299,3 +380,7 @@ class RunConfig:
     """Where config.yaml, metrics.jsonl, checkpoints/ and student/ go (Hydra's run dir by default)."""
     resume: bool = False
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    mode: str = "standard"
+    """`standard`: the curriculum over the train data; `continual`: data increments with replay."""
+    continual: ContinualConfig = field(default_factory=ContinualConfig)

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from distill.config.topology import ModelShape, Topology
+from distill.curriculum.build import REPLAY, continual_curriculum, curriculum_from_config
+from distill.curriculum.stages import FEATURES, HARD, SOFT, Curriculum
 from distill.errors import ConfigError
 from distill.losses import get as get_term
 from distill.losses.validation import validate_layer_map, validate_term
@@ -35,6 +37,8 @@ def validate_run(cfg, facts: PairFacts) -> Topology:
     elif cfg.cluster.mode != "local":
         raise ConfigError(f"cluster.mode={cfg.cluster.mode!r}: use 'local' (reference) or 'ray'.")
     _validate_terms(cfg, facts)
+    run_curriculum(cfg)
+    _validate_sources(cfg)
     if cfg.teacher.token_map.enabled:
         _validate_cross_tokenizer(cfg)
     elif any(t.name == "uld" and t.weight for t in cfg.loss.terms.values()):
@@ -121,3 +125,67 @@ def _validate_terms(cfg, facts: PairFacts) -> None:
                         f"0..{facts.student_layers - 1} for the student and 0..{facts.teacher_layers - 1} for "
                         "the teacher."
                     )
+
+
+def term_group(name: str) -> str:
+    """The curriculum group that scales a term: `hard` (CE), `soft` (logit terms) or `features`."""
+    if name == "ce":
+        return HARD
+    return SOFT if get_term(name).kind == "logits" else FEATURES
+
+
+def run_curriculum(cfg, steps_for_tokens=None) -> Curriculum:
+    """The run's stages: `curriculum.stages` (mode=standard) or one stage per increment (mode=continual).
+
+    Without `steps_for_tokens`, stages measured in tokens count as one step (a check before the data is
+    loaded); the run resolves them with its data.
+    """
+    weights = {label: float(t.weight) for label, t in cfg.loss.terms.items() if t.weight}
+    groups = {label: term_group(cfg.loss.terms[label].name) for label in weights}
+    common = {
+        "train_steps": cfg.train.steps,
+        "base_temperature": cfg.loss.temperature,
+        "term_weights": weights,
+        "term_groups": groups,
+    }
+    if cfg.mode == "continual":
+        return continual_curriculum(cfg.curriculum, cfg.continual, **common)
+    if cfg.mode != "standard":
+        raise ConfigError(f"mode={cfg.mode!r} is not one of ['standard', 'continual'].")
+    if steps_for_tokens is None and any(s.tokens for s in cfg.curriculum.stages):
+        stages = [s.tokens for s in cfg.curriculum.stages]
+        if all(stages):  # every stage in tokens: nothing to check against train.steps yet
+            common["train_steps"] = len(stages)
+        return curriculum_from_config(
+            cfg.curriculum, **common, steps_for_tokens=lambda *_: 1, check_total=False
+        )
+    return curriculum_from_config(cfg.curriculum, **common, steps_for_tokens=steps_for_tokens)
+
+
+def data_sources(cfg) -> list[str]:
+    """The data sources the run draws from (curriculum mixes or continual increments), in first-use order."""
+    if cfg.mode == "continual":
+        return list(cfg.continual.increments)
+    names: list[str] = []
+    for stage in cfg.curriculum.stages:
+        names += [n for n in stage.data if n not in names]
+    return names
+
+
+def _validate_sources(cfg) -> None:
+    known = ["train", *cfg.data.subsets]
+    for name in data_sources(cfg):
+        if name == REPLAY and cfg.mode == "continual":
+            continue
+        if name not in known:
+            where = "continual.increments" if cfg.mode == "continual" else "a curriculum stage's data mix"
+            raise ConfigError(
+                f"{where} names dataset {name!r}, which is not defined; known: {known}. Define it under "
+                f"data.subsets (e.g. data.subsets.{name}={{domains: [baking]}}) or fix the name."
+            )
+    for name, sub in cfg.data.subsets.items():
+        if sub.path is None and cfg.data.path is not None and (sub.domains or sub.levels):
+            raise ConfigError(
+                f"data.subsets.{name} filters by domains/levels, which only the embedded task has (data.path is "
+                "set); give the subset its own `path` instead."
+            )

@@ -21,7 +21,7 @@ Clipping, the accumulation boundary and ZeRO partitioning stay DeepSpeed's (`eng
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from distill.config.schema import OptimizerConfig
+from distill.curriculum.stages import StepPlan
 from distill.errors import CheckpointError, ConfigError, TopologyError
 from distill.models.loading import save_model
 from distill.training.objective import Objective
@@ -85,9 +86,11 @@ class _StudentWithObjective(nn.Module):
         self.student = student
         self.objective = objective
 
-    def forward(self, batch: Mapping[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
+    def forward(
+        self, batch: Mapping[str, torch.Tensor | None], plan: StepPlan | None = None
+    ) -> dict[str, torch.Tensor]:
         """One micro-batch -> {term label: loss sum} (unweighted, unnormalised, as the objective returns)."""
-        return self.objective(student_forward(self.student, self.objective, batch), batch)
+        return self.objective(student_forward(self.student, self.objective, batch, plan), batch, plan)
 
 
 class StudentEngine:
@@ -98,6 +101,8 @@ class StudentEngine:
     optim: an `OptimizerConfig` (lr, weight_decay, betas, eps, schedule, warmup_steps, min_lr_ratio); the
         clipping norm comes from ds_config (`build_ds_config(grad_clip=optim.grad_clip, ...)`).
     total_steps: optimizer steps of the schedule (as the reference trainer's LambdaLR).
+    lr_schedule: step -> multiplier of optim.lr (a curriculum's restarting schedule); None: optim's schedule
+        over total_steps.
     ds_config: from `distill.student.build_ds_config`.
     gradient_checkpointing: recompute decoder layers in backward (HF activation checkpointing).
     """
@@ -111,6 +116,7 @@ class StudentEngine:
         total_steps: int,
         ds_config: dict[str, Any],
         gradient_checkpointing: bool = False,
+        lr_schedule: Callable[[int], float] | None = None,
     ) -> None:
         if not dist.is_initialized():
             raise TopologyError(
@@ -128,6 +134,8 @@ class StudentEngine:
         )
 
         def multiplier(step: int) -> float:
+            if lr_schedule is not None:
+                return lr_schedule(step)
             return lr_multiplier(
                 step,
                 total_steps,
@@ -165,13 +173,18 @@ class StudentEngine:
 
     # ---- training ------------------------------------------------------------------------------------------
     def train_step(
-        self, step: int, micro_batches: Sequence[MicroBatch], global_tokens: int
+        self,
+        step: int,
+        micro_batches: Sequence[MicroBatch],
+        global_tokens: int,
+        plan: StepPlan | None = None,
     ) -> dict[str, Any]:
         """One optimizer step over this rank's share of the global batch.
 
         micro_batches: exactly `grad_accum_steps` dicts (TeacherBatch.to_torch() or input_ids / attention_mask /
             loss_mask [B, T]) for this rank.
         global_tokens: trained tokens (loss_mask.sum()) of the whole step, over ALL ranks and micro-batches.
+        plan: the curriculum's plan of this step (temperature, term weights); None: the configured objective.
         Returns {"step", "terms": {label: this rank's loss sum}, "loss_sum": weighted sum of those, "tokens":
         this rank's trained tokens, "grad_norm" (global, before clipping), "lr" (used by this step)}.
         Summed over ranks and divided by global_tokens, terms and loss_sum give the reference trainer's numbers.
@@ -195,8 +208,8 @@ class StudentEngine:
         term_sums: dict[str, torch.Tensor] = {}
         for mb in micro_batches:
             mb = {k: (v.to(self.device) if v is not None else None) for k, v in mb.items()}
-            sums = self.engine(mb)
-            self.engine.backward(self.objective.weighted_total(sums) * scale, scale_wrt_gas=False)
+            sums = self.engine(mb, plan)
+            self.engine.backward(self.objective.weighted_total(sums, plan) * scale, scale_wrt_gas=False)
             if self._own_grad_norm and self.engine.is_gradient_accumulation_boundary():
                 grad_norm = _global_norm(self.engine.module.parameters())  # grads already all-reduced
             self.engine.step()  # applies the update only at the accumulation boundary (the last micro-batch)
@@ -211,7 +224,7 @@ class StudentEngine:
         return {
             "step": step,
             "terms": terms,
-            "loss_sum": sum(spec.weight * terms[spec.label] for spec in self.objective.terms),
+            "loss_sum": sum(self.objective.weight(label, plan) * v for label, v in terms.items()),
             "tokens": tokens,
             "grad_norm": float(grad_norm),
             "lr": lr,

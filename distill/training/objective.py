@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from distill import losses
-from distill.config.validate import term_params
+from distill.config.validate import term_group, term_params
+from distill.curriculum.stages import StepPlan
 from distill.losses.projection import HiddenProjector
 
 TEACHER_FREE_TERMS = frozenset({"ce"})
@@ -41,6 +42,11 @@ class TermSpec:
     @property
     def kind(self) -> str:
         return losses.get(self.name).kind
+
+    @property
+    def group(self) -> str:
+        """The curriculum group that scales it: `hard` (CE), `soft` (logit terms) or `features`."""
+        return term_group(self.name)
 
 
 def term_specs_from_config(terms_cfg: Mapping) -> list[TermSpec]:
@@ -100,43 +106,69 @@ class Objective(nn.Module):
     def needs_student_attention(self) -> bool:
         return any(t.kind == "attention" for t in self.terms)
 
+    def needs_teacher_for(self, plan: StepPlan | None) -> bool:
+        """Whether a step's active terms read teacher outputs (a hard-label warm-up stage does not)."""
+        return any(t.name not in TEACHER_FREE_TERMS for t in self.active_terms(plan))
+
+    def active_terms(self, plan: StepPlan | None) -> list[TermSpec]:
+        """The terms a step computes: every term, or those the curriculum's plan gives a nonzero weight."""
+        if plan is None:
+            return self.terms
+        return [t for t in self.terms if plan.weights.get(t.label, 0.0) != 0.0]
+
+    def wants(self, kind: str, plan: StepPlan | None) -> bool:
+        """Whether this step's terms read the student's `hidden` states or `attention` maps."""
+        return any(t.kind == kind for t in self.active_terms(plan))
+
     # ---- the computation ---------------------------------------------------------------------------
-    def forward(self, student_out, batch: Mapping[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
+    def forward(
+        self, student_out, batch: Mapping[str, torch.Tensor | None], plan: StepPlan | None = None
+    ) -> dict[str, torch.Tensor]:
         """Per-term loss sums for one micro-batch.
 
         student_out: HF CausalLMOutput with `logits` [B, T, V] (+ `hidden_states`, `attentions` if asked).
         batch: `TeacherBatch.to_torch()` tensors, or just input_ids/attention_mask/loss_mask without a teacher.
-        Returns {label: loss_sum} (unweighted sums; the caller weights and normalises).
+        plan: the curriculum's step plan (temperature, weights, threshold); None: the configured ones.
+        Returns {label: loss_sum} of the step's active terms (unweighted sums; the caller weights and normalises).
         """
         logits = student_out.logits
         b, t, v = logits.shape
         mask = batch["loss_mask"].reshape(-1).bool()
         labels = next_token_labels(batch["input_ids"]).reshape(-1)
         teacher = self._teacher(batch)
+        temperature = plan.temperature if plan is not None else self.temperature
         sums: dict[str, torch.Tensor] = {}
-        for spec in self.terms:
+        for spec in self.active_terms(plan):
             fn = losses.get(spec.name)
+            params = dict(spec.params)
+            if plan is not None and plan.select_threshold is not None and params.get("select_by"):
+                params["select_threshold"] = plan.select_threshold
             if spec.kind == "logits":
                 loss_sum, _ = fn(
                     logits.reshape(b * t, v),
                     teacher,
                     mask,
-                    temperature=self.temperature,
+                    temperature=temperature,
                     labels=labels,
                     chunk_size=chunk_rows(self.chunk_size, v),
-                    **spec.params,
+                    **params,
                 )
             elif spec.kind == "hidden":
                 s_feats, t_feats = self._hidden_pairs(spec, student_out, batch)
-                loss_sum, _ = fn(s_feats, t_feats, mask, **spec.params)
+                loss_sum, _ = fn(s_feats, t_feats, mask, **params)
             else:
                 s_attn, t_attn = self._attention_pairs(spec, student_out, batch)
-                loss_sum, _ = fn(s_attn, t_attn, batch["loss_mask"].bool(), **spec.params)
+                loss_sum, _ = fn(s_attn, t_attn, batch["loss_mask"].bool(), **params)
             sums[spec.label] = loss_sum
         return sums
 
-    def weighted_total(self, sums: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return sum(spec.weight * sums[spec.label] for spec in self.terms)  # type: ignore[return-value]
+    def weight(self, label: str, plan: StepPlan | None) -> float:
+        if plan is not None:
+            return plan.weights.get(label, 0.0)
+        return next(t.weight for t in self.terms if t.label == label)
+
+    def weighted_total(self, sums: Mapping[str, torch.Tensor], plan: StepPlan | None = None) -> torch.Tensor:
+        return sum(self.weight(label, plan) * s for label, s in sums.items())  # type: ignore[return-value]
 
     def _teacher(self, batch):
         if batch.get("topk_ids") is None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from distill.curriculum.stages import StepPlan
 from distill.training.objective import Objective
 
 MicroBatch = dict[str, torch.Tensor | None]
@@ -27,9 +28,21 @@ class StepMetrics:
     grad_norm: float
     seconds: float
     batch_ids: list[tuple[int, int]] = field(default_factory=list)
+    plan: StepPlan | None = None
 
     def as_record(self) -> dict:
+        """The metrics.jsonl row; with a curriculum plan, also its stage, temperature and alpha."""
+        stage = {}
+        if self.plan is not None:
+            p = self.plan
+            stage = {
+                "stage": p.stage,
+                "stage_index": p.stage_index,
+                "temperature": p.temperature,
+                "alpha": p.alpha,
+            }
         return {
+            **stage,
             "step": self.step,
             "loss": self.loss,
             **{f"loss/{k}": v for k, v in self.terms.items()},
@@ -40,13 +53,13 @@ class StepMetrics:
         }
 
 
-def student_forward(model: nn.Module, objective: Objective, batch: MicroBatch):
-    """The student forward with exactly the extra outputs the objective's terms need."""
+def student_forward(model: nn.Module, objective: Objective, batch: MicroBatch, plan: StepPlan | None = None):
+    """The student forward with exactly the extra outputs the step's terms need."""
     return model(
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"].long(),
-        output_hidden_states=objective.needs_student_hidden,
-        output_attentions=objective.needs_student_attention,
+        output_hidden_states=objective.wants("hidden", plan),
+        output_attentions=objective.wants("attention", plan),
         use_cache=False,
     )
 
@@ -74,8 +87,10 @@ class ReferenceTrainer:
     def parameters(self) -> list[nn.Parameter]:
         return [*self.student.parameters(), *self.objective.parameters()]
 
-    def train_step(self, step: int, micro_batches: Sequence[MicroBatch]) -> StepMetrics:
-        """One optimizer step over all micro-batches of the global batch."""
+    def train_step(
+        self, step: int, micro_batches: Sequence[MicroBatch], plan: StepPlan | None = None
+    ) -> StepMetrics:
+        """One optimizer step over all micro-batches of the global batch, with the curriculum's `plan`."""
         start = time.perf_counter()
         self.student.train()
         # The global token count is known before any forward, so each micro-batch's loss is already divided
@@ -86,18 +101,24 @@ class ReferenceTrainer:
         term_sums: dict[str, torch.Tensor] = {}
         for mb in micro_batches:
             mb = {k: (v.to(self.device) if v is not None else None) for k, v in mb.items()}
-            out = student_forward(self.student, self.objective, mb)
-            sums = self.objective(out, mb)
-            (self.objective.weighted_total(sums) / denom).backward()
+            out = student_forward(self.student, self.objective, mb, plan)
+            sums = self.objective(out, mb, plan)
+            (self.objective.weighted_total(sums, plan) / denom).backward()
             for label, s in sums.items():
                 term_sums[label] = term_sums.get(label, 0.0) + s.detach()
+        for p in self.parameters():
+            # A term the curriculum turned off leaves its projector without a gradient; zeros make AdamW treat
+            # it as DeepSpeed's flat optimizer does (moments decay, weight decay applies), so both paths agree.
+            if p.grad is None and p.requires_grad:
+                p.grad = torch.zeros_like(p)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters(), self.grad_clip or float("inf"))
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
         terms = {label: float(s) / denom for label, s in term_sums.items()}  # one sync point per step
-        total = sum(spec.weight * terms[spec.label] for spec in self.objective.terms)
-        return StepMetrics(step, total, terms, num_tokens, lr, float(grad_norm), time.perf_counter() - start)
+        total = sum(self.objective.weight(label, plan) * v for label, v in terms.items())
+        seconds = time.perf_counter() - start
+        return StepMetrics(step, total, terms, num_tokens, lr, float(grad_norm), seconds, plan=plan)
 
 
 def build_optimizer(params, *, lr: float, weight_decay: float, betas: Sequence[float], eps: float):
@@ -113,14 +134,20 @@ def run_steps(
     steps: int,
     accum: int,
     on_step: Callable[[StepMetrics], None],
+    plans: Callable[[int], StepPlan] | None = None,
 ) -> None:
-    """Pull `accum` numbered batches per step, add the teacher's outputs when the objective needs them, step."""
+    """Pull `accum` numbered batches per step, add the teacher's outputs when the step's terms need them, step.
+
+    plans: the curriculum (step -> StepPlan); None trains every step with the objective as configured.
+    """
     for step in range(start_step, steps):
+        plan = plans(step) if plans is not None else None
+        needs_teacher = teacher is not None and trainer.objective.needs_teacher_for(plan)
         micro, ids = [], []
         for _ in range(accum):
             batch_id, batch = next(batches)
-            micro.append(teacher(batch_id, batch) if teacher is not None else batch)
+            micro.append(teacher(batch_id, batch) if needs_teacher else batch)
             ids.append(batch_id)
-        metrics = trainer.train_step(step, micro)
+        metrics = trainer.train_step(step, micro, plan)
         metrics.batch_ids = ids
         on_step(metrics)

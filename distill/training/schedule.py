@@ -24,3 +24,24 @@ def lr_multiplier(
     if schedule == "linear":
         return 1.0 - (1.0 - min_ratio) * progress
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def curriculum_lr(curriculum, *, schedule: str, warmup_steps: int, min_ratio: float):
+    """step -> LR multiplier that restarts (warm-up and decay) at every stage with `restart_lr`.
+
+    A plain function (not a bound method or object) so LambdaLR does not try to save it in its state_dict.
+    """
+    last = curriculum.total_steps - 1
+
+    def multiplier(step: int) -> float:
+        # LambdaLR evaluates one step past the end after the last optimizer step; hold the final value.
+        within, length = curriculum.lr_segment(min(step, last))
+        return lr_multiplier(
+            within,
+            length,
+            schedule=schedule,
+            warmup_steps=warmup_steps,
+            min_ratio=min_ratio,
+        )
+
+    return multiplier
