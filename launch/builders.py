@@ -19,6 +19,7 @@ from distill.data import BatchStream, build_task_dataset, encode_example, load_u
 from distill.data.mixing import MixedStream, Segment
 from distill.errors import CheckpointError, ConfigError
 from distill.eval import evaluate_model
+from distill.io import atomic_write_json
 from distill.models.facts import ModelFacts, arch_config_path
 from distill.models.loading import load_causal_lm, load_tokenizer
 from distill.models.lora import apply_lora
@@ -348,6 +349,15 @@ def run_stream(cfg, data: RunData, tokenizer) -> tuple[Curriculum, MixedStream]:
     curriculum = run_curriculum(cfg, steps_for_tokens)
     segments = [Segment(a * per_step, b * per_step, stage.data) for a, b, stage in curriculum.spans()]
     return curriculum, MixedStream(streams, segments)
+
+
+def write_stages(run_dir: Path, curriculum: Curriculum) -> None:
+    """stages.json: each stage's name, step span and data mix (for the report and for people)."""
+    spans = [
+        {"name": st.name, "first_step": a, "last_step": b - 1, "steps": b - a, "data": dict(st.data)}
+        for a, b, st in curriculum.spans()
+    ]
+    atomic_write_json(run_dir / "stages.json", {"stages": spans, "total_steps": curriculum.total_steps})
 
 
 def _slice_seed(seed: int, name: str) -> int:

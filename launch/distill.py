@@ -58,7 +58,7 @@ def run(cfg: DictConfig) -> dict:
     engine = builders.build_teacher_engine(cfg, teacher_path, objective)
     data = builders.build_data(cfg, tokenizer, teacher_tokenizer)
     curriculum, stream = builders.run_stream(cfg, data, tokenizer)
-    write_stages(run_dir, curriculum)
+    builders.write_stages(run_dir, curriculum)
 
     trainer = builders.build_reference_trainer(
         student, objective, cfg.optim, cfg.train.steps, schedule=builders.lr_schedule(cfg, curriculum)
@@ -83,7 +83,8 @@ def run(cfg: DictConfig) -> dict:
         def on_step(m):
             bar.update(1)
             bar.set_postfix(loss=f"{m.loss:.4f}", stage=m.plan.stage, refresh=False)
-            log_transition(curriculum, m.step)
+            if (record := m.plan.transition()) is not None:
+                log.info("curriculum transition %s", json.dumps(record, sort_keys=True))
             if (m.step + 1) % cfg.train.log_every == 0 or m.step + 1 == cfg.train.steps:
                 record = m.as_record()
                 record["student/tokens_per_s"] = record["tokens_per_s"]
@@ -116,25 +117,6 @@ def run(cfg: DictConfig) -> dict:
     wandb.finish({f"eval/{k}": v for k, v in summary.items() if isinstance(v, int | float)})
     log.info("eval %s", json.dumps(summary, sort_keys=True))
     return summary
-
-
-def write_stages(run_dir: Path, curriculum) -> None:
-    """stages.json: each stage's name and step span (what the report and `distill plan` show)."""
-    spans = [
-        {"name": st.name, "first_step": a, "last_step": b - 1, "steps": b - a, "data": dict(st.data)}
-        for a, b, st in curriculum.spans()
-    ]
-    atomic_write_json(run_dir / "stages.json", {"stages": spans, "total_steps": curriculum.total_steps})
-
-
-def log_transition(curriculum, step: int) -> None:
-    """A structured log line when `step` is the first step of a new stage."""
-    for t in curriculum.transitions():
-        if t.step == step:
-            log.info(
-                "curriculum transition %s",
-                json.dumps({"step": step, "from": t.previous, "to": t.to}, sort_keys=True),
-            )
 
 
 def _timed(teacher_fn, rate: RateMeter):

@@ -41,7 +41,6 @@ from distill.models.fingerprint import model_fingerprint
 from distill.models.loading import load_causal_lm, load_tokenizer
 from distill.student import build_ds_config
 from distill.tracking.metrics_log import MetricsLog, read_metrics
-from distill.tracking.rates import distill_alpha
 from distill.tracking.wandb_log import open_wandb
 from distill.training.objective import teacher_layers, term_specs_from_config
 from distill.training.reference import StepMetrics
@@ -133,7 +132,8 @@ def _run_distributed(cfg: DictConfig, hooks: Hooks) -> dict:
         log.warning("resume=true but %s holds no checkpoint; starting from step 0", checkpoints.root)
 
     data = builders.build_data(cfg, tokenizer)
-    stream = builders.batch_stream(cfg, data.train_rows, tokenizer)
+    curriculum, stream = builders.run_stream(cfg, data, tokenizer)
+    builders.write_stages(run_dir, curriculum)
     assignment = Assignment(c.grad_accum_steps, c.student_world_size, stream.num_batches)
     terms = term_specs_from_config(cfg.loss.terms)
     hidden_layers, attention_layers = teacher_layers(terms, "hidden"), teacher_layers(terms, "attention")
@@ -150,7 +150,7 @@ def _run_distributed(cfg: DictConfig, hooks: Hooks) -> dict:
             shards=c.buffer_shards, capacity_per_shard=per_shard, batches_per_epoch=stream.num_batches
         )
         students = StudentGroup(
-            student_spec(cfg, teacher_path, teacher_hidden, ds_config),
+            student_spec(cfg, teacher_path, teacher_hidden, ds_config, builders.lr_schedule(cfg, curriculum)),
             buffer,
             nodes=student_nodes,
             cpus_per_actor=c.cpus_per_student_actor,
@@ -161,11 +161,10 @@ def _run_distributed(cfg: DictConfig, hooks: Hooks) -> dict:
         log.info("teacher and student actors ready in %.1f s", time.perf_counter() - clock)
         clock = time.perf_counter()
         # Tokens per batch for the loss normalisation; its own stream object (the producer thread has one).
-        token_stream = builders.batch_stream(cfg, data.train_rows, tokenizer)
+        _, token_stream = builders.run_stream(cfg, data, tokenizer)
         sink = _MetricsSink(
             run_dir / "metrics.jsonl",
-            cfg.loss.temperature,
-            alpha=distill_alpha(cfg.loss.terms),
+            curriculum,
             buffer=buffer,
             batches_per_step=batches_per_step,
             mirror=wandb.log,
@@ -177,7 +176,7 @@ def _run_distributed(cfg: DictConfig, hooks: Hooks) -> dict:
                 buffer=buffer,
                 assignment=assignment,
                 inputs=functools.partial(_numbered_inputs, stream, assignment),
-                tokens=lambda b: int(token_stream.batch(*b)["loss_mask"].sum()),
+                tokens=lambda b: token_stream.batch_tokens(token_stream.position_of(b)),
                 total_steps=cfg.train.steps,
                 sink=sink,
                 log_every=cfg.train.log_every,
@@ -185,6 +184,7 @@ def _run_distributed(cfg: DictConfig, hooks: Hooks) -> dict:
                 checkpoint_every=cfg.checkpoint.every_steps,
                 hooks=hooks,
                 progress=cfg.tracking.progress,
+                plans=curriculum.plan,
             )
             driver.run(start)
         log.info(
@@ -231,6 +231,9 @@ def run_identity(cfg: DictConfig, teacher_path: Path) -> dict:
         "teacher.logits_dtype": cfg.teacher.logits_dtype,
         "data": plain(cfg.data),
         "loss": plain(cfg.loss),
+        "curriculum": plain(cfg.curriculum),
+        "mode": cfg.mode,
+        "continual": plain(cfg.continual) if cfg.mode == "continual" else None,
         "optim": plain(cfg.optim),
         "train.steps": cfg.train.steps,
         "train.seed": cfg.train.seed,
@@ -266,12 +269,14 @@ def plan_nodes(topology: Topology) -> tuple[list[str], list[str]]:
     return teacher_nodes, student_nodes
 
 
-def student_spec(cfg: DictConfig, teacher_path: Path, teacher_hidden: int, ds_config: dict) -> StudentSpec:
+def student_spec(
+    cfg: DictConfig, teacher_path: Path, teacher_hidden: int, ds_config: dict, lr_schedule=None
+) -> StudentSpec:
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     env.setdefault("DS_ACCELERATOR", "cuda" if cfg.cluster.device == "cuda" else "cpu")
     return StudentSpec(
         build=functools.partial(
-            build_student_and_objective, resolved_yaml(cfg), str(teacher_path), teacher_hidden
+            build_student_and_objective, resolved_yaml(cfg), str(teacher_path), teacher_hidden, lr_schedule
         ),
         optim=OmegaConf.to_object(cfg.optim),
         total_steps=cfg.train.steps,
@@ -285,13 +290,15 @@ def student_spec(cfg: DictConfig, teacher_path: Path, teacher_hidden: int, ds_co
     )
 
 
-def build_student_and_objective(cfg_yaml: str, tokenizer_path: str, teacher_hidden: int):
-    """Runs inside each student actor: the reference run's student and objective, seeded the same way."""
+def build_student_and_objective(cfg_yaml: str, tokenizer_path: str, teacher_hidden: int, lr_schedule):
+    """Runs inside each student actor: the reference run's student and objective, seeded the same way, and the
+    driver's LR schedule (its stage lengths were resolved with the data; Ray ships the closure)."""
     cfg = OmegaConf.create(cfg_yaml)
     tokenizer = load_tokenizer(tokenizer_path)
     torch.manual_seed(cfg.train.seed)
     student = builders.build_student(cfg, tokenizer)
-    return student, builders.build_objective(cfg, student, teacher_hidden)
+    objective = builders.build_objective(cfg, student, teacher_hidden)
+    return student, objective, lr_schedule
 
 
 # ---- during and after the run -------------------------------------------------------------------------------
@@ -312,25 +319,19 @@ class _MetricsSink:
     def __init__(
         self,
         path: Path,
-        temperature: float,
+        curriculum=None,
         *,
-        alpha: float = 0.0,
         buffer: Buffer | None = None,
         batches_per_step: int = 1,
         mirror=None,
     ) -> None:
-        self.path, self.temperature, self.alpha, self.mirror = path, temperature, alpha, mirror
+        self.path, self.curriculum, self.mirror = path, curriculum, mirror
         self.buffer, self.batches_per_step = buffer, batches_per_step
         self._opened = time.perf_counter()
         self._log = MetricsLog(path, mirror=mirror)
 
     def write(self, metrics: StepMetrics, extras: dict[str, float]) -> None:
-        record = {
-            **metrics.as_record(),
-            "stage": "main",
-            "temperature": self.temperature,
-            "alpha": self.alpha,
-        }
+        record = metrics.as_record()
         record["student/tokens_per_s"] = record["tokens_per_s"]
         if self.buffer is not None:
             puts, seconds = self.buffer.stats()["puts"], time.perf_counter() - self._opened

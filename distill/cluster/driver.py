@@ -214,6 +214,7 @@ class Driver:
 
     inputs(position): (batch_id, arrays) from stream position `position` on (a fresh iterator each call).
     tokens(batch_id): trained tokens (loss_mask.sum()) of a batch.
+    plans(step): the curriculum's StepPlan of a step, handed to every rank (None: the objective as configured).
     """
 
     def __init__(
@@ -233,6 +234,7 @@ class Driver:
         hooks: Hooks | None = None,
         max_student_restarts: int = 3,
         progress: bool = False,
+        plans: Callable[[int], Any] | None = None,
     ) -> None:
         self.teachers, self.students, self.buffer = teachers, students, buffer
         self.assignment, self.inputs, self.tokens = assignment, inputs, tokens
@@ -241,6 +243,7 @@ class Driver:
         self.hooks = hooks or Hooks()
         self.max_student_restarts = max_student_restarts
         self.progress = progress
+        self.plans = plans
         self.last_loss = float("nan")
         self.committed = 0  # steps whose batches are acked
         self.producer: Producer | None = None
@@ -286,7 +289,10 @@ class Driver:
         batch_ids = a.step_batches(step)
         num_tokens = sum(self.tokens(b) for b in batch_ids)
         rank_batches = [a.rank_batches(step, r) for r in range(a.world)]
-        outs = self.students.train_step(step, rank_batches, num_tokens, poll=self._check_producer)
+        plan = self.plans(step) if self.plans is not None else None
+        if plan is not None and (record := plan.transition()) is not None:
+            log.info("curriculum transition %s", json.dumps(record, sort_keys=True))
+        outs = self.students.train_step(step, rank_batches, num_tokens, poll=self._check_producer, plan=plan)
         assert [o["batch_ids"] for o in outs] == rank_batches, "a rank trained on batches not assigned to it"
         self.buffer.ack(batch_ids)  # committed on every rank: the batches are done
         self.committed = step + 1
@@ -302,6 +308,7 @@ class Driver:
             grad_norm=outs[0]["grad_norm"],
             seconds=time.perf_counter() - start,
             batch_ids=batch_ids,
+            plan=plan,
         )
         if (step + 1) % self.log_every == 0 or step + 1 == self.total_steps:
             stats = self.buffer.stats()

@@ -49,7 +49,8 @@ class StudentFailure(RuntimeError):
 class StudentSpec:
     """What every student actor needs (no config objects cross into actors).
 
-    build: called inside each actor after the process group is up; returns (student model, objective). It must
+    build: called inside each actor after the process group is up; returns (student model, objective, LR
+        schedule: step -> multiplier, or None for optim's own). It must
         be picklable (a module-level function or a functools.partial of one) and seed itself, so every rank and
         every restart builds the same initial weights.
     optim: an `OptimizerConfig`; total_steps: the LR schedule's length; ds_config: from `build_ds_config`.
@@ -142,7 +143,7 @@ class StudentWorker:
             MASTER_PORT=str(master_port),
         )
         init_distributed_from_env(spec.backend)
-        model, objective = spec.build()
+        model, objective, lr_schedule = spec.build()
         self.engine = StudentEngine(
             model,
             objective,
@@ -150,10 +151,13 @@ class StudentWorker:
             total_steps=spec.total_steps,
             ds_config=spec.ds_config,
             gradient_checkpointing=spec.gradient_checkpointing,
+            lr_schedule=lr_schedule,
         )
         return os.getpid()
 
-    def train_step(self, step: int, batch_ids: Sequence[BatchId], global_tokens: int) -> dict[str, Any]:
+    def train_step(
+        self, step: int, batch_ids: Sequence[BatchId], global_tokens: int, plan: Any = None
+    ) -> dict[str, Any]:
         """Lease this rank's micro-batches (in micro-step order), fetch them, run one optimizer step.
 
         Returns StudentEngine.train_step's dict (this rank's term sums) plus `fetch_s` (lease + fetch time).
@@ -163,7 +167,7 @@ class StudentWorker:
         batches = ray.get(refs)  # straight from the teacher's object store: zero copy on the same node
         micro = [b.to_torch(self.engine.device) for b in batches]
         fetch_s = time.perf_counter() - start
-        out = self.engine.train_step(step, micro, global_tokens)
+        out = self.engine.train_step(step, micro, global_tokens, plan)
         return {**out, "fetch_s": fetch_s, "batch_ids": [tuple(b.batch_id) for b in batches]}
 
     def save(self, directory: str, client_state: dict) -> None:
@@ -332,9 +336,11 @@ class StudentGroup:
         rank_batches: list[list[BatchId]],
         global_tokens: int,
         poll: Callable[[], None] | None = None,
+        plan: Any = None,
     ) -> list[dict[str, Any]]:
-        """One optimizer step on every rank; rank r trains on rank_batches[r] (its micro-steps, in order)."""
-        return self._call("train_step", [(step, ids, global_tokens) for ids in rank_batches], poll)
+        """One optimizer step on every rank; rank r trains on rank_batches[r] (its micro-steps, in order), with
+        the curriculum's `plan` of the step (None: the objective as configured)."""
+        return self._call("train_step", [(step, ids, global_tokens, plan) for ids in rank_batches], poll)
 
     def save(self, directory: str | Path, client_state: dict) -> None:
         self._call("save", [(str(directory), client_state)] * self.world_size)

@@ -64,6 +64,12 @@ class StepPlan:
     def active(self) -> list[str]:
         return [label for label, w in self.weights.items() if w != 0.0]
 
+    def transition(self) -> dict | None:
+        """A log record when this step opens a stage after the first, else None."""
+        if self.stage_step != 0 or self.step == 0:
+            return None
+        return {"step": self.step, "stage": self.stage, "stage_index": self.stage_index}
+
 
 @dataclass(frozen=True)
 class Transition:
