@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from distill.data.replay import ReplayBuffer
 from omegaconf import OmegaConf
 from transformers import TokenizersBackend
 
@@ -26,6 +27,7 @@ from distill.models.lora import apply_lora
 from distill.models.tiny import TINY_ARCHS, build_model, tiny_config
 from distill.models.tokenizer import tokenizer_hash
 from distill.teacher.engine import TeacherEngine
+from distill.training.continual import ContinualRun
 from distill.training.objective import Objective, term_specs_from_config
 from distill.training.reference import ReferenceTrainer, build_optimizer
 from distill.training.schedule import curriculum_lr, lr_multiplier
@@ -349,6 +351,36 @@ def run_stream(cfg, data: RunData, tokenizer) -> tuple[Curriculum, MixedStream]:
     curriculum = run_curriculum(cfg, steps_for_tokens)
     segments = [Segment(a * per_step, b * per_step, stage.data) for a, b, stage in curriculum.spans()]
     return curriculum, MixedStream(streams, segments)
+
+
+def continual_run(cfg, curriculum: Curriculum, stream: MixedStream, tokenizer, *, evaluate) -> ContinualRun:
+    """mode=continual: the replay buffer and after-increment evaluations (results in run_dir/continual.json)."""
+    r = cfg.continual.replay
+    return ContinualRun(
+        curriculum,
+        stream,
+        ReplayBuffer(r.capacity, seed=cfg.train.seed, quota=r.quota),
+        per_step=cfg.cluster.grad_accum_steps * cfg.cluster.student_world_size,
+        batch_size=cfg.cluster.micro_batch_size,
+        pad_id=tokenizer.pad_token_id,
+        evaluate=evaluate,
+        results_path=Path(cfg.run_dir) / "continual.json",
+    )
+
+
+def evaluate_increments(cfg, model, tokenizer, data: RunData, continual: ContinualRun) -> dict[str, dict]:
+    """The model on every increment's held-out slice (CE, token accuracy, exact-match if configured)."""
+    return {
+        name: evaluate(
+            cfg,
+            model,
+            tokenizer,
+            data.slices[name],
+            None,
+            generate_examples=cfg.continual.eval_generate_examples,
+        )
+        for name in continual.increments
+    }
 
 
 def write_stages(run_dir: Path, curriculum: Curriculum) -> None:

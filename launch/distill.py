@@ -63,15 +63,30 @@ def run(cfg: DictConfig) -> dict:
     trainer = builders.build_reference_trainer(
         student, objective, cfg.optim, cfg.train.steps, schedule=builders.lr_schedule(cfg, curriculum)
     )
+    continual = scored = None
+    batches = stream.forever()
+    if cfg.mode == "continual":
+        continual = builders.continual_run(
+            cfg,
+            curriculum,
+            stream,
+            tokenizer,
+            evaluate=lambda i: builders.evaluate_increments(cfg, student, tokenizer, data, continual),
+        )
+        batches = reference_continual_batches(stream, continual)
+        scored = {}  # batch id -> TeacherBatch of the current step, offered to the replay buffer after it
     teacher_fn = None
     if objective.needs_teacher and cfg.teacher.cache:
         needed = cfg.train.steps * cfg.cluster.grad_accum_steps
         teacher_fn = CachedTeacher(cfg, teacher_path, tokenizer, needed)
-    elif objective.needs_teacher:
+    elif objective.needs_teacher or continual is not None:
         score = builders.batch_scorer(cfg, engine, teacher_tokenizer, tokenizer)
 
         def teacher_fn(batch_id, batch):
-            return score(batch_id, batch).to_torch()
+            teacher_batch = score(batch_id, batch)
+            if scored is not None:
+                scored[tuple(batch_id)] = teacher_batch
+            return teacher_batch.to_torch()
 
     teacher_rate = RateMeter()
     if teacher_fn is not None:
@@ -85,6 +100,8 @@ def run(cfg: DictConfig) -> dict:
             bar.set_postfix(loss=f"{m.loss:.4f}", stage=m.plan.stage, refresh=False)
             if (record := m.plan.transition()) is not None:
                 log.info("curriculum transition %s", json.dumps(record, sort_keys=True))
+            if continual is not None:
+                continual.after_step(m.step, [scored.pop(b) for b in continual.new_data(m.step)])
             if (m.step + 1) % cfg.train.log_every == 0 or m.step + 1 == cfg.train.steps:
                 record = m.as_record()
                 record["student/tokens_per_s"] = record["tokens_per_s"]
@@ -94,13 +111,14 @@ def run(cfg: DictConfig) -> dict:
 
         run_steps(
             trainer,
-            stream.forever(),
+            batches,
             teacher_fn,
             start_step=0,
             steps=cfg.train.steps,
             accum=cfg.cluster.grad_accum_steps,
             on_step=on_step,
             plans=curriculum.plan,
+            teacher_every_step=continual is not None,
         )
     bar.close()
 
@@ -117,6 +135,19 @@ def run(cfg: DictConfig) -> dict:
     wandb.finish({f"eval/{k}": v for k, v in summary.items() if isinstance(v, int | float)})
     log.info("eval %s", json.dumps(summary, sort_keys=True))
     return summary
+
+
+def reference_continual_batches(stream, continual):
+    """Every position of the stream in order: the teacher's batches, and replay batches (teacher outputs
+    included, from the replay snapshot) in their places."""
+    position = 0
+    while position < stream.end:
+        step = position // continual.per_step
+        replay = dict(continual.replay_batches(step))
+        for g in continual.positions(step):
+            batch_id = stream.batch_id(g)
+            yield batch_id, (replay[batch_id].to_torch() if batch_id in replay else stream.batch(*batch_id))
+        position = (step + 1) * continual.per_step
 
 
 def _timed(teacher_fn, rate: RateMeter):

@@ -162,6 +162,18 @@ def _run_distributed(cfg: DictConfig, hooks: Hooks) -> dict:
         clock = time.perf_counter()
         # Tokens per batch for the loss normalisation; its own stream object (the producer thread has one).
         _, token_stream = builders.run_stream(cfg, data, tokenizer)
+        continual = None
+        if cfg.mode == "continual":
+
+            def evaluate_increment(i: int) -> dict:
+                # The ranks export the current weights; this process evaluates them like the reference does.
+                folder = students.export(run_dir / "increments" / f"{i:02d}-{continual.increments[i]}")
+                model = load_causal_lm(folder, dtype="float32")
+                return builders.evaluate_increments(cfg, model, tokenizer, data, continual)
+
+            continual = builders.continual_run(
+                cfg, curriculum, token_stream, tokenizer, evaluate=evaluate_increment
+            )
         sink = _MetricsSink(
             run_dir / "metrics.jsonl",
             curriculum,
@@ -176,7 +188,7 @@ def _run_distributed(cfg: DictConfig, hooks: Hooks) -> dict:
                 buffer=buffer,
                 assignment=assignment,
                 inputs=functools.partial(_numbered_inputs, stream, assignment),
-                tokens=lambda b: token_stream.batch_tokens(token_stream.position_of(b)),
+                tokens=functools.partial(_batch_tokens, token_stream, continual),
                 total_steps=cfg.train.steps,
                 sink=sink,
                 log_every=cfg.train.log_every,
@@ -185,6 +197,7 @@ def _run_distributed(cfg: DictConfig, hooks: Hooks) -> dict:
                 hooks=hooks,
                 progress=cfg.tracking.progress,
                 plans=curriculum.plan,
+                continual=continual,
             )
             driver.run(start)
         log.info(
@@ -302,6 +315,14 @@ def build_student_and_objective(cfg_yaml: str, tokenizer_path: str, teacher_hidd
 
 
 # ---- during and after the run -------------------------------------------------------------------------------
+def _batch_tokens(stream, continual, batch_id) -> int:
+    """Trained tokens of a batch: counted from its rows, or from the replay batch the driver builds."""
+    position = stream.position_of(batch_id)
+    if continual is not None and continual.is_replay(position):
+        return continual.tokens(position)
+    return stream.batch_tokens(position)
+
+
 def _numbered_inputs(stream, assignment: Assignment, position: int):
     """(batch_id, numpy arrays) from stream position `position` on: what the teacher actors receive."""
     for batch_id, batch in stream.forever(assignment.batch_id(position)):

@@ -254,6 +254,14 @@ class BufferShard:
         self._stats["rolled_back"] += n
         return n
 
+    async def peek(self, batch_ids: Sequence[BatchId]) -> list:
+        """The wrapped refs of held batches (ready or leased), without leasing them: a reader beside the
+        consumers (the continual driver copies consumed rows into its replay buffer before the ack)."""
+        missing = [b for b in map(tuple, batch_ids) if b not in self._entries]
+        if missing:
+            raise KeyError(f"buffer shard {self.index} holds none of {missing}")
+        return [self._entries[tuple(b)].payload[0] for b in batch_ids]
+
     async def held(self) -> list[BatchId]:
         """Ids of the batches currently held (ready or leased)."""
         return list(self._entries)
@@ -358,6 +366,15 @@ class Buffer:
         """TeacherBatch refs of `batch_ids` in that order (one call per shard, in parallel)."""
         groups = self._by_shard(batch_ids)
         calls = {s: self.shards[s].lease.remote(ids, consumer, timeout) for s, ids in groups.items()}
+        refs = {}
+        for s, got in zip(calls, ray.get(list(calls.values())), strict=True):
+            refs.update(zip(groups[s], got, strict=True))
+        return [refs[tuple(b)] for b in batch_ids]
+
+    def peek(self, batch_ids: Sequence[BatchId]) -> list:
+        """TeacherBatch refs of held batches in that order, without leasing them (see BufferShard.peek)."""
+        groups = self._by_shard(batch_ids)
+        calls = {s: self.shards[s].peek.remote(ids) for s, ids in groups.items()}
         refs = {}
         for s, got in zip(calls, ray.get(list(calls.values())), strict=True):
             refs.update(zip(groups[s], got, strict=True))

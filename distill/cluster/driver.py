@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+import ray
 from tqdm.auto import tqdm
 
 from distill.cluster.buffer import PUT_FULL, Buffer
@@ -34,6 +35,7 @@ from distill.cluster.student_group import StudentFailure, StudentGroup
 from distill.errors import CheckpointError
 from distill.io import atomic_write_json, atomic_write_text
 from distill.teacher.batch import BatchId
+from distill.training.continual import ContinualRun
 from distill.training.reference import StepMetrics
 
 log = logging.getLogger(__name__)
@@ -215,6 +217,9 @@ class Driver:
     inputs(position): (batch_id, arrays) from stream position `position` on (a fresh iterator each call).
     tokens(batch_id): trained tokens (loss_mask.sum()) of a batch.
     plans(step): the curriculum's StepPlan of a step, handed to every rank (None: the objective as configured).
+    continual: mode=continual's replay and increment evaluations. The driver puts each step's replay batches
+        into the buffer itself (they carry stored teacher outputs; the teacher never sees them) and, once a step
+        is committed, copies its new-data batches into the replay buffer (`Buffer.peek`, before the ack).
     """
 
     def __init__(
@@ -235,6 +240,7 @@ class Driver:
         max_student_restarts: int = 3,
         progress: bool = False,
         plans: Callable[[int], Any] | None = None,
+        continual: ContinualRun | None = None,
     ) -> None:
         self.teachers, self.students, self.buffer = teachers, students, buffer
         self.assignment, self.inputs, self.tokens = assignment, inputs, tokens
@@ -244,6 +250,7 @@ class Driver:
         self.max_student_restarts = max_student_restarts
         self.progress = progress
         self.plans = plans
+        self.continual = continual
         self.last_loss = float("nan")
         self.committed = 0  # steps whose batches are acked
         self.producer: Producer | None = None
@@ -292,8 +299,13 @@ class Driver:
         plan = self.plans(step) if self.plans is not None else None
         if plan is not None and (record := plan.transition()) is not None:
             log.info("curriculum transition %s", json.dumps(record, sort_keys=True))
+        if self.continual is not None:
+            for batch_id, replayed in self.continual.replay_batches(step):
+                # Forced: the step's own batches always fit (check_capacity); "exists" after a restore is fine.
+                self.buffer.put(batch_id, ray.put(replayed), replayed.nbytes(), timeout=None, force=True)
         outs = self.students.train_step(step, rank_batches, num_tokens, poll=self._check_producer, plan=plan)
         assert [o["batch_ids"] for o in outs] == rank_batches, "a rank trained on batches not assigned to it"
+        scored = ray.get(self.buffer.peek(self.continual.new_data(step))) if self.continual else []
         self.buffer.ack(batch_ids)  # committed on every rank: the batches are done
         self.committed = step + 1
         denom = max(num_tokens, 1)
@@ -310,6 +322,8 @@ class Driver:
             batch_ids=batch_ids,
             plan=plan,
         )
+        if self.continual is not None:
+            self.continual.after_step(step, scored)  # may evaluate the student (an increment's end)
         if (step + 1) % self.log_every == 0 or step + 1 == self.total_steps:
             stats = self.buffer.stats()
             extras = {
@@ -335,6 +349,8 @@ class Driver:
         cursor = self.assignment.batch_id(step * self.assignment.per_step)
         path = self.checkpoints.path(step)
         self.students.save(path, {"step": step, "next_batch": list(cursor)})
+        if self.continual is not None:
+            self.continual.save(path)
         self.checkpoints.commit(step, cursor)
 
     def _load(self, path: Path) -> int:
@@ -349,6 +365,8 @@ class Driver:
             raise CheckpointError(
                 f"{path}: data cursor {state['next_batch']} is not step {state['step']}'s {expected}"
             )
+        if self.continual is not None:
+            self.continual.load(path)
         log.info("restored %s (step %d, next batch %s)", path, state["step"], state["next_batch"])
         return state["step"]
 
@@ -368,6 +386,8 @@ class Driver:
                 latest = self.checkpoints.latest() if self.checkpoints else None
                 # Without a checkpoint the new actors start from the same initial weights: step 0.
                 step = self._load(latest) if latest is not None else 0
+                if latest is None and self.continual is not None:
+                    self.continual.load(None)
                 break
             except StudentFailure as again:
                 err = again

@@ -39,6 +39,11 @@ def validate_run(cfg, facts: PairFacts) -> Topology:
     _validate_terms(cfg, facts)
     run_curriculum(cfg)
     _validate_sources(cfg)
+    if cfg.mode == "continual" and cfg.teacher.cache:
+        raise ConfigError(
+            "mode=continual keeps each consumed batch's teacher outputs for replay and scores online; unset "
+            "teacher.cache (an offline cache is for mode=standard)."
+        )
     if cfg.teacher.token_map.enabled:
         _validate_cross_tokenizer(cfg)
     elif any(t.name == "uld" and t.weight for t in cfg.loss.terms.values()):

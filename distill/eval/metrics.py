@@ -24,12 +24,13 @@ def heldout_metrics(
 ) -> dict[str, float]:
     """Token-averaged metrics over trained positions (loss_mask) of the held-out batches.
 
-    ce: mean next-token cross-entropy in nats; ppl = exp(ce). With a teacher: kl_to_teacher = mean
+    ce: mean next-token cross-entropy in nats; ppl = exp(ce); accuracy: share of positions whose argmax is the
+    next token. With a teacher: kl_to_teacher = mean
     KL(teacher || student) over the full vocabulary at T=1, agreement = share of positions where the
     student's argmax equals the teacher's.
     """
     model.eval()
-    ce_sum = kl_sum = agree = 0.0
+    ce_sum = kl_sum = agree = correct = 0.0
     tokens = 0
     seconds = 0.0
     for batch in batches:
@@ -40,6 +41,7 @@ def heldout_metrics(
         s_logp = F.log_softmax(logits[mask].float(), dim=-1)  # [n, V]
         labels = next_token_labels(batch["input_ids"])[mask]
         ce_sum += float(F.nll_loss(s_logp, labels, reduction="sum"))
+        correct += float((s_logp.argmax(-1) == labels).sum())
         tokens += int(mask.sum())
         if teacher_logits is not None:
             t_logits = teacher_logits(batch)[mask].float()
@@ -48,7 +50,12 @@ def heldout_metrics(
             kl_sum += float(F.kl_div(s_logp[:, :v], t_logp, log_target=True, reduction="sum"))
             agree += float((s_logp[:, :v].argmax(-1) == t_logp.argmax(-1)).sum())
     n = max(tokens, 1)
-    out = {"ce": ce_sum / n, "ppl": math.exp(min(ce_sum / n, 50.0)), "tokens": tokens}
+    out = {
+        "ce": ce_sum / n,
+        "ppl": math.exp(min(ce_sum / n, 50.0)),
+        "accuracy": correct / n,
+        "tokens": tokens,
+    }
     out["tokens_per_s"] = tokens / max(seconds, 1e-9)
     if teacher_logits is not None:
         out["kl_to_teacher"] = kl_sum / n

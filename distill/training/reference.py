@@ -135,18 +135,23 @@ def run_steps(
     accum: int,
     on_step: Callable[[StepMetrics], None],
     plans: Callable[[int], StepPlan] | None = None,
+    teacher_every_step: bool = False,
 ) -> None:
-    """Pull `accum` numbered batches per step, add the teacher's outputs when the step's terms need them, step.
+    """Pull `accum` numbered batches per step, add the teacher's outputs when the step's terms need them (or
+    always, with `teacher_every_step`) unless a batch carries them already (replay), step.
 
     plans: the curriculum (step -> StepPlan); None trains every step with the objective as configured.
     """
     for step in range(start_step, steps):
         plan = plans(step) if plans is not None else None
-        needs_teacher = teacher is not None and trainer.objective.needs_teacher_for(plan)
+        needs_teacher = teacher is not None and (
+            teacher_every_step or trainer.objective.needs_teacher_for(plan)
+        )
         micro, ids = [], []
         for _ in range(accum):
             batch_id, batch = next(batches)
-            micro.append(teacher(batch_id, batch) if needs_teacher else batch)
+            scored = batch.get("topk_ids") is not None
+            micro.append(teacher(batch_id, batch) if needs_teacher and not scored else batch)
             ids.append(batch_id)
         metrics = trainer.train_step(step, micro, plan)
         metrics.batch_ids = ids
