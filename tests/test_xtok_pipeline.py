@@ -108,6 +108,7 @@ def test_what_a_token_map_does_not_cover_fails_up_front(overrides, match):
         "student=qwen2_5_3b",
         "cluster.teacher_tp=8",
         "teacher.token_map.enabled=true",
+        "loss=kd",  # logit terms only (the default loss also transfers hidden states and attention)
     ]
     cfg = compose([*base, *overrides])
     with pytest.raises(ConfigError, match=match):
