@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from distill.data.replay import ReplayBuffer
 from omegaconf import OmegaConf
 from transformers import TokenizersBackend
 
@@ -18,8 +17,10 @@ from distill.config.validate import PairFacts, data_sources, run_curriculum
 from distill.curriculum import Curriculum
 from distill.data import BatchStream, build_task_dataset, encode_example, load_user_dataset
 from distill.data.mixing import MixedStream, Segment
+from distill.data.replay import ReplayBuffer
 from distill.errors import CheckpointError, ConfigError
 from distill.eval import evaluate_model
+from distill.eval.report import write_report
 from distill.io import atomic_write_json
 from distill.models.facts import ModelFacts, arch_config_path
 from distill.models.loading import load_causal_lm, load_tokenizer
@@ -27,6 +28,7 @@ from distill.models.lora import apply_lora
 from distill.models.tiny import TINY_ARCHS, build_model, tiny_config
 from distill.models.tokenizer import tokenizer_hash
 from distill.teacher.engine import TeacherEngine
+from distill.tracking.metrics_log import read_metrics
 from distill.training.continual import ContinualRun
 from distill.training.objective import Objective, term_specs_from_config
 from distill.training.reference import ReferenceTrainer, build_optimizer
@@ -381,6 +383,20 @@ def evaluate_increments(cfg, model, tokenizer, data: RunData, continual: Continu
         )
         for name in continual.increments
     }
+
+
+def write_run_report(cfg, summary: dict, continual: ContinualRun | None = None) -> Path:
+    """report.md + PNG plots in the run folder: loss terms per stage, schedules, held-out eval, and for
+    continual runs the accuracy matrices with forgetting."""
+    run_dir = Path(cfg.run_dir)
+    title = f"Distillation report: {cfg.teacher.name} -> {cfg.student.name}, {cfg.curriculum.name}, mode={cfg.mode}"
+    return write_report(
+        run_dir,
+        metrics=read_metrics(run_dir / "metrics.jsonl"),
+        eval_summary=summary,
+        continual=continual.matrices() if continual is not None else None,
+        title=title,
+    )
 
 
 def write_stages(run_dir: Path, curriculum: Curriculum) -> None:

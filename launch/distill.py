@@ -132,6 +132,7 @@ def run(cfg: DictConfig) -> dict:
     )
     summary = builders.evaluate(cfg, student, tokenizer, data, teacher_logits)
     atomic_write_json(run_dir / "eval.json", summary)
+    builders.write_run_report(cfg, summary, continual)
     wandb.finish({f"eval/{k}": v for k, v in summary.items() if isinstance(v, int | float)})
     log.info("eval %s", json.dumps(summary, sort_keys=True))
     return summary

@@ -144,7 +144,7 @@ def _run_distributed(cfg: DictConfig, hooks: Hooks) -> dict:
     connect(c)
     teacher_nodes, student_nodes = plan_nodes(topology)  # the live cluster; raises before any actor starts
     log.info("teachers on %s, students on %s", teacher_nodes, student_nodes)
-    buffer = students = teachers = None
+    buffer = students = teachers = continual = None
     try:
         buffer = Buffer.create(
             shards=c.buffer_shards, capacity_per_shard=per_shard, batches_per_epoch=stream.num_batches
@@ -162,7 +162,6 @@ def _run_distributed(cfg: DictConfig, hooks: Hooks) -> dict:
         clock = time.perf_counter()
         # Tokens per batch for the loss normalisation; its own stream object (the producer thread has one).
         _, token_stream = builders.run_stream(cfg, data, tokenizer)
-        continual = None
         if cfg.mode == "continual":
 
             def evaluate_increment(i: int) -> dict:
@@ -213,6 +212,7 @@ def _run_distributed(cfg: DictConfig, hooks: Hooks) -> dict:
 
     summary = evaluate(cfg, teacher_path, tokenizer, data, run_dir / "student")
     atomic_write_json(run_dir / "eval.json", summary)
+    builders.write_run_report(cfg, summary, continual)
     wandb.finish({f"eval/{k}": v for k, v in summary.items() if isinstance(v, int | float)})
     log.info("eval %s", json.dumps(summary, sort_keys=True))
     return summary
