@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +36,7 @@ from distill.training.reference import ReferenceTrainer, build_optimizer
 from distill.training.schedule import curriculum_lr, lr_multiplier
 from distill.xtok import CrossTokenizerTeacher, bits_per_char, encode_pairs, load_or_build_token_map
 
+log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Bump when the demo teacher's training recipe changes so stale caches are not reused.
 DEMO_RECIPE_VERSION = 1
@@ -274,6 +276,14 @@ def build_data(cfg, tokenizer, teacher_tokenizer=None) -> RunData:
                 seed=cfg.data.seed,
             )
             part = DataSlice(encode(own["train"]), encode(own["eval"]), list(own["eval"]))
+        elif _lacks_subset_fields(sub, ds["train"]):
+            # A user dataset without domain / level columns is the target data itself.
+            log.warning(
+                "data.subsets.%s filters by domain/level, but the dataset has no such fields: using all of it "
+                "(give the subset its own `path` to train on another slice)",
+                name,
+            )
+            part = DataSlice(train, heldout, data.eval_examples)
         else:
             keep_train = [i for i, ex in enumerate(ds["train"]) if _in_subset(sub, ex)]
             keep_eval = [i for i, ex in enumerate(ds["eval"]) if _in_subset(sub, ex)]
@@ -296,6 +306,13 @@ def _encode_rows(cfg, tokenizer, teacher_tokenizer, examples) -> list[dict]:
     if cfg.teacher.token_map.enabled:
         return encode_pairs(tokenizer, teacher_tokenizer, examples, cfg.data.max_length)
     return [encode_example(tokenizer, ex, cfg.data.max_length) for ex in examples]
+
+
+def _lacks_subset_fields(sub, split) -> bool:
+    columns = set(split.column_names)
+    return (sub.domains is not None and "domain" not in columns) or (
+        sub.levels is not None and "level" not in columns
+    )
 
 
 def _in_subset(sub, example: dict) -> bool:

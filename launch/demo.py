@@ -1,6 +1,7 @@
 """`distill demo`: teacher vs KD student vs CE-only student on the embedded task, same student/steps/data.
 
-Runs prepare-demo (cached), then two full runs that differ only in `loss`, and prints one table.
+Runs prepare-demo (cached), then the configured KD run (the three-stage curriculum by default) and the CE-only
+baseline (hard labels, one stage), and prints one table.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from distill.config import LossConfig
+from distill.config.schema import CurriculumConfig
 from distill.config.store import CONFIG_DIR
 from distill.io import atomic_write_json, atomic_write_text
 from distill.models.loading import load_causal_lm, load_tokenizer
@@ -42,6 +44,11 @@ def with_changes(cfg: DictConfig, **changes) -> DictConfig:
     return out
 
 
+def group_config(group: str, name: str, schema) -> DictConfig:
+    """hydra_configs/<group>/<name>.yaml typed by its schema dataclass (what `<group>=<name>` would give)."""
+    return OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.load(CONFIG_DIR / group / f"{name}.yaml"))
+
+
 def teacher_row(cfg: DictConfig) -> dict:
     path = builders.require_teacher(cfg)
     tokenizer = load_tokenizer(path)
@@ -55,9 +62,14 @@ def compare(cfg: DictConfig) -> dict[str, dict]:
     root = Path(cfg.run_dir)
     rows = {"teacher": teacher_row(cfg)}
     rows["KD student"] = run(with_changes(cfg, run_dir=str(root / "kd")))
-    baseline_loss = OmegaConf.load(CONFIG_DIR / "loss" / f"{BASELINE_LOSS}.yaml")
-    baseline_loss = OmegaConf.merge(OmegaConf.structured(LossConfig), baseline_loss)
-    rows["CE-only student"] = run(with_changes(cfg, run_dir=str(root / BASELINE_LOSS), loss=baseline_loss))
+    # The baseline trains plain CE from start to end: no curriculum stages re-weighting it.
+    baseline = with_changes(
+        cfg,
+        run_dir=str(root / BASELINE_LOSS),
+        loss=group_config("loss", BASELINE_LOSS, LossConfig),
+        curriculum=group_config("curriculum", "single_stage", CurriculumConfig),
+    )
+    rows["CE-only student"] = run(baseline)
     atomic_write_json(root / "demo.json", rows)
     atomic_write_text(root / "demo.md", markdown_table(rows))
     print_table(rows)

@@ -16,7 +16,13 @@ from launch.sweep import summarize
 
 pytestmark = pytest.mark.slow
 SWEEP = ["loss.temperature=1,2", "loss=kd,jsd"]
-TINY = ["train.steps=2", "train.log_every=1", "eval.generate_examples=0", "eval.max_batches=1"]
+TINY = [
+    "train.steps=2",
+    "curriculum=single_stage",
+    "train.log_every=1",
+    "eval.generate_examples=0",
+    "eval.max_batches=1",
+]
 WANT = {("1", "kd"), ("2", "kd"), ("1", "jsd"), ("2", "jsd")}
 
 

@@ -138,6 +138,7 @@ def test_any_hf_folders_as_teacher_and_student_on_a_user_dataset(tiny_teacher, b
             f"data.path={tmp_path / 'data.jsonl'}",
             "data.eval_fraction=0.25",
             "train.steps=2",
+            "curriculum=single_stage",
             "train.log_every=1",
         ],
         run_dir=str(tmp_path / "run"),
@@ -169,7 +170,13 @@ def test_eval_command_scores_an_exported_student(tiny_teacher, base_overrides, t
 def test_demo_prints_teacher_kd_and_ce_rows(tiny_teacher, base_overrides, tmp_path, capsys):
     from launch.demo import compare
 
-    tiny = ["train.steps=2", "eval.max_batches=1", "eval.generate_examples=4", "eval.max_new_tokens=8"]
+    tiny = [
+        "train.steps=2",
+        "curriculum=single_stage",
+        "eval.max_batches=1",
+        "eval.generate_examples=4",
+        "eval.max_new_tokens=8",
+    ]
     rows = compare(compose([*base_overrides, *tiny], run_dir=str(tmp_path)))
     assert list(rows) == ["teacher", "KD student", "CE-only student"]
     assert rows["teacher"]["agreement"] == 1.0

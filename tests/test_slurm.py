@@ -99,7 +99,7 @@ def _latest_step(run_dir: Path) -> int | None:
 
 def test_sbatch_runs_ray_across_two_slurm_nodes(local_slurm, tiny_teacher, base_overrides, tmp_path):
     start = time.monotonic()
-    job = _submit(local_slurm, tmp_path, [*base_overrides, *RUN, "train.steps=2"])
+    job = _submit(local_slurm, tmp_path, [*base_overrides, *RUN, "train.steps=2", "curriculum=single_stage"])
     info = _wait(local_slurm, job, lambda i: i["JobState"] == "COMPLETED", "completion", tmp_path)
     print(f"slurm job {job}: {time.monotonic() - start:.1f} s")
     assert info["NodeList"] == "node[1-2]" and info["ExitCode"] == "0:0"

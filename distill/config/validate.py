@@ -188,9 +188,3 @@ def _validate_sources(cfg) -> None:
                 f"{where} names dataset {name!r}, which is not defined; known: {known}. Define it under "
                 f"data.subsets (e.g. data.subsets.{name}={{domains: [baking]}}) or fix the name."
             )
-    for name, sub in cfg.data.subsets.items():
-        if sub.path is None and cfg.data.path is not None and (sub.domains or sub.levels):
-            raise ConfigError(
-                f"data.subsets.{name} filters by domains/levels, which only the embedded task has (data.path is "
-                "set); give the subset its own `path` instead."
-            )

@@ -46,9 +46,16 @@ def curriculum_from_config(
                 raise ConfigError(f"{where} is measured in tokens, which needs the run's data to resolve.")
             steps = steps_for_tokens(i, start, data, int(sc.tokens))
         elif sc.fraction:
-            steps = int(sc.fraction * train_steps)
+            # At least one step each (a short smoke run keeps every stage); the last stage of fractions summing
+            # to one takes the rounding remainder.
+            steps = max(1, int(sc.fraction * train_steps))
             if i == len(cur.stages) - 1 and _fractions_sum_to_one(cur):
-                steps = train_steps - start  # the rounding remainder goes to the last stage
+                steps = train_steps - start
+                if steps <= 0:
+                    raise ConfigError(
+                        f"train.steps={train_steps} is too short for curriculum={cur.name}'s {len(cur.stages)} "
+                        f"stages (each needs a step); raise train.steps or use curriculum=single_stage."
+                    )
         else:
             steps = int(sc.steps)
         stages.append(
