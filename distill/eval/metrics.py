@@ -24,10 +24,9 @@ def heldout_metrics(
 ) -> dict[str, float]:
     """Token-averaged metrics over trained positions (loss_mask) of the held-out batches.
 
-    ce: mean next-token cross-entropy in nats; ppl = exp(ce); accuracy: share of positions whose argmax is the
-    next token. With a teacher: kl_to_teacher = mean
-    KL(teacher || student) over the full vocabulary at T=1, agreement = share of positions where the
-    student's argmax equals the teacher's.
+    ce: mean next-token cross-entropy in nats; ppl = exp(ce); accuracy: share of positions where the student's
+    argmax is the next token (the label). With a teacher: kl_to_teacher = mean KL(teacher || student) over the
+    full vocabulary at T=1, agreement = share of positions where the student's argmax equals the teacher's.
     """
     model.eval()
     ce_sum = kl_sum = agree = correct = 0.0

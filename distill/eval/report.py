@@ -1,21 +1,29 @@
 """The run's quality report: report.md with PNG plots, from metrics.jsonl rows, the eval summary and (continual
-runs) the accuracy matrices. Written at the end of every run and by bench/quality.py."""
+runs) the accuracy matrices. Written at the end of every run and by bench/quality.py.
+
+Plots use matplotlib's object API with the Agg canvas rather than pyplot: nothing is registered in pyplot's
+global figure list (so nothing to close or leak), the process-wide backend is left alone (importing this module
+from a notebook keeps its inline plots), and no display is ever needed.
+"""
 
 from __future__ import annotations
 
 import math
-import os
-import tempfile
+import numbers
+import re
 from collections.abc import Sequence
+from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only; never a display
-import matplotlib.pyplot as plt
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 from distill.eval.continual import ContinualMatrix
-from distill.io import atomic_write_text
+from distill.io import atomic_write_bytes, atomic_write_text
+
+_DEFAULT_STAGE = "main"  # runs without a curriculum log no stage name
 
 
 def write_report(
@@ -27,164 +35,274 @@ def write_report(
     title: str = "Distillation report",
     extra_tables: dict[str, list[dict]] | None = None,
 ) -> Path:
-    """report.md + loss_terms.png, schedules.png, heldout.png (if periodic eval rows exist) and one
-    continual_<metric>.png per matrix, all written atomically into `run_dir`. Returns report.md's path."""
+    """Write report.md and its plots into `run_dir` (each file atomically) and return report.md's path.
+
+    metrics: metrics.jsonl rows. Rows with an `event` key (e.g. stage_transition) are annotations drawn as
+        vertical lines; every other row with a `step` is a training row (`stage`, `temperature`, `alpha`,
+        `loss`, `lr`, `loss/<term>`, optionally `eval/<metric>`).
+    Plots: loss_terms.png, schedules.png, heldout.png (only with eval/* columns), continual_<metric>.png.
+    """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    rows = [r for r in metrics if "event" not in r and "step" in r]
+    rows, events = _split_rows(metrics)
+    spans = _stage_spans(rows, events)
     lines = [f"# {title}", ""]
-    images: list[tuple[str, str]] = []
     if rows:
-        images.append(("Loss terms per stage", _plot_terms(run_dir, rows)))
-        images.append(("Temperature, alpha and learning rate", _plot_schedules(run_dir, rows)))
-        if any(k.startswith("eval/") for r in rows for k in r):
-            images.append(("Held-out metrics", _plot_heldout(run_dir, rows)))
-        lines += ["## Stages", "", *_table(_stage_rows(rows)), ""]
+        lines += ["## Stages", "", "Loss columns are per-stage means of the logged rows.", ""]
+        lines += [*_table(_stage_table(spans)), ""]
+        lines += _image("Loss terms per stage", _plot_terms(run_dir, rows, spans, events))
+        lines += _image("Temperature, alpha and learning rate", _plot_schedules(run_dir, rows, spans, events))
+        if _keys(rows, "eval/"):
+            lines += ["## Held-out metrics during training", ""]
+            lines += _image("Held-out metrics", _plot_heldout(run_dir, rows, spans, events))
     if eval_summary:
         lines += ["## Held-out evaluation (end of run)", ""]
-        lines += _table([{"metric": k, "value": v} for k, v in sorted(eval_summary.items())])
-        lines.append("")
+        lines += [*_table([{"metric": k, "value": v} for k, v in sorted(eval_summary.items())]), ""]
     for m in continual or []:
         lines += [f"## Continual: {m.metric} (rows: after increment i; columns: increment j)", ""]
         table = [
             {"after": name, **dict(zip(m.increments, row, strict=True))}
-            for name, row in zip(m.increments, m.values, strict=False)
+            for name, row in zip(m.increments, m.values, strict=False)  # a partial matrix has fewer rows
         ]
         table.append({"after": "forgetting", **dict(zip(m.increments, m.forgetting(), strict=True))})
         lines += [*_table(table), "", f"Average forgetting: {_fmt(m.average_forgetting())}", ""]
-        images.append((f"Continual {m.metric}", _plot_matrix(run_dir, m)))
+        if m.values:
+            lines += _image(f"Continual {m.metric}", _plot_matrix(run_dir, m))
     for name, table in (extra_tables or {}).items():
         lines += [f"## {name}", "", *_table(table), ""]
-    for caption, file in images:
-        lines += [f"![{caption}]({file})", ""]
     path = run_dir / "report.md"
     atomic_write_text(path, "\n".join(lines))
     return path
 
 
-# ---- tables ------------------------------------------------------------------------------------------------
-def _stage_rows(rows: Sequence[dict]) -> list[dict]:
-    """One row per stage, in order: its logged steps, the mean of each loss term, temperature and alpha ranges."""
-    stages: list[tuple[str, list[dict]]] = []
+# ---- rows and stages ---------------------------------------------------------------------------------------
+@dataclass
+class _Span:
+    """A run of consecutive rows in one stage; [start, end) is the shaded band on the step axis."""
+
+    name: str
+    rows: list[dict]
+    start: float
+    end: float
+
+
+def _split_rows(metrics: Sequence[dict]) -> tuple[list[dict], list[dict]]:
+    """(training rows sorted by step, event rows). Rows logged twice for one step are merged, later keys
+    winning: a resumed run re-logs the steps after its checkpoint, and an eval row may arrive on its own."""
+    events = [r for r in metrics if "event" in r and _num(r.get("step")) is not None]
+    by_step: dict[int, dict] = {}
+    for r in metrics:
+        if "event" not in r and _num(r.get("step")) is not None:
+            by_step.setdefault(r["step"], {}).update(r)
+    rows = [by_step[s] for s in sorted(by_step)]
+    stage = _DEFAULT_STAGE
+    for r in rows:  # a row without a stage (e.g. a lone eval row) belongs to the stage before it
+        stage = r.setdefault("stage", stage)
+    return rows, events
+
+
+def _stage_spans(rows: list[dict], events: list[dict]) -> list[_Span]:
+    spans: list[_Span] = []
     for r in rows:
-        name = r.get("stage", "main")
-        if not stages or stages[-1][0] != name:
-            stages.append((name, []))
-        stages[-1][1].append(r)
-    terms = sorted({k for r in rows for k in r if k.startswith("loss/")})
+        if spans and spans[-1].name == r["stage"]:
+            spans[-1].rows.append(r)
+            continue
+        start = r["step"]
+        if spans:
+            # Metrics are logged every N steps; a transition event knows the exact step the stage began.
+            prev_last = spans[-1].rows[-1]["step"]
+            exact = [
+                e["step"]
+                for e in events
+                if e["event"] == "stage_transition" and prev_last < e["step"] <= start
+            ]
+            start = exact[0] if exact else start
+            spans[-1].end = start
+        spans.append(_Span(r["stage"], [r], start, start))
+    if spans:
+        spans[-1].end = max(spans[-1].rows[-1]["step"], spans[-1].start + 1)
+    return spans
+
+
+def _stage_table(spans: list[_Span]) -> list[dict]:
+    """One row per stage span, in order. The total `loss` is last so the per-term means sit next to the steps."""
+    terms = sorted({k for s in spans for k in _keys(s.rows, "loss/")})
     out = []
-    for name, part in stages:
-        row = {"stage": name, "first step": part[0]["step"], "last step": part[-1]["step"], "rows": len(part)}
+    for s in spans:
+        row = {"stage": s.name, "first step": s.rows[0]["step"], "last step": s.rows[-1]["step"]}
+        row["logged steps"] = len(s.rows)
         for t in terms:
-            values = [r[t] for r in part if t in r]
-            row[t] = sum(values) / len(values) if values else None
+            row[t] = _mean(s.rows, t)
         for key in ("temperature", "alpha"):
-            values = [r[key] for r in part if key in r]
-            row[key] = f"{_fmt(values[0])} -> {_fmt(values[-1])}" if values else None
+            values = [v for r in s.rows if (v := _num(r.get(key))) is not None]
+            row[key] = _range(values)
+        row["loss"] = _mean(s.rows, "loss")
         out.append(row)
     return out
 
 
+def _mean(rows: Sequence[dict], key: str) -> float | None:
+    """Mean over the rows that log `key`; a NaN anywhere stays NaN so a diverged stage cannot look healthy."""
+    values = [v for r in rows if (v := _num(r.get(key))) is not None]
+    return sum(values) / len(values) if values else None
+
+
+def _range(values: list[float]) -> str | None:
+    if not values:
+        return None
+    if values[0] == values[-1]:
+        return _fmt(values[0])
+    return f"{_fmt(values[0])} -> {_fmt(values[-1])}"  # start -> end shows which way the schedule moves
+
+
+# ---- markdown ----------------------------------------------------------------------------------------------
 def _table(rows: Sequence[dict]) -> list[str]:
+    """Markdown table; columns are the first row's keys, then any key a later row adds."""
     if not rows:
         return ["(none)"]
-    cols = list(rows[0])
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    lines = ["| " + " | ".join(_fmt(c) for c in cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
     return lines
 
 
-def _fmt(v) -> str:
+def _image(caption: str, file: str) -> list[str]:
+    return [f"![{caption}]({file})", ""]
+
+
+def _fmt(v: object) -> str:
     if v is None:
         return "-"
-    if isinstance(v, float):
+    if isinstance(v, numbers.Real) and not isinstance(v, numbers.Integral):  # float, numpy floats
+        v = float(v)
         return "nan" if math.isnan(v) else f"{v:.4g}"
-    return str(v)
+    return str(v).replace("|", "\\|").replace("\n", " ")  # a stray pipe would split the table cell
 
 
-# ---- plots ---------------------------------------------------------------------------------------------------
-def _shade_stages(ax, rows: Sequence[dict]) -> None:
-    """Stage spans as alternating background bands, labelled, with a line at each transition."""
-    start, name = rows[0]["step"], rows[0].get("stage", "main")
-    spans = []
-    for r in rows[1:]:
-        if r.get("stage", "main") != name:
-            spans.append((start, r["step"], name))
-            start, name = r["step"], r.get("stage", "main")
-    spans.append((start, rows[-1]["step"] + 1, name))
-    for band, (a, b, label) in enumerate(spans):
-        ax.axvspan(a, b, color="0.92" if band % 2 == 0 else "0.85", zorder=0)
+def _num(v: object) -> float | None:
+    """A plottable number, or None for missing and non-numeric values (bools are flags, not numbers)."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        return None
+    return float(v)
+
+
+def _keys(rows: Sequence[dict], prefix: str) -> list[str]:
+    return sorted({k for r in rows for k in r if k.startswith(prefix)})
+
+
+# ---- plots -------------------------------------------------------------------------------------------------
+def _figure(nrows: int = 1, *, height: float = 4.0) -> tuple[Figure, list[Axes]]:
+    fig = Figure(figsize=(8, height), layout="constrained")
+    FigureCanvasAgg(fig)  # Agg for this figure only, see the module docstring
+    axes = fig.subplots(nrows, 1, sharex=True, squeeze=False)[:, 0]
+    return fig, list(axes)
+
+
+def _series(rows: Sequence[dict], key: str) -> tuple[list[float], list[float]]:
+    """(steps, values) of the rows that log `key`; infinities become gaps like NaN so the axes stay usable."""
+    pts = [(r["step"], v) for r in rows if (v := _num(r.get(key))) is not None]
+    return [s for s, _ in pts], [v if math.isfinite(v) else math.nan for _, v in pts]
+
+
+def _decorate(ax: Axes, spans: list[_Span], events: list[dict]) -> None:
+    """Stage spans as alternating labelled background bands; a dashed line at each transition and event."""
+    for band, s in enumerate(spans):
+        ax.axvspan(s.start, s.end, color="0.93" if band % 2 == 0 else "0.86", zorder=0, linewidth=0)
         ax.text(
-            (a + b) / 2, 1.0, label, transform=ax.get_xaxis_transform(), ha="center", va="bottom", fontsize=8
+            (s.start + s.end) / 2,
+            1.0,
+            s.name,
+            transform=ax.get_xaxis_transform(),
+            ha="center",
+            va="bottom",
+            fontsize=8,
         )
-        if a != rows[0]["step"]:
-            ax.axvline(a, color="0.4", linestyle="--", linewidth=0.8)
+    lines = {s.start: "" for s in spans[1:]}
+    for e in events:
+        if e["event"] != "stage_transition":  # stage bands already name the stages
+            lines[e["step"]] = str(e["event"])
+        else:
+            lines.setdefault(e["step"], "")
+    for step, label in lines.items():
+        ax.axvline(step, color="0.35", linestyle="--", linewidth=0.8)
+        if label:
+            ax.text(
+                step, 0.02, label, transform=ax.get_xaxis_transform(), rotation=90, fontsize=7, va="bottom"
+            )
 
 
-def _plot_terms(run_dir: Path, rows: Sequence[dict]) -> str:
-    fig, ax = plt.subplots(figsize=(8, 4))
-    _shade_stages(ax, rows)
-    for term in sorted({k for r in rows for k in r if k.startswith("loss/")}):
-        pts = [(r["step"], r[term]) for r in rows if term in r]
-        ax.plot(*zip(*pts, strict=True), marker=".", label=term.removeprefix("loss/"))
+def _plot_terms(run_dir: Path, rows: list[dict], spans: list[_Span], events: list[dict]) -> str:
+    fig, (ax,) = _figure()
+    _decorate(ax, spans, events)
+    values = []
+    for term in _keys(rows, "loss/"):
+        steps, ys = _series(rows, term)
+        ax.plot(steps, ys, marker=".", label=term.removeprefix("loss/"))
+        values += [y for y in ys if not math.isnan(y)]
+    if values and min(values) > 0:  # log only when every point can be shown (some terms can be <= 0)
+        ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("loss term (per token)")
-    ax.set_yscale("log")
-    ax.legend(fontsize=8)
+    if values:
+        ax.legend(fontsize=8)
     return _save(fig, run_dir / "loss_terms.png")
 
 
-def _plot_schedules(run_dir: Path, rows: Sequence[dict]) -> str:
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 5), sharex=True)
-    _shade_stages(top, rows)
-    steps = [r["step"] for r in rows]
+def _plot_schedules(run_dir: Path, rows: list[dict], spans: list[_Span], events: list[dict]) -> str:
+    fig, (top, bottom) = _figure(2, height=5.0)
+    for ax in (top, bottom):
+        _decorate(ax, spans, events)
     for key in ("temperature", "alpha"):
-        if all(key in r for r in rows):
-            top.plot(steps, [r[key] for r in rows], marker=".", label=key)
-    top.legend(fontsize=8)
-    bottom.plot(steps, [r.get("lr", float("nan")) for r in rows], color="C2", marker=".")
+        steps, ys = _series(rows, key)
+        if steps:
+            top.plot(steps, ys, marker=".", label=key)
+    if top.lines:
+        top.legend(fontsize=8)
+    bottom.plot(*_series(rows, "lr"), color="C2", marker=".")
     bottom.set_ylabel("learning rate")
     bottom.set_xlabel("step")
     return _save(fig, run_dir / "schedules.png")
 
 
-def _plot_heldout(run_dir: Path, rows: Sequence[dict]) -> str:
-    keys = sorted({k for r in rows for k in r if k.startswith("eval/")})
-    fig, axes = plt.subplots(len(keys), 1, figsize=(8, 2.2 * len(keys)), sharex=True, squeeze=False)
-    for ax, key in zip(axes[:, 0], keys, strict=True):
-        pts = [(r["step"], r[key]) for r in rows if key in r]
-        ax.plot(*zip(*pts, strict=True), marker="o")
+def _plot_heldout(run_dir: Path, rows: list[dict], spans: list[_Span], events: list[dict]) -> str:
+    keys = _keys(rows, "eval/")
+    fig, axes = _figure(len(keys), height=2.2 * len(keys) + 0.5)
+    for ax, key in zip(axes, keys, strict=True):
+        _decorate(ax, spans, events)
+        ax.plot(*_series(rows, key), marker="o")
         ax.set_ylabel(key.removeprefix("eval/"))
-    axes[-1, 0].set_xlabel("step")
+    axes[-1].set_xlabel("step")
     return _save(fig, run_dir / "heldout.png")
 
 
 def _plot_matrix(run_dir: Path, m: ContinualMatrix) -> str:
+    """Heatmap, rows "after increment i", columns "increment j", each cell's number written in it."""
     n_rows, n_cols = len(m.values), len(m.increments)
-    grid = [[float("nan") if v is None else v for v in row] for row in m.values]
-    fig, ax = plt.subplots(figsize=(1.2 * n_cols + 2, 1.0 * n_rows + 1.5))
-    image = ax.imshow(grid, cmap="viridis" if m.higher_is_better else "viridis_r", aspect="auto")
+    grid = [[math.nan if v is None else float(v) for v in row] for row in m.values]
+    fig = Figure(figsize=(1.2 * n_cols + 2.5, 0.8 * n_rows + 1.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    cmap = "viridis" if m.higher_is_better else "viridis_r"  # bright = good either way
+    image = ax.imshow(grid, cmap=cmap, aspect="auto")
     for i in range(n_rows):
         for j in range(n_cols):
-            ax.text(j, i, _fmt(m.values[i][j]), ha="center", va="center", color="w", fontsize=8)
+            if m.values[i][j] is None:
+                continue
+            r, g, b, _ = image.cmap(image.norm(grid[i][j]))
+            ink = "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"  # readable on any cell
+            ax.text(j, i, _fmt(m.values[i][j]), ha="center", va="center", color=ink, fontsize=8)
     ax.set_xticks(range(n_cols), m.increments)
     ax.set_yticks(range(n_rows), [f"after {name}" for name in m.increments[:n_rows]])
+    ax.set_xlabel("evaluated on increment")
     ax.set_title(m.metric)
     fig.colorbar(image)
-    return _save(fig, run_dir / f"continual_{m.metric}.png")
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", m.metric)  # e.g. "eval/ce" must not become a folder
+    return _save(fig, run_dir / f"continual_{safe}.png")
 
 
-def _save(fig, path: Path) -> str:
-    """savefig to a temporary file in the same folder, then rename: a reader never sees half a PNG."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.tight_layout()
-        fig.savefig(tmp, dpi=110)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a report is for everyone who can read the run
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+def _save(fig: Figure, path: Path) -> str:
+    """Render in memory and write atomically, so a reader never sees half a PNG. Returns the file name."""
+    buf = BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    atomic_write_bytes(path, buf.getvalue())
     return path.name
