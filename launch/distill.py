@@ -78,7 +78,7 @@ def run(cfg: DictConfig) -> dict:
     teacher_fn = None
     if objective.needs_teacher and cfg.teacher.cache:
         needed = cfg.train.steps * cfg.cluster.grad_accum_steps
-        teacher_fn = CachedTeacher(cfg, teacher_path, tokenizer, needed)
+        teacher_fn = CachedTeacher(cfg, teacher_path, tokenizer, needed, stream)
     elif objective.needs_teacher or continual is not None:
         score = builders.batch_scorer(cfg, engine, teacher_tokenizer, tokenizer)
 

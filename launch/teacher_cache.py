@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from distill.cache import CacheReader, CacheWriter
 from distill.cache.encoding import packed_ids_name
 from distill.config.validate import validate_run
+from distill.data.mixing import DATA
 from distill.errors import CheckpointError, ConfigError
 from distill.models.fingerprint import model_fingerprint
 from distill.models.loading import load_tokenizer
@@ -29,11 +30,14 @@ from launch import builders
 from launch.app import hydra_app
 
 
-def cache_identity(cfg: DictConfig, teacher_path: Path, tokenizer) -> dict:
-    """What a cache must agree on with the run that reads it (checked by CacheReader's `expect`)."""
+def cache_identity(cfg: DictConfig, teacher_path: Path, tokenizer, mixes: list | None = None) -> dict:
+    """What a cache must agree on with the run that reads it (checked by CacheReader's `expect`).
+
+    mixes: the run stream's segments [(first position, end, shares)]: a curriculum's data mixes decide which
+    rows each batch holds, so a cache is only valid for the same mixes."""
     specs = term_specs_from_config(cfg.loss.terms)
     data = OmegaConf.to_container(cfg.data, resolve=True)
-    stream = {"data": data, "micro_batch_size": cfg.cluster.micro_batch_size}
+    stream = {"data": data, "micro_batch_size": cfg.cluster.micro_batch_size, "mixes": mixes}
     return {
         "teacher_hash": model_fingerprint(teacher_path),
         "tokenizer_hash": tokenizer_hash(tokenizer),
@@ -51,7 +55,9 @@ def build_cache(cfg: DictConfig) -> Path:
     c = cfg.teacher_cache
     if c.epochs < 1:
         raise ConfigError(f"teacher_cache.epochs={c.epochs} must be >= 1.")
-    identity = cache_identity(cfg, teacher_path, tokenizer)
+    data = builders.build_data(cfg, tokenizer)
+    _, stream = builders.run_stream(cfg, data, tokenizer)
+    identity = cache_identity(cfg, teacher_path, tokenizer, stream_mixes(stream))
     vocab = builders.model_facts(cfg.teacher, len(tokenizer)).vocab_size
     ids_encoding = packed_ids_name(vocab) if c.ids_encoding == "auto" else c.ids_encoding
     meta = {
@@ -60,9 +66,9 @@ def build_cache(cfg: DictConfig) -> Path:
         "ids_encoding": ids_encoding,
         "logits_encoding": c.logits_encoding,
     }
-    data = builders.build_data(cfg, tokenizer)
-    stream = builders.batch_stream(cfg, data.train_rows, tokenizer)
-    order = [(e, i) for e in range(c.epochs) for i in range(stream.num_batches)]
+    # The run's own stream (its curriculum's data mixes), up to `epochs` x the train split's batches.
+    end = min(c.epochs * stream.num_batches, stream.end)
+    order = [stream.batch_id(g) for g in range(end) if stream.locate(g).source == DATA]
     with CacheWriter(
         c.dir, manifest_meta=meta, shard_batches=c.shard_batches, overwrite=c.overwrite
     ) as writer:
@@ -111,8 +117,9 @@ def _score(cfg, teacher_path: Path, identity: dict, batches) -> Iterator[Teacher
 class CachedTeacher:
     """The teacher source of a run that trains from an offline cache: batch id -> TeacherBatch tensors."""
 
-    def __init__(self, cfg: DictConfig, teacher_path: Path, tokenizer, needed_batches: int) -> None:
-        self.reader = CacheReader(cfg.teacher.cache, expect=cache_identity(cfg, teacher_path, tokenizer))
+    def __init__(self, cfg: DictConfig, teacher_path: Path, tokenizer, needed_batches: int, stream) -> None:
+        identity = cache_identity(cfg, teacher_path, tokenizer, stream_mixes(stream))
+        self.reader = CacheReader(cfg.teacher.cache, expect=identity)
         if len(self.reader) < needed_batches:
             raise CheckpointError(
                 f"teacher cache {cfg.teacher.cache} holds {len(self.reader)} batches but the run needs "
@@ -127,6 +134,11 @@ class CachedTeacher:
                 "cache was built from other data or batching. Rebuild it with the run's data settings."
             )
         return cached.to_torch()
+
+
+def stream_mixes(stream) -> list:
+    """The stream's segments as plain JSON values (for the cache identity)."""
+    return [[seg.start, seg.end, dict(sorted(seg.shares.items()))] for seg in stream.segments]
 
 
 @hydra_app

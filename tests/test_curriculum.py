@@ -1,7 +1,7 @@
 """Curriculum: ramps, per-step plans, LR restarts, stage lengths, config validation and data mixes.
 
 Pure tests (no models, no processes). Expected values are worked out by hand in the test, not recomputed with
-the code under test. Tests marked `BUG:` fail on purpose: they pin a defect of the code under test.
+the code under test. Tests marked `Regression:` pin defects found by these tests and since fixed.
 """
 
 from __future__ import annotations
@@ -217,7 +217,7 @@ def test_lr_restarts_at_a_restart_stage():
 
 
 def test_lr_restarts_on_the_three_stage_config():
-    c = run_curriculum(config("train.steps=20"))
+    c = run_curriculum(config("train.steps=20", "curriculum.stages.2.restart_lr=true"))
     finetune = next(start for start, _, stage in c.spans() if stage.name == "finetune")
     length = 20 - finetune
     lr = curriculum_lr(c, **LR)
@@ -274,7 +274,10 @@ def test_active_labels():
         (["curriculum.stages.0.terms.hard=-1.0"], "terms.hard=-1.0 is negative"),
         (["curriculum.stages.1.temperature.end=0.0"], "temperature 0.0 must be > 0"),
         (["curriculum.stages.2.temperature.start=-1.0"], "temperature -1.0 must be > 0"),
-        (["curriculum.stages.1.alpha.end=1.5"], r"alpha 1.5 must be within \[0, 1\]"),
+        (
+            ["curriculum.stages.1.alpha.start=0.5", "curriculum.stages.1.alpha.end=1.5"],
+            r"alpha 1.5 must be within \[0, 1\]",
+        ),
         (["curriculum.stages.2.alpha.start=-0.1"], r"alpha -0.1 must be within \[0, 1\]"),
         (["curriculum.stages.2.name=warmup"], "'warmup' is used twice"),
         (["curriculum.stages.0.data.train=0.0"], "data mix"),
@@ -358,7 +361,7 @@ def test_unknown_continual_increment():
 
 
 def test_increment_named_replay_is_refused():
-    # BUG: distill/config/validate.py:183 skips any source named `replay` in continual mode, but there
+    # Regression (fixed, was distill/config/validate.py:183): skips any source named `replay` in continual mode, but there
     # data_sources() returns only increments, so the skip only ever hits an increment literally named
     # "replay": it is neither checked against data.subsets nor reserved. continual_curriculum then builds
     # its data mix as {"replay": 0.75, "replay": 0.25} == {"replay": 0.25} (the increment's own data is
@@ -387,15 +390,15 @@ def test_continual_stages_mix_each_increment_with_replay():
 
 
 # ---- 7. stage lengths --------------------------------------------------------------------------------------
-@pytest.mark.parametrize(("steps", "lengths"), [(8, [1, 4, 3]), (300, [60, 180, 60]), (301, [60, 180, 61])])
+@pytest.mark.parametrize(("steps", "lengths"), [(8, [2, 5, 1]), (300, [30, 210, 60]), (301, [30, 211, 60])])
 def test_fractions_cover_train_steps_exactly(steps, lengths):
-    # 0.2 / 0.6 / 0.2 of train.steps, floored; the last stage takes the rounding remainder
+    # 0.1 / 0.7 / 0.2 of train.steps: at least one step each, the rest by largest remainder
     c = run_curriculum(config(f"train.steps={steps}"))
     assert [st.steps for st in c.stages] == lengths and c.total_steps == steps
 
 
 def test_fraction_lengths_are_exact_shares():
-    # BUG: distill/curriculum/build.py:51 floors `sc.fraction * train_steps` in floating point, and
+    # Regression (fixed, was distill/curriculum/build.py:51): floors `sc.fraction * train_steps` in floating point, and
     # 0.29 * 100 == 28.999999999999996, so a 0.29 stage of a 100-step run gets 28 steps, not 29.
     # Expected: [29, 71]; actual: [28, 72].
     c = build(cur_config(StageConfig(name="a", fraction=0.29), StageConfig(name="b", fraction=0.71)), 100)
@@ -403,7 +406,7 @@ def test_fraction_lengths_are_exact_shares():
 
 
 def test_steps_plus_fraction_adding_up_is_accepted():
-    # BUG (same line, build.py:51): 71 steps + fraction 0.29 of 100 steps is exactly 100, but the fraction
+    # Regression (fixed, was build.py:51): 71 steps + fraction 0.29 of 100 steps is exactly 100, but the fraction
     # floors to 28 and the run is refused with "curriculum stages add up to 99 steps (a 71 + b 28)".
     c = build(cur_config(StageConfig(name="a", steps=71), StageConfig(name="b", fraction=0.29)), 100)
     assert [st.steps for st in c.stages] == [71, 29]
@@ -501,7 +504,7 @@ def test_block_pattern_without_a_positive_share_fails():
 
 
 def test_block_pattern_stays_within_max_block():
-    # BUG: distill/data/mixing.py:51-52 bounds each share's denominator by MAX_BLOCK but takes the LCM of
+    # Regression (fixed, was distill/data/mixing.py:51-52): bounds each share's denominator by MAX_BLOCK but takes the LCM of
     # them, so the block can far exceed MAX_BLOCK (the module docstring says "at most MAX_BLOCK"). Here the
     # shares become 166/995, 1/2 and 1/3: a block of 5970 slots. {a: 0.1234, b: 0.3766, c: 0.5} gives
     # 939,746 slots (~2 s per pattern, and _picks() scans the pattern on every row lookup).

@@ -242,32 +242,45 @@ def test_single_segment_is_the_plain_batch_stream():
         assert torch.equal(g["input_ids"], w["input_ids"])
 
 
-def test_segments_mix_sources_and_continue_each_source():
-    sources = {
-        "train": _stream(7, 10),
-        "target": _stream(9, 6),
-    }
+def test_segments_mix_rows_and_continue_each_source():
+    sources = {"train": _stream(7, 10), "target": _stream(9, 6)}
     segments = [
         Segment(0, 4, {"train": 1.0}),
         Segment(4, 8, {"train": 0.5, "target": 0.5}),
         Segment(8, 12, {"train": 1.0}),
     ]
     mixed = MixedStream(sources, segments)
-    locs = [mixed.locate(g) for g in range(12)]
-    assert [loc.source for loc in locs[4:8]].count("target") == 2
-    train_positions = [loc.position for loc in locs if loc.source == "train"]
-    assert train_positions == list(range(len(train_positions)))  # continues across segments, never restarts
+    rows = [mixed.rows(g) for g in range(12)]
+    assert all([n for n, _ in r] == ["train", "target"] for r in rows[4:8])  # each batch half and half
+    train_rows = [row["input_ids"][1] for r in rows for n, row in r if n == "train"]
+    batches = zip(range(10), _stream(7, 10).forever(), strict=False)  # 20 train rows: 8 + 4 + 8
+    plain = [x["input_ids"][:, 1].tolist() for _, (_, x) in batches]
+    assert train_rows == [
+        v for batch in plain for v in batch
+    ]  # train continues its own order, never restarts
     for g in range(12):  # random access = iteration; tokens without building the batch
         batch = mixed.batch(*mixed.batch_id(g))
-        assert int(batch["input_ids"][0, 0]) == (9 if locs[g].source == "target" else 7)
+        assert batch["input_ids"][:, 0].tolist() == [7 if n == "train" else 9 for n, _ in rows[g]]
         assert mixed.batch_tokens(g) == int(batch["loss_mask"].sum())
     assert [b for b, _ in mixed.forever((0, 3))] == [mixed.batch_id(g) for g in range(3, 12)]
 
 
-def test_sources_built_elsewhere_are_skipped_and_refused():
+def test_row_mixing_does_not_depend_on_the_micro_batch_split():
+    """Micro-batch 4 x 2 positions per step holds the rows of micro-batch 8 x 1 position: same data per step."""
+
+    def rows(batch: int) -> list[list[int]]:
+        sources = {"train": _stream(7, 40, batch=batch), "target": _stream(9, 24, batch=batch)}
+        per_step = 8 // batch
+        mixed = MixedStream(sources, [Segment(0, 6 * per_step, {"train": 0.75, "target": 0.25})])
+        return [r["input_ids"] for g in range(6 * per_step) for _, r in mixed.rows(g)]
+
+    assert rows(8) == rows(4)
+
+
+def test_sources_built_elsewhere_take_whole_positions():
     mixed = MixedStream({"inc": _stream(5, 8)}, [Segment(0, 8, {"inc": 0.5, "replay": 0.5})])
     replay = [g for g in range(8) if mixed.locate(g).source == "replay"]
-    assert len(replay) == 4
+    assert len(replay) == 4 and [mixed.locate(g).position for g in replay] == [0, 1, 2, 3]
     assert [mixed.position_of(b) for b, _ in mixed.forever()] == [g for g in range(8) if g not in replay]
     with pytest.raises(KeyError, match="replay"):
         mixed.batch(*mixed.batch_id(replay[0]))

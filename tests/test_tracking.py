@@ -75,7 +75,14 @@ def test_offline_wandb_run_holds_every_metric_and_the_config(
 
     monkeypatch.setenv("WANDB_API_KEY", SECRET)  # present in the environment, as on a cluster
     monkeypatch.setenv("WANDB_SILENT", "true")
-    overrides = [*base_overrides, "train.steps=3", "train.log_every=1", "eval.generate_examples=0"]
+    # One stage: every logged step carries every term (a curriculum's warm-up logs CE only).
+    overrides = [
+        *base_overrides,
+        "curriculum=single_stage",
+        "train.steps=3",
+        "train.log_every=1",
+        "eval.generate_examples=0",
+    ]
     cfg = compose([*overrides, "tracking.wandb=true", "tracking.wandb_mode=offline"], run_dir=str(tmp_path))
     summary = run(cfg)
 

@@ -76,6 +76,7 @@ def test_ray_job_submit_runs_distill_with_wandb(ray_head, tiny_teacher, base_ove
         "cluster=local_ray",
         "cluster.address=auto",
         *base_overrides,
+        "curriculum=single_stage",
         "train.steps=3",
         "train.log_every=1",
         "eval.generate_examples=0",

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from distill.config.topology import ModelShape, Topology
-from distill.curriculum.build import REPLAY, continual_curriculum, curriculum_from_config
+from distill.curriculum.build import continual_curriculum, curriculum_from_config
 from distill.curriculum.stages import FEATURES, HARD, SOFT, Curriculum
 from distill.errors import ConfigError
 from distill.losses import get as get_term
@@ -180,8 +180,6 @@ def data_sources(cfg) -> list[str]:
 def _validate_sources(cfg) -> None:
     known = ["train", *cfg.data.subsets]
     for name in data_sources(cfg):
-        if name == REPLAY and cfg.mode == "continual":
-            continue
         if name not in known:
             where = "continual.increments" if cfg.mode == "continual" else "a curriculum stage's data mix"
             raise ConfigError(

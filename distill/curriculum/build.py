@@ -33,6 +33,7 @@ def curriculum_from_config(
     takes the rounding remainder); the stages must add up to train.steps."""
     stages: list[Stage] = []
     start = 0
+    shares = _apportion(cur, train_steps) if _fractions_sum_to_one(cur) else None
     for i, sc in enumerate(cur.stages):
         where = f"curriculum stage {sc.name!r}"
         given = [k for k in ("steps", "tokens", "fraction") if sc[k]]
@@ -46,16 +47,7 @@ def curriculum_from_config(
                 raise ConfigError(f"{where} is measured in tokens, which needs the run's data to resolve.")
             steps = steps_for_tokens(i, start, data, int(sc.tokens))
         elif sc.fraction:
-            # At least one step each (a short smoke run keeps every stage); the last stage of fractions summing
-            # to one takes the rounding remainder.
-            steps = max(1, int(sc.fraction * train_steps))
-            if i == len(cur.stages) - 1 and _fractions_sum_to_one(cur):
-                steps = train_steps - start
-                if steps <= 0:
-                    raise ConfigError(
-                        f"train.steps={train_steps} is too short for curriculum={cur.name}'s {len(cur.stages)} "
-                        f"stages (each needs a step); raise train.steps or use curriculum=single_stage."
-                    )
+            steps = shares[i] if shares else max(1, round(sc.fraction * train_steps))
         else:
             steps = int(sc.steps)
         stages.append(
@@ -100,6 +92,10 @@ def continual_curriculum(
     increments = list(cont.increments)
     if not increments:
         raise ConfigError("continual.increments is empty; list the data.subsets to train on, in order.")
+    if REPLAY in increments:
+        raise ConfigError(
+            f"continual.increments names {REPLAY!r}, the reserved name of the replayed share; rename that subset."
+        )
     if len(set(increments)) != len(increments):
         raise ConfigError(
             f"continual.increments {increments} names a subset twice; each increment is trained once."
@@ -158,6 +154,26 @@ def continual_curriculum(
 def _ramp(sc, default: float | None = None) -> Ramp:
     start = sc.start if sc.start is not None else default
     return Ramp(float(start), None if sc.end is None else float(sc.end), sc.schedule)
+
+
+def _apportion(cur, train_steps: int) -> list[int]:
+    """Steps of all-fractional stages summing to one: exactly train.steps in all, every stage at least one step,
+    the rest by largest remainder (so 0.1 / 0.7 / 0.2 of 8 steps is 1 / 5 / 2, of 300 is 30 / 210 / 60)."""
+    n = len(cur.stages)
+    if train_steps < n:
+        raise ConfigError(
+            f"train.steps={train_steps} is too short for curriculum={cur.name}'s {n} stages (each needs a step); "
+            "raise train.steps or use curriculum=single_stage."
+        )
+    exact = [s.fraction * train_steps for s in cur.stages]
+    steps = [max(1, int(x)) for x in exact]
+    while sum(steps) > train_steps:  # the minimum of one step overfilled: take from the largest
+        steps[steps.index(max(steps))] -= 1
+    for i in sorted(range(n), key=lambda i: exact[i] - int(exact[i]), reverse=True)[
+        : train_steps - sum(steps)
+    ]:
+        steps[i] += 1
+    return steps
 
 
 def _fractions_sum_to_one(cur) -> bool:

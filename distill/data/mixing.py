@@ -1,14 +1,15 @@
-"""Data mixes: one numbered stream of batches whose source changes by segment (curriculum stages, continual
-increments) and, within a segment, interleaves sources at fixed shares.
+"""Data mixes: one numbered stream of batches whose sources change by segment (curriculum stages, continual
+increments) and, within a segment, interleave at fixed shares (rows of the stream's own sources; whole batches
+of sources the run builds itself, such as replay).
 
-Position g of the run's stream (the `Assignment`'s stream position) maps to (source, the source's own position)
-by a pure function, so any batch can be rebuilt from its id alone, exactly as with a single `BatchStream`:
-- a segment [start, end) of positions has shares {source: share}. They become exact integer counts per block
-  of M positions (M the smallest common denominator of the shares, at most `MAX_BLOCK`), laid out by a smooth
-  round robin (each slot goes to the source furthest behind its share), so every window of M positions holds
-  each source in its exact share and no source comes in long runs;
-- a source's batches continue across segments (a source used in stages 1 and 3 does not restart in stage 3), so
-  its own stream runs through its epochs like a plain `BatchStream.forever`.
+Position g of the run's stream (the `Assignment`'s stream position) maps to its rows by a pure function, so any
+batch can be rebuilt from its id alone, exactly as with a single `BatchStream`:
+- a segment [start, end) of positions has shares {source: share}. Shares become exact integer counts per block
+  of M slots (M the smallest common denominator of the shares, at most `MAX_BLOCK`), laid out by a smooth
+  round robin (each slot goes to the source furthest behind its share), so every window of M slots holds each
+  source in its exact share and no source comes in long runs;
+- a source's rows continue across segments (a source used in stages 1 and 3 does not restart in stage 3), so its
+  own stream runs through its epochs like a plain `BatchStream.forever`.
 
 Batch ids stay `(epoch, index) = divmod(g, num_batches)` with `num_batches` the `train` source's batches per
 epoch (any fixed number would do: ids only need to be a bijection with positions).
@@ -26,7 +27,7 @@ from functools import cached_property
 
 import torch
 
-from distill.data.batching import BatchId, BatchStream
+from distill.data.batching import BatchId, BatchStream, pad_batch
 from distill.errors import ConfigError
 
 MAX_BLOCK = 1000
@@ -49,10 +50,14 @@ def block_pattern(shares: Mapping[str, float]) -> list[str]:
     total = sum(positive.values())
     fractions = {name: Fraction(s / total).limit_denominator(MAX_BLOCK) for name, s in positive.items()}
     block = math.lcm(*(f.denominator for f in fractions.values()))
-    counts = {name: int(f * block) for name, f in fractions.items()}
-    # limit_denominator may leave the counts a slot short or over; the largest share absorbs the difference.
-    largest = max(counts, key=lambda n: (counts[n], n))
-    counts[largest] += block - sum(counts.values())
+    if block > MAX_BLOCK:  # shares without a small common denominator: MAX_BLOCK slots, largest remainders
+        block = MAX_BLOCK
+    exact = {name: s / total * block for name, s in positive.items()}
+    counts = {name: int(v) for name, v in exact.items()}
+    for name in sorted(exact, key=lambda n: exact[n] - counts[n], reverse=True)[
+        : block - sum(counts.values())
+    ]:
+        counts[name] += 1
     pattern: list[str] = []
     taken = dict.fromkeys(counts, 0)
     order = {name: i for i, name in enumerate(counts)}
@@ -64,18 +69,30 @@ def block_pattern(shares: Mapping[str, float]) -> list[str]:
     return pattern
 
 
+DATA = "data"
+"""`Location.source` of a position whose batch the stream builds from its own sources' rows."""
+
+
 @dataclass(frozen=True)
 class Location:
     source: str
+    """DATA, or the name of a source the run builds itself (e.g. `replay`)."""
     position: int
-    """The source's own stream position (its batches counted across epochs)."""
+    """The position among that kind's positions (DATA positions counted across segments)."""
 
 
 class MixedStream:
     """A numbered batch stream over named sources laid out by `segments` (contiguous from position 0).
 
-    sources: name -> BatchStream. A segment may name sources that are not here (e.g. `replay`, whose batches
-    the run builds itself): `locate` places them like any other, and `batch` refuses them.
+    sources: name -> BatchStream (all with the same batch size B). Two levels of mixing:
+    - sources the stream owns are mixed ROW by row: the DATA positions of a segment hold consecutive rows of
+      the segment's row mix, B per position. A step's rows are then the same whatever its split into
+      micro-batches and ranks (equal global batch, equal data), as with a single BatchStream;
+    - a source named in a segment but not owned here (e.g. `replay`, whose batches the run builds with stored
+      teacher outputs) takes whole positions: `locate` says which, `forever` skips them, `batch` refuses them.
+    Each owned source's rows continue across segments in its own epoch order (rows_per_epoch = its full
+    batches x B, exactly the rows `BatchStream.forever` would visit), so a single segment {train: 1} is
+    exactly the plain BatchStream.
     """
 
     def __init__(self, sources: Mapping[str, BatchStream], segments: Sequence[Segment]) -> None:
@@ -85,15 +102,29 @@ class MixedStream:
             if a.end != b.start:
                 raise ValueError(f"segments must be contiguous: {a} then {b}")
         self.sources, self.segments = dict(sources), list(segments)
-        self.patterns = [block_pattern(s.shares) for s in self.segments]
-        self.num_batches = (sources.get("train") or next(iter(sources.values()))).num_batches
-        # offsets[i][name]: batches of `name` used by the segments before segment i.
-        self.offsets: list[dict[str, int]] = []
-        used: dict[str, int] = {}
-        for seg, pattern in zip(self.segments, self.patterns, strict=True):
-            self.offsets.append(dict(used))
-            for name in set(pattern):
-                used[name] = used.get(name, 0) + _picks(pattern, name, seg.end - seg.start)
+        first = sources.get("train") or next(iter(sources.values()))
+        self.num_batches, self.batch_size = first.num_batches, first.batch_size
+        self.position_patterns, self.row_patterns = [], []
+        for seg in self.segments:
+            built = {n: v for n, v in seg.shares.items() if n not in self.sources and v > 0}
+            owned = {n: v for n, v in seg.shares.items() if n in self.sources and v > 0}
+            self.position_patterns.append(
+                block_pattern({DATA: sum(owned.values()), **built}) if owned or built else []
+            )
+            self.row_patterns.append(block_pattern(owned) if owned else [])
+        # Per segment: positions of each kind and rows of each owned source used by the segments before it.
+        self.position_offsets: list[dict[str, int]] = []
+        self.row_offsets: list[dict[str, int]] = []
+        positions: dict[str, int] = {}
+        rows: dict[str, int] = {}
+        for seg, kinds, mix in zip(self.segments, self.position_patterns, self.row_patterns, strict=True):
+            self.position_offsets.append(dict(positions))
+            self.row_offsets.append(dict(rows))
+            for kind in set(kinds):
+                positions[kind] = positions.get(kind, 0) + _picks(kinds, kind, seg.end - seg.start)
+            data_rows = _picks(kinds, DATA, seg.end - seg.start) * self.batch_size if mix else 0
+            for name in set(mix):
+                rows[name] = rows.get(name, 0) + _picks(mix, name, data_rows)
 
     @property
     def end(self) -> int:
@@ -110,9 +141,29 @@ class MixedStream:
 
     def locate(self, position: int) -> Location:
         i = self.segment_of(position)
-        pattern, local = self.patterns[i], position - self.segments[i].start
-        name = pattern[local % len(pattern)]
-        return Location(name, self.offsets[i].get(name, 0) + _picks(pattern, name, local))
+        kinds, local = self.position_patterns[i], position - self.segments[i].start
+        kind = kinds[local % len(kinds)]
+        return Location(kind, self.position_offsets[i].get(kind, 0) + _picks(kinds, kind, local))
+
+    def rows(self, position: int) -> list[tuple[str, dict]]:
+        """(source name, encoded row) of the B rows of the DATA position `position`, in order."""
+        i = self.segment_of(position)
+        kinds, mix, local = self.position_patterns[i], self.row_patterns[i], position - self.segments[i].start
+        if kinds[local % len(kinds)] != DATA:
+            name = kinds[local % len(kinds)]
+            raise KeyError(f"source {name!r} has no batch stream here (its batches are built by the run)")
+        first_row = _picks(kinds, DATA, local) * self.batch_size
+        out = []
+        for r in range(first_row, first_row + self.batch_size):
+            name = mix[r % len(mix)]
+            out.append((name, self._row(name, self.row_offsets[i].get(name, 0) + _picks(mix, name, r))))
+        return out
+
+    def _row(self, name: str, index: int) -> dict:
+        source = self.sources[name]
+        per_epoch = source.num_batches * source.batch_size
+        epoch, within = divmod(index, per_epoch)
+        return source.rows[source._permutation(epoch)[within]]
 
     def batch_id(self, position: int) -> BatchId:
         return divmod(position, self.num_batches)
@@ -120,31 +171,21 @@ class MixedStream:
     def position_of(self, batch_id: BatchId) -> int:
         return batch_id[0] * self.num_batches + batch_id[1]
 
-    def _source(self, loc: Location) -> BatchStream:
-        if loc.source not in self.sources:
-            raise KeyError(
-                f"source {loc.source!r} has no batch stream here (its batches are built by the run)"
-            )
-        return self.sources[loc.source]
-
     def batch(self, epoch: int, index: int) -> dict[str, torch.Tensor]:
-        loc = self.locate(self.position_of((epoch, index)))
-        source = self._source(loc)
-        return source.batch(*divmod(loc.position, source.num_batches))
+        """The batch with id (epoch, index) (see `pad_batch` for the tensors)."""
+        first = next(iter(self.sources.values()))
+        rows = [row for _, row in self.rows(self.position_of((epoch, index)))]
+        return pad_batch(rows, first.pad_id, pad_to=first.seq_len)
 
     def batch_tokens(self, position: int) -> int:
         """Trained tokens (loss-mask positions) of the batch at `position`, without building it."""
-        loc = self.locate(position)
-        source = self._source(loc)
-        return source.batch_tokens(*divmod(loc.position, source.num_batches))
+        return sum(sum(row["loss_mask"]) for _, row in self.rows(position))
 
     def forever(self, start: BatchId = (0, 0)) -> Iterator[tuple[BatchId, dict[str, torch.Tensor]]]:
-        """Batches of the stream's own sources from `start` to the end (positions of other sources skipped)."""
+        """The DATA batches from `start` to the end (positions of sources built elsewhere are skipped)."""
         for position in range(self.position_of(start), self.end):
-            loc = self.locate(position)
-            if loc.source in self.sources:
-                source = self.sources[loc.source]
-                yield self.batch_id(position), source.batch(*divmod(loc.position, source.num_batches))
+            if self.locate(position).source == DATA:
+                yield self.batch_id(position), self.batch(*self.batch_id(position))
 
 
 def _picks(pattern: list[str], name: str, length: int) -> int:

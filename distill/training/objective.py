@@ -168,7 +168,14 @@ class Objective(nn.Module):
         return next(t.weight for t in self.terms if t.label == label)
 
     def weighted_total(self, sums: Mapping[str, torch.Tensor], plan: StepPlan | None = None) -> torch.Tensor:
-        return sum(self.weight(label, plan) * s for label, s in sums.items())  # type: ignore[return-value]
+        total = sum(self.weight(label, plan) * s for label, s in sums.items())
+        # A projector whose term the curriculum turned off gets an exact zero gradient instead of none, so every
+        # optimizer (torch AdamW, ZeRO 1-3, which would otherwise keep or skip stale gradients) sees the same
+        # step: the single-process and every distributed layout stay identical across stage changes.
+        idle = [p for label, proj in self.projectors.items() if label not in sums for p in proj.parameters()]
+        if idle:
+            total = total + 0.0 * sum(p.sum() for p in idle)
+        return total  # type: ignore[return-value]
 
     def _teacher(self, batch):
         if batch.get("topk_ids") is None:

@@ -106,11 +106,6 @@ class ReferenceTrainer:
             (self.objective.weighted_total(sums, plan) / denom).backward()
             for label, s in sums.items():
                 term_sums[label] = term_sums.get(label, 0.0) + s.detach()
-        for p in self.parameters():
-            # A term the curriculum turned off leaves its projector without a gradient; zeros make AdamW treat
-            # it as DeepSpeed's flat optimizer does (moments decay, weight decay applies), so both paths agree.
-            if p.grad is None and p.requires_grad:
-                p.grad = torch.zeros_like(p)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters(), self.grad_clip or float("inf"))
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
