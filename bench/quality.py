@@ -84,7 +84,10 @@ def main() -> int:
                 ContinualMatrix.from_dict(m) for m in result["matrices"] if m["metric"] == "accuracy"
             )
             forgetting[name].append(matrix.average_forgetting())
-            matrices.setdefault(name, matrix)
+            # Named after the run: the report titles each matrix (and its PNG) by its metric.
+            matrices.setdefault(
+                name, ContinualMatrix(matrix.increments, f"accuracy, {name}", True, matrix.values)
+            )
             print(f"{name} seed {seed}: average forgetting {matrix.average_forgetting():.4f}", flush=True)
 
     standard_table = [

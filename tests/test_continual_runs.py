@@ -13,6 +13,7 @@ from distill.cluster.driver import Hooks
 from distill.config import compose
 from distill.eval.continual import ContinualMatrix
 from distill.tracking.metrics_log import read_metrics
+from tests.test_online_distributed import StopAfter, StopRun
 
 pytestmark = pytest.mark.slow
 INCREMENTS = ["shopping", "travel", "baking"]
@@ -93,19 +94,6 @@ def test_distributed_continual_run_matches_the_reference(ray_cluster, base_overr
     # The checkpoint carries the replay buffer (live and the increment's frozen snapshot) as safetensors.
     latest = tmp_path / "checkpoints" / (tmp_path / "checkpoints" / "latest").read_text().strip()
     assert (latest / "replay.safetensors").is_file() and (latest / "replay_frozen.safetensors").is_file()
-
-
-class StopRun(Exception):
-    pass
-
-
-class StopAfter(Hooks):
-    def __init__(self, after: int) -> None:
-        self.after = after
-
-    def after_step(self, driver, step: int) -> None:
-        if step == self.after:
-            raise StopRun(step)
 
 
 @pytest.mark.distributed
