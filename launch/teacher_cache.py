@@ -66,8 +66,10 @@ def build_cache(cfg: DictConfig) -> Path:
         "ids_encoding": ids_encoding,
         "logits_encoding": c.logits_encoding,
     }
-    # The run's own stream (its curriculum's data mixes), up to `epochs` x the train split's batches.
-    end = min(c.epochs * stream.num_batches, stream.end)
+    # The run's own stream (its curriculum's data mixes) for `epochs` x the train split's batches; past the
+    # run's end the last stage's mix continues (longer runs with the same stages read the same batches).
+    end = c.epochs * stream.num_batches
+    stream = stream.extended(end)
     order = [stream.batch_id(g) for g in range(end) if stream.locate(g).source == DATA]
     with CacheWriter(
         c.dir, manifest_meta=meta, shard_batches=c.shard_batches, overwrite=c.overwrite

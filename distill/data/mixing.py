@@ -130,6 +130,14 @@ class MixedStream:
     def end(self) -> int:
         return self.segments[-1].end
 
+    def extended(self, end: int) -> MixedStream:
+        """The same stream with its last segment running on to `end` (positions before the old end unchanged):
+        an offline teacher cache of more epochs than one run uses."""
+        last = self.segments[-1]
+        return MixedStream(
+            self.sources, [*self.segments[:-1], Segment(last.start, max(end, last.end), last.shares)]
+        )
+
     @cached_property
     def _starts(self) -> list[int]:
         return [s.start for s in self.segments]

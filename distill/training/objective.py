@@ -160,7 +160,22 @@ class Objective(nn.Module):
                 s_attn, t_attn = self._attention_pairs(spec, student_out, batch)
                 loss_sum, _ = fn(s_attn, t_attn, batch["loss_mask"].bool(), **params)
             sums[spec.label] = loss_sum
+        if sums:
+            first = next(iter(sums))
+            sums[first] = sums[first] + self._idle_projectors(sums, logits)
         return sums
+
+    def _idle_projectors(self, sums: Mapping[str, torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+        """0 x the output of every projector whose term is off this step: an exact zero gradient instead of none,
+        so every optimizer (torch AdamW, ZeRO 1-3, which would otherwise skip or keep stale gradients) takes the
+        same step. Called through the modules, inside the forward, so ZeRO-3 gathers their parameters."""
+        zero = like.new_zeros((), dtype=torch.float32)
+        for label, projector in self.projectors.items():
+            if label not in sums:
+                weight = next(projector.parameters())
+                probe = weight.new_zeros(1, projector.num_layers, projector.proj[0].in_features)
+                zero = zero + 0.0 * projector(probe).float().sum()
+        return zero
 
     def weight(self, label: str, plan: StepPlan | None) -> float:
         if plan is not None:
@@ -168,14 +183,7 @@ class Objective(nn.Module):
         return next(t.weight for t in self.terms if t.label == label)
 
     def weighted_total(self, sums: Mapping[str, torch.Tensor], plan: StepPlan | None = None) -> torch.Tensor:
-        total = sum(self.weight(label, plan) * s for label, s in sums.items())
-        # A projector whose term the curriculum turned off gets an exact zero gradient instead of none, so every
-        # optimizer (torch AdamW, ZeRO 1-3, which would otherwise keep or skip stale gradients) sees the same
-        # step: the single-process and every distributed layout stay identical across stage changes.
-        idle = [p for label, proj in self.projectors.items() if label not in sums for p in proj.parameters()]
-        if idle:
-            total = total + 0.0 * sum(p.sum() for p in idle)
-        return total  # type: ignore[return-value]
+        return sum(self.weight(label, plan) * s for label, s in sums.items())  # type: ignore[return-value]
 
     def _teacher(self, batch):
         if batch.get("topk_ids") is None:
