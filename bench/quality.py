@@ -24,7 +24,9 @@ from pathlib import Path
 from distill.config import compose
 from distill.eval.continual import ContinualMatrix, relative_reduction
 from distill.eval.report import write_report
+from distill.io import atomic_write_text
 from distill.tracking.metrics_log import read_metrics
+from launch.builders import stage_events
 from launch.distill import run
 from launch.prepare_demo import prepare_demo
 
@@ -123,7 +125,7 @@ def main() -> int:
     first = out / _slug("KD three-stage") / f"seed{seeds[0]}"
     report = write_report(
         out,
-        metrics=read_metrics(first / "metrics.jsonl"),
+        metrics=[*read_metrics(first / "metrics.jsonl"), *stage_events(first)],
         continual=list(matrices.values()),
         title=f"Quality: {args.steps} steps, seeds {seeds}",
         extra_tables={
@@ -132,12 +134,35 @@ def main() -> int:
             "Targets": verdict,
         },
     )
+    chart = plot_heldout(out, standard)
+    atomic_write_text(
+        report, report.read_text() + f"\n![Held-out CE, agreement and exact-match per run]({chart})\n"
+    )
     for title, table in (("standard", standard_table), ("continual", continual_table), ("targets", verdict)):
         print(f"\n{title}")
         for row in table:
             print("  " + " | ".join(f"{k}: {v}" for k, v in row.items()))
     print(f"\nreport: {report} (loss-curve plots from {first}; continual matrices of seed {seeds[0]})")
     return 0
+
+
+def plot_heldout(out: Path, standard: dict[str, list[dict]]) -> str:
+    """quality_heldout.png: held-out CE, agreement and exact-match per run (mean over seeds, sd as error bars)."""
+    from matplotlib.figure import Figure
+
+    from distill.eval.report import _save
+
+    fig = Figure(figsize=(10, 3.2))
+    names = list(standard)
+    for k, metric in enumerate(("ce", "agreement", "exact_match")):
+        ax = fig.add_subplot(1, 3, k + 1)
+        values = [[r[metric] for r in standard[n] if r.get(metric) is not None] for n in names]
+        means = [statistics.mean(v) if v else 0.0 for v in values]
+        sds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
+        ax.bar(range(len(names)), means, yerr=sds, color=[f"C{i}" for i in range(len(names))], capsize=4)
+        ax.set_xticks(range(len(names)), names, rotation=20, fontsize=7)
+        ax.set_title(f"held-out {metric}")
+    return _save(fig, out / "quality_heldout.png")
 
 
 def _cfg(common: list[str], extra: list[str], seed: int, steps: int, run_dir: Path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import json
 import logging
 from dataclasses import dataclass, field
@@ -409,11 +410,23 @@ def write_run_report(cfg, summary: dict, continual: ContinualRun | None = None) 
     title = f"Distillation report: {cfg.teacher.name} -> {cfg.student.name}, {cfg.curriculum.name}, mode={cfg.mode}"
     return write_report(
         run_dir,
-        metrics=read_metrics(run_dir / "metrics.jsonl"),
+        metrics=[*read_metrics(run_dir / "metrics.jsonl"), *stage_events(run_dir)],
         eval_summary=summary,
         continual=continual.matrices() if continual is not None else None,
         title=title,
     )
+
+
+def stage_events(run_dir: Path) -> list[dict]:
+    """Stage transitions from stages.json as report events (metrics rows are only logged every N steps)."""
+    path = Path(run_dir) / "stages.json"
+    if not path.is_file():
+        return []
+    stages = json.loads(path.read_text())["stages"]
+    return [
+        {"event": "stage_transition", "step": b["first_step"], "from": a["name"], "to": b["name"]}
+        for a, b in itertools.pairwise(stages)
+    ]
 
 
 def write_stages(run_dir: Path, curriculum: Curriculum) -> None:
