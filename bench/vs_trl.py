@@ -152,6 +152,7 @@ def main() -> None:
                 "eval.max_batches=1",
                 "eval.generate_examples=0",
                 "loss=kd",
+                "curriculum=single_stage",  # TRL's GKD is one stage of forward KL at T=1
                 "loss.temperature=1.0",
                 *args.overrides,
             ],
