@@ -32,7 +32,7 @@ from distill.models.tokenizer import tokenizer_hash
 from distill.teacher.engine import TeacherEngine
 from distill.tracking.metrics_log import read_metrics
 from distill.training.continual import ContinualRun
-from distill.training.objective import Objective, term_specs_from_config
+from distill.training.objective import Objective, TermSpec, term_specs_from_config
 from distill.training.reference import ReferenceTrainer, build_optimizer
 from distill.training.schedule import curriculum_lr, lr_multiplier
 from distill.xtok import CrossTokenizerTeacher, bits_per_char, encode_pairs, load_or_build_token_map
@@ -186,9 +186,16 @@ def _needs_attention(cfg) -> bool:
     return any(t.name == "attention_transfer" and t.weight != 0 for t in cfg.loss.terms.values())
 
 
+def run_term_specs(cfg) -> list[TermSpec]:
+    """The loss terms some step of the run's curriculum trains: what the objective computes and what the
+    teacher ships (hidden states or attention maps no stage reads are never produced)."""
+    live = set(run_curriculum(cfg).active_labels())
+    return [spec for spec in term_specs_from_config(cfg.loss.terms) if spec.label in live]
+
+
 def build_objective(cfg, student, teacher_hidden_size: int) -> Objective:
     return Objective(
-        term_specs_from_config(cfg.loss.terms),
+        run_term_specs(cfg),
         temperature=cfg.loss.temperature,
         chunk_size=cfg.loss.chunk_size,
         student_hidden_size=student.config.hidden_size,

@@ -42,7 +42,7 @@ from distill.models.loading import load_causal_lm, load_tokenizer
 from distill.student import build_ds_config
 from distill.tracking.metrics_log import MetricsLog, read_metrics
 from distill.tracking.wandb_log import open_wandb
-from distill.training.objective import teacher_layers, term_specs_from_config
+from distill.training.objective import teacher_layers
 from distill.training.reference import StepMetrics
 from launch import builders
 
@@ -135,7 +135,7 @@ def _run_distributed(cfg: DictConfig, hooks: Hooks) -> dict:
     curriculum, stream = builders.run_stream(cfg, data, tokenizer)
     builders.write_stages(run_dir, curriculum)
     assignment = Assignment(c.grad_accum_steps, c.student_world_size, stream.num_batches)
-    terms = term_specs_from_config(cfg.loss.terms)
+    terms = builders.run_term_specs(cfg)
     hidden_layers, attention_layers = teacher_layers(terms, "hidden"), teacher_layers(terms, "attention")
     teacher_hidden = builders.model_facts(cfg.teacher, len(tokenizer)).hidden_size
 
@@ -161,7 +161,7 @@ def _run_distributed(cfg: DictConfig, hooks: Hooks) -> dict:
         log.info("teacher and student actors ready in %.1f s", time.perf_counter() - clock)
         clock = time.perf_counter()
         # Tokens per batch for the loss normalisation; its own stream object (the producer thread has one).
-        _, token_stream = builders.run_stream(cfg, data, tokenizer)
+        token_stream = stream.copy()
         if cfg.mode == "continual":
 
             def evaluate_increment(i: int) -> dict:
@@ -175,7 +175,6 @@ def _run_distributed(cfg: DictConfig, hooks: Hooks) -> dict:
             )
         sink = _MetricsSink(
             run_dir / "metrics.jsonl",
-            curriculum,
             buffer=buffer,
             batches_per_step=batches_per_step,
             mirror=wandb.log,
@@ -340,13 +339,12 @@ class _MetricsSink:
     def __init__(
         self,
         path: Path,
-        curriculum=None,
         *,
         buffer: Buffer | None = None,
         batches_per_step: int = 1,
         mirror=None,
     ) -> None:
-        self.path, self.curriculum, self.mirror = path, curriculum, mirror
+        self.path, self.mirror = path, mirror
         self.buffer, self.batches_per_step = buffer, batches_per_step
         self._opened = time.perf_counter()
         self._log = MetricsLog(path, mirror=mirror)

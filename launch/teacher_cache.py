@@ -25,7 +25,7 @@ from distill.models.fingerprint import model_fingerprint
 from distill.models.loading import load_tokenizer
 from distill.models.tokenizer import tokenizer_hash
 from distill.teacher.batch import TeacherBatch
-from distill.training.objective import teacher_layers, term_specs_from_config
+from distill.training.objective import teacher_layers
 from launch import builders
 from launch.app import hydra_app
 
@@ -35,7 +35,7 @@ def cache_identity(cfg: DictConfig, teacher_path: Path, tokenizer, mixes: list |
 
     mixes: the run stream's segments [(first position, end, shares)]: a curriculum's data mixes decide which
     rows each batch holds, so a cache is only valid for the same mixes."""
-    specs = term_specs_from_config(cfg.loss.terms)
+    specs = builders.run_term_specs(cfg)
     data = OmegaConf.to_container(cfg.data, resolve=True)
     stream = {"data": data, "micro_batch_size": cfg.cluster.micro_batch_size, "mixes": mixes}
     return {

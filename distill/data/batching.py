@@ -176,13 +176,6 @@ class BatchStream:
         picked = self._permutation(epoch)[index * self.batch_size : (index + 1) * self.batch_size]
         return pad_batch([self.rows[i] for i in picked], self.pad_id, pad_to=self.seq_len)
 
-    def batch_tokens(self, epoch: int, index: int) -> int:
-        """Trained tokens (loss-mask positions) of batch `(epoch, index)`, without padding it into tensors."""
-        if not 0 <= index < self.num_batches:
-            raise IndexError(f"batch index {index} out of range: an epoch has {self.num_batches} batches")
-        picked = self._permutation(epoch)[index * self.batch_size : (index + 1) * self.batch_size]
-        return sum(sum(self.rows[i]["loss_mask"]) for i in picked)
-
     def batches(self, epoch: int, start: int = 0) -> Iterator[tuple[BatchId, dict[str, torch.Tensor]]]:
         """Yield `((epoch, index), batch)` for index = start .. num_batches - 1."""
         for index in range(start, self.num_batches):

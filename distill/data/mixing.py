@@ -18,6 +18,7 @@ epoch (any fixed number would do: ids only need to be a bijection with positions
 from __future__ import annotations
 
 import bisect
+import copy
 import itertools
 import math
 from collections.abc import Iterator, Mapping, Sequence
@@ -129,6 +130,11 @@ class MixedStream:
     @property
     def end(self) -> int:
         return self.segments[-1].end
+
+    def copy(self) -> MixedStream:
+        """The same stream with its own source objects (for another thread: a BatchStream caches the current
+        epoch's permutation). Rows are shared, nothing is recomputed."""
+        return MixedStream({name: copy.copy(s) for name, s in self.sources.items()}, self.segments)
 
     def extended(self, end: int) -> MixedStream:
         """The same stream with its last segment running on to `end` (positions before the old end unchanged):

@@ -5,13 +5,6 @@ from __future__ import annotations
 import time
 
 
-def distill_alpha(terms) -> float:
-    """Share of the objective's weight on teacher terms (everything but hard-label `ce`): the classic KD alpha."""
-    total = sum(t.weight for t in terms.values())
-    teacher = sum(t.weight for t in terms.values() if t.name != "ce")
-    return teacher / total if total else 0.0
-
-
 class RateMeter:
     """Tokens per second between two `take()` calls, from explicitly timed work (`add`) or wall time."""
 

@@ -16,10 +16,9 @@ from torch import nn
 
 from distill import losses
 from distill.config.validate import term_group, term_params
-from distill.curriculum.stages import StepPlan
+from distill.curriculum.stages import HARD, StepPlan
 from distill.losses.projection import HiddenProjector
 
-TEACHER_FREE_TERMS = frozenset({"ce"})
 # Auto chunk size: 64 rows at a 151936-token vocabulary measured best in bench/loss_memory.py (~37 MiB fp32
 # per working array); keep that working-set size for any vocabulary, so a 384-token vocab takes one chunk.
 CHUNK_ELEMENTS = 64 * 151936
@@ -87,7 +86,7 @@ class Objective(nn.Module):
     # ---- what the teacher and the student forward must provide ---------------------------------------------
     @property
     def needs_teacher(self) -> bool:
-        return any(t.name not in TEACHER_FREE_TERMS for t in self.terms)
+        return self.needs_teacher_for(None)
 
     @property
     def teacher_hidden_layers(self) -> list[int]:
@@ -100,15 +99,11 @@ class Objective(nn.Module):
 
     @property
     def needs_student_hidden(self) -> bool:
-        return any(t.kind == "hidden" for t in self.terms)
-
-    @property
-    def needs_student_attention(self) -> bool:
-        return any(t.kind == "attention" for t in self.terms)
+        return self.wants("hidden", None)
 
     def needs_teacher_for(self, plan: StepPlan | None) -> bool:
         """Whether a step's active terms read teacher outputs (a hard-label warm-up stage does not)."""
-        return any(t.name not in TEACHER_FREE_TERMS for t in self.active_terms(plan))
+        return any(t.group != HARD for t in self.active_terms(plan))
 
     def active_terms(self, plan: StepPlan | None) -> list[TermSpec]:
         """The terms a step computes: every term, or those the curriculum's plan gives a nonzero weight."""
