@@ -10,9 +10,9 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import OmegaConf
-from transformers import TokenizersBackend
 
 from distill.config.topology import ModelShape
 from distill.config.validate import PairFacts, data_sources, run_curriculum
@@ -25,7 +25,7 @@ from distill.eval import evaluate_model
 from distill.eval.report import write_report
 from distill.io import atomic_write_json
 from distill.models.facts import ModelFacts, arch_config_path
-from distill.models.loading import load_causal_lm, load_tokenizer
+from distill.models.loading import load_causal_lm, load_tokenizer, load_tokenizer_folder
 from distill.models.lora import apply_lora
 from distill.models.tiny import TINY_ARCHS, build_model, tiny_config
 from distill.models.tokenizer import tokenizer_hash
@@ -132,19 +132,6 @@ def _tokenizers_match(teacher: Path, student: Path, fallback: bool) -> bool:
         return fallback
 
 
-def load_tokenizer_folder(path: str | Path):
-    """A tokenizer-only folder (tokenizer.json + tokenizer_config.json, no model): `student.tokenizer`."""
-    folder = Path(path)
-    if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer_config.json").is_file():
-        raise CheckpointError(
-            f"student.tokenizer={folder} holds no tokenizer.json / tokenizer_config.json; point it at a folder "
-            "written by save_pretrained (e.g. `distill prepare-demo prepare.student_vocab_size=320` makes one)."
-        )
-    if (folder / "config.json").is_file():
-        return load_tokenizer(folder)
-    return TokenizersBackend.from_pretrained(folder, local_files_only=True)
-
-
 def student_tokenizer(cfg, teacher_tokenizer):
     """The tokenizer the student trains with: student.tokenizer, else (with a token map) student.path's,
     else the teacher's."""
@@ -153,6 +140,15 @@ def student_tokenizer(cfg, teacher_tokenizer):
     if cfg.teacher.token_map.enabled and cfg.student.path:
         return load_tokenizer(cfg.student.path)
     return teacher_tokenizer
+
+
+def student_tokenizer_folder(cfg, teacher_path: Path) -> str:
+    """The folder `student_tokenizer` loads from (what processes that load it themselves are given)."""
+    if cfg.student.tokenizer:
+        return str(cfg.student.tokenizer)
+    if cfg.teacher.token_map.enabled and cfg.student.path:
+        return str(cfg.student.path)
+    return str(teacher_path)
 
 
 # ---- models ----------------------------------------------------------------------------------------------
@@ -332,10 +328,18 @@ def _in_subset(sub, example: dict) -> bool:
 def batch_scorer(cfg, engine: TeacherEngine, teacher_tokenizer, tokenizer):
     """(batch_id, micro-batch) -> TeacherBatch in the student's token space: the engine itself, or with a
     token map the cross-tokenizer teacher (map built once per tokenizer pair, cached on disk)."""
-    if not cfg.teacher.token_map.enabled:
+    table = token_table(cfg, teacher_tokenizer, tokenizer)
+    if table is None:
         return lambda batch_id, b: engine.score(batch_id, b["input_ids"], b["attention_mask"], b["loss_mask"])
-    token_map = load_or_build_token_map(teacher_tokenizer, tokenizer, cfg.teacher.token_map.cache_dir)
-    return CrossTokenizerTeacher(engine, token_map.padded(engine.vocab_size)).score
+    return CrossTokenizerTeacher(engine, table).score
+
+
+def token_table(cfg, teacher_tokenizer, tokenizer) -> np.ndarray | None:
+    """teacher id -> student id (-1: none) when `teacher.token_map.enabled` (built once per tokenizer pair,
+    cached on disk), else None."""
+    if not cfg.teacher.token_map.enabled:
+        return None
+    return load_or_build_token_map(teacher_tokenizer, tokenizer, cfg.teacher.token_map.cache_dir).ids
 
 
 def batch_stream(

@@ -38,7 +38,8 @@ from distill.config.validate import validate_run
 from distill.errors import ConfigError
 from distill.io import atomic_write_json, atomic_write_text
 from distill.models.fingerprint import model_fingerprint
-from distill.models.loading import load_causal_lm, load_tokenizer
+from distill.models.loading import load_causal_lm, load_tokenizer, load_tokenizer_folder
+from distill.models.tokenizer import tokenizer_hash
 from distill.student import build_ds_config
 from distill.tracking.metrics_log import MetricsLog, read_metrics
 from distill.tracking.wandb_log import open_wandb
@@ -102,8 +103,10 @@ def _run_distributed(cfg: DictConfig, hooks: Hooks) -> dict:
     c = cfg.cluster
     run_dir = Path(cfg.run_dir)
     teacher_path = builders.require_teacher(cfg)
-    tokenizer = load_tokenizer(teacher_path)
-    topology = validate_run(cfg, builders.pair_facts(cfg, tokenizer))  # cheap; run() has done it too
+    teacher_tokenizer = load_tokenizer(teacher_path)
+    topology = validate_run(cfg, builders.pair_facts(cfg, teacher_tokenizer))  # cheap; run() has done it too
+    # With a token map the student trains on its own tokenizer; the teacher keeps its own (distill.xtok).
+    tokenizer = builders.student_tokenizer(cfg, teacher_tokenizer)
     if cfg.teacher.cache:
         raise ConfigError(
             "teacher.cache is for the single-process path; the online distributed run scores with the teacher "
@@ -124,14 +127,14 @@ def _run_distributed(cfg: DictConfig, hooks: Hooks) -> dict:
     checkpoints = CheckpointStore(
         run_dir / "checkpoints",
         keep=cfg.checkpoint.keep,
-        identity=run_identity(cfg, teacher_path),
+        identity=run_identity(cfg, teacher_path, tokenizer),
         topology=asdict(topology),
     )
     start = checkpoints.resume_point() if cfg.resume else None  # a foreign checkpoint fails here
     if cfg.resume and start is None:
         log.warning("resume=true but %s holds no checkpoint; starting from step 0", checkpoints.root)
 
-    data = builders.build_data(cfg, tokenizer)
+    data = builders.build_data(cfg, tokenizer, teacher_tokenizer)
     curriculum, stream = builders.run_stream(cfg, data, tokenizer)
     builders.write_stages(run_dir, curriculum)
     assignment = Assignment(c.grad_accum_steps, c.student_world_size, stream.num_batches)
@@ -156,7 +159,13 @@ def _run_distributed(cfg: DictConfig, hooks: Hooks) -> dict:
             cpus_per_actor=c.cpus_per_student_actor,
             gpus_per_actor=c.gpus_per_student_actor,
         )
-        teachers = teacher_group_from_config(cfg, teacher_path, hidden_layers, attention_layers)
+        teachers = teacher_group_from_config(
+            cfg,
+            teacher_path,
+            hidden_layers,
+            attention_layers,
+            builders.token_table(cfg, teacher_tokenizer, tokenizer),
+        )
         students.wait_ready()
         log.info("teacher and student actors ready in %.1f s", time.perf_counter() - clock)
         clock = time.perf_counter()
@@ -218,7 +227,7 @@ def _run_distributed(cfg: DictConfig, hooks: Hooks) -> dict:
 
 
 # ---- before any actor starts ----------------------------------------------------------------------------
-def run_identity(cfg: DictConfig, teacher_path: Path) -> dict:
+def run_identity(cfg: DictConfig, teacher_path: Path, tokenizer) -> dict:
     """What a resumed run must share with its checkpoint to continue it exactly, as flat `section.field` keys.
 
     Teacher replicas / TP, buffer and per-actor resources may change between a stop and a resume (the math
@@ -238,6 +247,8 @@ def run_identity(cfg: DictConfig, teacher_path: Path) -> dict:
         "student.overrides": plain(s.overrides),
         "student.init_seed": s.init_seed,
         "student.dtype": s.dtype,
+        "student.tokenizer": tokenizer_hash(tokenizer),
+        "teacher.token_map": cfg.teacher.token_map.enabled,
         "teacher.model": model_fingerprint(teacher_path),
         "teacher.topk": cfg.teacher.topk,
         "teacher.logits_dtype": cfg.teacher.logits_dtype,
@@ -288,12 +299,16 @@ def student_spec(
     env.setdefault("DS_ACCELERATOR", "cuda" if cfg.cluster.device == "cuda" else "cpu")
     return StudentSpec(
         build=functools.partial(
-            build_student_and_objective, resolved_yaml(cfg), str(teacher_path), teacher_hidden, lr_schedule
+            build_student_and_objective,
+            resolved_yaml(cfg),
+            builders.student_tokenizer_folder(cfg, teacher_path),
+            teacher_hidden,
+            lr_schedule,
         ),
         optim=OmegaConf.to_object(cfg.optim),
         total_steps=cfg.train.steps,
         ds_config=ds_config,
-        tokenizer_path=str(teacher_path),
+        tokenizer_path=builders.student_tokenizer_folder(cfg, teacher_path),
         device=cfg.cluster.device,
         backend=cfg.cluster.backend,
         threads=max(1, int(cfg.cluster.cpus_per_student_actor)),
@@ -306,7 +321,7 @@ def build_student_and_objective(cfg_yaml: str, tokenizer_path: str, teacher_hidd
     """Runs inside each student actor: the reference run's student and objective, seeded the same way, and the
     driver's LR schedule (its stage lengths were resolved with the data; Ray ships the closure)."""
     cfg = OmegaConf.create(cfg_yaml)
-    tokenizer = load_tokenizer(tokenizer_path)
+    tokenizer = load_tokenizer_folder(tokenizer_path)
     torch.manual_seed(cfg.train.seed)
     student = builders.build_student(cfg, tokenizer)
     objective = builders.build_objective(cfg, student, teacher_hidden)
@@ -375,6 +390,10 @@ class _MetricsSink:
 def evaluate(cfg: DictConfig, teacher_path: Path, tokenizer, data, student_dir: Path) -> dict:
     """The reference run's evaluation, on the exported student loaded in this process."""
     student = load_causal_lm(student_dir, dtype="float32")
+    if (
+        cfg.teacher.token_map.enabled
+    ):  # the teacher's logits are over another vocabulary: no KL/agreement to it
+        return builders.evaluate(cfg, student, tokenizer, data)
     engine = builders.build_teacher_engine(cfg, teacher_path, None)
     return builders.evaluate(
         cfg, student, tokenizer, data, lambda b: engine.logits(b["input_ids"], b["attention_mask"])

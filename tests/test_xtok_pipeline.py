@@ -99,7 +99,7 @@ def test_production_pairs_validate_with_a_token_map(student):
     [
         (["loss=kd_features"], "logit terms only"),
         (["data.packing=true"], "packing"),
-        (["cluster=local_ray", "cluster.teacher_tp=1"], "local_single"),
+        (["teacher.cache=/nonexistent/cache"], "score online"),
     ],
 )
 def test_what_a_token_map_does_not_cover_fails_up_front(overrides, match):

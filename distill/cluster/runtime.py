@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import ray
 
 from distill.cluster.teacher_group import TeacherGroup, TeacherSpec
@@ -38,7 +39,10 @@ def fetched_outputs(group: TeacherGroup, inputs):
         yield ray.get(ref)
 
 
-def teacher_group_from_config(cfg, teacher_path: Path, hidden_layers, attention_layers) -> TeacherGroup:
+def teacher_group_from_config(
+    cfg, teacher_path: Path, hidden_layers, attention_layers, token_table: np.ndarray | None = None
+) -> TeacherGroup:
+    """The run's TeacherGroup; `token_table` (teacher id -> student id) makes its actors cross-tokenizer."""
     c = cfg.cluster
     spec = TeacherSpec(
         path=str(teacher_path),
@@ -50,6 +54,7 @@ def teacher_group_from_config(cfg, teacher_path: Path, hidden_layers, attention_
         device=c.device,
         backend=c.backend,
         threads=max(1, int(c.cpus_per_teacher_actor)),
+        token_table=token_table,
     )
     return TeacherGroup(
         spec,

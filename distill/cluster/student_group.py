@@ -186,9 +186,9 @@ class StudentWorker:
         return state
 
     def export(self, out_dir: str) -> str:
-        from distill.models.loading import load_tokenizer
+        from distill.models.loading import load_tokenizer_folder
 
-        tokenizer = load_tokenizer(self.spec.tokenizer_path) if self.spec.tokenizer_path else None
+        tokenizer = load_tokenizer_folder(self.spec.tokenizer_path) if self.spec.tokenizer_path else None
         return str(self.engine.export_hf(out_dir, tokenizer))
 
     def pid(self) -> int:

@@ -45,6 +45,9 @@ class TeacherSpec:
     backend: str = "gloo"
     threads: int = 1
     """torch intra-op threads per actor (its CPU share); more threads than cores makes torch far slower."""
+    token_table: np.ndarray | None = None
+    """Cross-tokenizer runs: teacher id -> student id (-1: none). The actor scores the batch's teacher tokens
+    and ships its top-k already in the student's positions and vocabulary (distill.xtok)."""
 
 
 @dataclass
@@ -65,6 +68,7 @@ class TeacherWorker:
         torch.set_num_threads(max(1, spec.threads))
         self.spec, self.replica, self.rank, self.tp = spec, replica, rank, tp
         self.engine = None
+        self.cross = None  # a CrossTokenizerTeacher around the engine when spec.token_table is set
 
     def rendezvous_address(self) -> tuple[str, int]:
         """Rank 0 picks the replica's MASTER_ADDR / MASTER_PORT on its own node."""
@@ -100,6 +104,10 @@ class TeacherWorker:
             self.engine = TeacherEngine.tensor_parallel(spec.path, spec.topk, **kwargs)
         else:
             self.engine = TeacherEngine.from_pretrained(spec.path, spec.topk, **kwargs)
+        if spec.token_table is not None:
+            from distill.xtok import CrossTokenizerTeacher
+
+            self.cross = CrossTokenizerTeacher(self.engine, spec.token_table)
         return os.getpid()
 
     def score(
@@ -107,7 +115,10 @@ class TeacherWorker:
     ) -> tuple[BatchMeta | None, TeacherBatch | None]:
         """All TP ranks run the forward; rank 0 returns (metadata, TeacherBatch), the others (None, None)."""
         t = {k: readonly_tensor(v) for k, v in inputs.items()}
-        out = self.engine.score(batch_id, t["input_ids"], t["attention_mask"], t["loss_mask"])
+        if self.cross is not None:
+            out = self.cross.score(batch_id, t)  # every TP rank runs the teacher forward on teacher tokens
+        else:
+            out = self.engine.score(batch_id, t["input_ids"], t["attention_mask"], t["loss_mask"])
         if self.rank != 0:
             return None, None
         meta = BatchMeta(tuple(batch_id), out.num_tokens, out.nbytes(), self.replica, os.getpid())

@@ -80,11 +80,6 @@ def _validate_cross_tokenizer(cfg) -> None:
         raise ConfigError(
             "data.packing=true is not supported with teacher.token_map.enabled; set data.packing=false."
         )
-    if cfg.cluster.mode != "local":
-        raise ConfigError(
-            f"teacher.token_map.enabled runs on the single-process path for now (cluster.mode={cfg.cluster.mode!r}); "
-            "use cluster=local_single."
-        )
 
 
 def term_params(term_cfg) -> dict:

@@ -99,6 +99,19 @@ def load_tokenizer(path: str | Path, *, hint: str | None = None) -> PreTrainedTo
     return AutoTokenizer.from_pretrained(folder, local_files_only=True)
 
 
+def load_tokenizer_folder(path: str | Path):
+    """A tokenizer-only folder (tokenizer.json + tokenizer_config.json, no model): `student.tokenizer`."""
+    folder = Path(path)
+    if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer_config.json").is_file():
+        raise CheckpointError(
+            f"student.tokenizer={folder} holds no tokenizer.json / tokenizer_config.json; point it at a folder "
+            "written by save_pretrained (e.g. `distill prepare-demo prepare.student_vocab_size=320` makes one)."
+        )
+    if (folder / "config.json").is_file():
+        return load_tokenizer(folder)
+    return TokenizersBackend.from_pretrained(folder, local_files_only=True)
+
+
 def _declares_generic_tokenizer(folder: Path) -> bool:
     """True if tokenizer_config.json names the generic tokenizers-library class and tokenizer.json exists.
 

@@ -53,7 +53,7 @@ class CrossTokenizerTeacher:
     """A TeacherEngine whose TeacherBatches are in the student's positions and vocabulary.
 
     engine  the teacher (scores teacher token ids)
-    table   teacher id -> student id, -1 for none (`TokenMap.padded(engine.vocab_size)`)
+    table   teacher id -> student id, -1 for none (`TokenMap.ids`; padded with -1 to the engine's vocabulary)
     """
 
     def __init__(self, engine: TeacherEngine, table: np.ndarray) -> None:
@@ -62,7 +62,10 @@ class CrossTokenizerTeacher:
                 "cross-tokenizer teachers ship logits only (hidden/attention need one token space)"
             )
         self.engine = engine
-        self.table = torch.as_tensor(np.asarray(table), dtype=torch.long)
+        table = torch.tensor(np.asarray(table), dtype=torch.long)  # a copy: Ray hands actors read-only arrays
+        # A teacher lm_head wider than its tokenizer: the extra ids have no text, so no student counterpart.
+        pad = max(0, engine.vocab_size - len(table))
+        self.table = torch.cat([table, table.new_full((pad,), -1)])
 
     def score(self, batch_id: BatchId, batch: Mapping[str, Tensor]) -> TeacherBatch:
         """batch: a cross-tokenizer micro-batch (student input_ids/attention_mask/loss_mask [B, T_s],
