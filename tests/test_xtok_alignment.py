@@ -8,8 +8,8 @@ from transformers import PreTrainedTokenizerFast
 
 from distill.models.tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS, task_corpus, train_tokenizer
 from distill.xtok import SideTokens, align, build_token_map, load_or_build_token_map, prediction_pairs
-from distill.xtok.encode import _tokenize, encode_pair, special_strings
-from distill.xtok.vocab_map import EXACT, EXPANSION, SPECIAL
+from distill.xtok.encode import _tokenize, encode_pair
+from distill.xtok.vocab_map import EXACT, EXPANSION, SPECIAL, special_strings
 
 HARD = [
     "héllo wörld: naïve café, 日本語のテキスト 🙂👍🏽 and ümlauts",

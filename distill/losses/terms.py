@@ -172,6 +172,9 @@ def uld(
         # A teacher already in the student's vocabulary has no unmapped mass: the term is exactly 0 (config
         # validation refuses a weighted uld term without teacher.token_map.enabled, so this is not silent).
         return student_logits.float().narrow(0, 0, 0).sum(), mask.sum()
+    # Rows whose top-k is fully mapped contribute exactly 0: skip their [V]-wide softmax and top-k (with a good
+    # token map that is nearly every row).
+    has_unmapped = (teacher.unmapped_probs(temperature) > 0).any(dim=-1)
 
     def row_loss(x: Tensor, rows: Tensor) -> Tensor:
         t = teacher.select(rows)
@@ -183,7 +186,7 @@ def uld(
         place = torch.arange(t.k, device=x.device)[None, :]
         return torch.where(place < n_unmapped, (p_t - q_top).abs(), 0.0).sum(dim=-1)
 
-    return chunked_loss_sum(student_logits, mask, row_loss, chunk_size), mask.sum()
+    return chunked_loss_sum(student_logits, mask & has_unmapped, row_loss, chunk_size), mask.sum()
 
 
 def _tempered_logits(x: Tensor, temperature: float) -> Tensor:

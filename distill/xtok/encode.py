@@ -12,6 +12,7 @@ side's template never align (masked), content tokens align over the contents.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 from transformers import PreTrainedTokenizerBase
@@ -26,7 +27,7 @@ from distill.xtok.alignment import (
     side_tokens,
     teacher_index,
 )
-from distill.xtok.vocab_map import marker_style, special_strings, token_bytes
+from distill.xtok.vocab_map import vocab_bytes
 
 Offsets = list[tuple[int, int]]
 
@@ -123,11 +124,15 @@ def encode_pair(
     return {**row, "teacher_input_ids": t_ids[:keep], "align": index, "target_chars": chars[:n]}
 
 
+@functools.lru_cache(maxsize=8)
+def _vocabulary(tokenizer: PreTrainedTokenizerBase) -> tuple[list[bytes | None], dict[int, str]]:
+    """`vocab_bytes` once per tokenizer (serialising the tokenizer per example cost more than the alignment)."""
+    return vocab_bytes(tokenizer)
+
+
 def _side(tokenizer: PreTrainedTokenizerBase, ids: list[int], offsets: Offsets, coords) -> SideTokens:
-    specials = special_strings(tokenizer)
-    style = marker_style(tokenizer)
-    tokens = tokenizer.convert_ids_to_tokens(ids)
-    pieces = [None if i in specials else token_bytes(tok, style) for i, tok in zip(ids, tokens, strict=True)]
+    pieces_of, specials = _vocabulary(tokenizer)
+    pieces = [pieces_of[i] if i < len(pieces_of) else None for i in ids]
     return side_tokens(offsets, [specials.get(i) for i in ids], coords, pieces)
 
 
