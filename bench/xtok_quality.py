@@ -4,10 +4,10 @@ The teacher keeps the demo tokenizer (384 tokens); the student trains on a secon
 on another corpus sample: other merges), `experiment=xtok_demo`. Recipes, single-process reference path (the
 online path gives the same numbers, tests/test_xtok_online.py):
 
-  KD xtok, three-stage : loss=kd_xtok (forward KL on the mapped top-k, uld on unmapped mass, CE 0.5) with the
-                         default curriculum (hard-label warm-up, KD at T 3 -> 2, KD fine-tune): what
-                         `distill experiment=xtok_demo` runs
-  KD xtok, one stage   : the same loss, one stage at T 1
+  KD xtok, one stage   : loss=kd_xtok (forward KL on the mapped top-k, uld on unmapped mass, CE 1.0), one stage
+                         at T 1: what `distill experiment=xtok_demo` runs
+  KD xtok, three-stage : the same loss with the same-tokenizer default curriculum (hard-label warm-up, KD at
+                         T 3 -> 2, KD fine-tune)
   CE-only              : loss=ce_only, the same student and tokenizer, no teacher
 
 Figure: held-out cross-entropy in bits per character (tokenizer-independent). Target: KD beats CE-only.
@@ -28,8 +28,8 @@ from launch.distill import run
 from launch.prepare_demo import prepare_demo
 
 RECIPES = {
-    "KD xtok, three-stage": ["loss=kd_xtok", "curriculum=three_stage"],
     "KD xtok, one stage": ["loss=kd_xtok", "curriculum=single_stage"],
+    "KD xtok, three-stage": ["loss=kd_xtok", "curriculum=three_stage"],
     "CE-only": ["loss=ce_only", "curriculum=single_stage"],
 }
 
