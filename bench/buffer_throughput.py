@@ -3,7 +3,8 @@
 
 Both paths copy each payload into the object store once (`ray.put` in the producer) and fetch it zero-copy in the
 consumer (same node); the buffer path adds its reference bookkeeping (put, lease, ack calls on a shard actor,
-with backpressure). Target: buffer >= 0.8x raw.
+with backpressure). The consumer reads through `distill.cluster.prefetch.Prefetcher`, as the student ranks do
+(the next step's lease and fetch in flight while a step is used). Target: buffer >= 0.8x raw.
 
     python bench/buffer_throughput.py                      # production-like batches: B 8, T 1024, k 64 (~4 MiB)
     python bench/buffer_throughput.py --seq 64 --k 16      # the tiny test runs' size (~80 KiB)
@@ -20,6 +21,7 @@ import numpy as np
 import ray
 
 from distill.cluster.buffer import PUT_OK, Buffer
+from distill.cluster.prefetch import Prefetcher
 
 
 def make_batch(index: int, b: int, t: int, k: int):
@@ -94,13 +96,22 @@ class Consumer:
         return sum(b.nbytes() for b in batches)
 
     def lease_all(self, n: int, per_step: int, buffer: Buffer) -> tuple[float, int]:
-        """Lease, fetch and ack per_step batches at a time (one optimizer step's worth), as a student does."""
-        start, total = time.perf_counter(), 0
-        for first in range(0, n, per_step):
-            ids = [(0, i) for i in range(first, first + per_step)]
-            batches = ray.get(buffer.lease(ids, "bench"))
-            total += sum(b.nbytes() for b in batches)
-            buffer.ack(ids)
+        """Lease, fetch and ack per_step batches at a time (one optimizer step's worth) with the students' own
+        `Prefetcher`: step s+1's lease and fetch are in flight while step s is used and acked."""
+        steps = [[(0, i) for i in range(first, first + per_step)] for first in range(0, n, per_step)]
+        batches = Prefetcher(buffer, "bench")
+        start, total, acks = time.perf_counter(), 0, []
+        for s, ids in enumerate(steps):
+            got = batches.take(ids)
+            if s + 1 < len(steps):
+                batches.prefetch(steps[s + 1])
+            total += sum(b.nbytes() for b in got)
+            # The driver's part, as Driver._train_step does it: the step's ack is sent without waiting, the
+            # previous one settled first.
+            ray.get(acks)
+            acks = buffer.ack(ids, wait=False)
+        ray.get(acks)
+        batches.close()
         return time.perf_counter() - start, total
 
 

@@ -115,6 +115,33 @@ def test_buffer_shard_put_lease_ack_requeue_rollback():
     asyncio.run(scenario())
 
 
+def test_buffer_shard_release_gives_back_only_the_lease_it_names():
+    """A stale prefetch is released unacked, but never a batch its consumer has leased again since (a newer
+    ticket), whichever of the two leases the shard granted first."""
+
+    async def scenario():
+        shard = BufferShard(0, capacity=4)
+        for i in range(3):
+            await shard.put((0, i), [f"r{i}"], 1)
+        await shard.lease([(0, 0), (0, 1)], "a", timeout=1, ticket=1)  # a prefetch ...
+        await shard.lease([(0, 1)], "a", timeout=1, ticket=2)  # ... of which (0, 1) is leased again
+        assert await shard.release([(0, 0), (0, 1)], "b", ticket=1) == 0  # not b's to give back
+        assert await shard.release([(0, 0), (0, 1)], "a", ticket=1) == 1  # only (0, 0)
+        with pytest.raises(RuntimeError, match="not leased"):  # released, not consumed
+            await shard.ack([(0, 0)])
+        with pytest.raises(RuntimeError, match="leased to a"):
+            await shard.lease([(0, 1)], "b", timeout=1)
+        assert await shard.lease([(0, 0)], "b", timeout=1) == ["r0"]  # ready for anyone again
+        await shard.lease([(0, 2)], "a", timeout=1, ticket=4)
+        await shard.lease([(0, 2)], "a", timeout=1, ticket=3)  # an older lease granted late keeps ticket 4
+        assert await shard.release([(0, 2)], "a", ticket=3) == 0
+        await shard.ack([(0, 0), (0, 1), (0, 2)])
+        assert await shard.consumption() == {(0, 0): 1, (0, 1): 1, (0, 2): 1}
+        assert (await shard.stats())["released"] == 1
+
+    asyncio.run(scenario())
+
+
 def test_buffer_shard_admits_puts_in_arrival_order():
     """A later put call never overtakes an earlier one waiting for room (else a full shard could hold only
     batches newer than the ones the students wait for: a deadlock)."""

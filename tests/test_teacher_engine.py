@@ -151,3 +151,24 @@ def test_teacher_batch_is_the_wire_type(teacher, inputs):
         "topk_logits",
         "log_normalizer",
     }
+
+
+def test_mla_teacher_on_padded_sdpa_equals_eager_attention(inputs):
+    """MLA's value heads are narrower than its q/k heads; the engine pads them so SDPA keeps its fused kernel
+    (distill.teacher.attention). Same logits as eager attention, padding rows included."""
+    from distill.teacher.attention import PADDED_SDPA
+
+    config = tiny_config("tiny_deepseek_v3", VOCAB, pad_token_id=PAD, bos_token_id=1, eos_token_id=EOS)
+    assert config.v_head_dim < config.qk_nope_head_dim + config.qk_rope_head_dim  # the case being fixed
+    eager = build_model(config, seed=0, attn_implementation="eager")
+    engine = TeacherEngine(build_model(config, seed=0, attn_implementation="sdpa"), topk=K)
+    assert engine.model.config._attn_implementation == PADDED_SDPA
+    ids, mask, loss_mask = inputs
+    with torch.inference_mode():
+        want = eager(ids, attention_mask=mask).logits
+        got = engine.model(ids, attention_mask=mask).logits
+    valid = mask.bool()
+    torch.testing.assert_close(got[valid], want[valid], rtol=1e-4, atol=1e-5)
+    out = engine.score((0, 0), ids, mask, loss_mask)
+    ref_ids, _, _ = topk_with_normalizer(want, K)
+    assert torch.equal(torch.as_tensor(out.topk_ids)[valid].long(), ref_ids[valid].long())

@@ -6,8 +6,10 @@ passed wrapped in a list so Ray hands the shard the reference itself instead of 
 
 Life of a batch on its shard: `put` (ready) -> `lease(ids, consumer)` (leased to one student rank) -> `ack(ids)`
 once the optimizer step that used it is committed (released; the batch's consumption count goes up by one).
-`requeue(consumers)` makes a dead consumer's leases ready again; `rollback(ids)` takes back the counts of
-committed steps that a restore from an older checkpoint undid, so the counts always describe committed steps.
+`requeue(consumers)` makes a dead consumer's leases ready again; `release(ids, consumer, ticket)` gives back a
+lease its consumer will not use (a stale prefetch, see `distill.cluster.prefetch`); `rollback(ids)` takes back
+the counts of committed steps that a restore from an older checkpoint undid, so the counts always describe
+committed steps.
 
 Placement: stream position g (see `distill.cluster.driver.Assignment`) lives on shard g % S. Consecutive
 positions go round-robin, so a step's batches spread evenly and no shard fills while another is empty; with a
@@ -42,6 +44,7 @@ _COUNTERS = (
     "leases",
     "acks",
     "requeued",
+    "released",
     "rolled_back",
     "bytes_put",
     "bytes_leased",
@@ -73,6 +76,7 @@ class _Entry:
     payload: list  # [ObjectRef]: kept wrapped, see the module docstring
     nbytes: int
     consumer: str | None = None  # None: ready; else the lease holder
+    ticket: int = 0  # the holder's newest lease of it (see `release`)
 
 
 class BufferShard:
@@ -179,10 +183,13 @@ class BufferShard:
         self._cond.notify_all()
         return PUT_OK
 
-    async def lease(self, batch_ids: Sequence[BatchId], consumer: str, timeout: float) -> list:
+    async def lease(
+        self, batch_ids: Sequence[BatchId], consumer: str, timeout: float, ticket: int = 0
+    ) -> list:
         """The refs of `batch_ids` (in that order), leased to `consumer`; waits until all were put.
 
-        Raises TimeoutError after `timeout` s, and RuntimeError if a batch is leased to another consumer (an
+        ticket: the consumer's number for this lease (increasing per consumer; see `release`). Raises
+        TimeoutError after `timeout` s, and RuntimeError if a batch is leased to another consumer (an
         assignment bug) or if `consumer` was declared dead meanwhile (its actor is gone; see `requeue`).
         """
         ids = [tuple(b) for b in batch_ids]
@@ -211,8 +218,10 @@ class BufferShard:
                 if holder not in (None, consumer):
                     raise RuntimeError(f"batch {b} is leased to {holder}; {consumer} cannot lease it too")
             for b in ids:
-                self._entries[b].consumer = consumer
-                self._stats["bytes_leased"] += self._entries[b].nbytes
+                entry = self._entries[b]
+                entry.ticket = max(entry.ticket, ticket) if entry.consumer == consumer else ticket
+                entry.consumer = consumer
+                self._stats["bytes_leased"] += entry.nbytes
             self._stats["leases"] += len(ids)
             return [self._entries[b].payload[0] for b in ids]
 
@@ -241,6 +250,19 @@ class BufferShard:
             self._stats["requeued"] += n
             self._cond.notify_all()
             return n
+
+    async def release(self, batch_ids: Sequence[BatchId], consumer: str, ticket: int) -> int:
+        """Make batches leased to `consumer` by its lease `ticket` ready again, unacked (a prefetch it will not
+        train on). A batch the consumer has leased again since (a newer ticket), or that is not leased to it,
+        is left as it is. Returns how many were released."""
+        n = 0
+        for b in map(tuple, batch_ids):
+            entry = self._entries.get(b)
+            if entry is not None and entry.consumer == consumer and entry.ticket == ticket:
+                entry.consumer, entry.ticket = None, 0
+                n += 1
+        self._stats["released"] += n
+        return n
 
     async def rollback(self, batch_ids: Sequence[BatchId]) -> int:
         """Uncount acked batches whose steps a restore undid (they will be consumed again)."""
@@ -362,10 +384,12 @@ class Buffer:
             groups[self.shard_of(batch_id)].append((tuple(batch_id), [ref], nbytes))
         return [self.shards[s].put_many.remote(g, timeout=timeout) for s, g in groups.items()]
 
-    def lease(self, batch_ids: Sequence[BatchId], consumer: str, *, timeout: float = 600.0) -> list:
+    def lease(
+        self, batch_ids: Sequence[BatchId], consumer: str, *, timeout: float = 600.0, ticket: int = 0
+    ) -> list:
         """TeacherBatch refs of `batch_ids` in that order (one call per shard, in parallel)."""
         groups = self._by_shard(batch_ids)
-        calls = {s: self.shards[s].lease.remote(ids, consumer, timeout) for s, ids in groups.items()}
+        calls = {s: self.shards[s].lease.remote(ids, consumer, timeout, ticket) for s, ids in groups.items()}
         refs = {}
         for s, got in zip(calls, ray.get(list(calls.values())), strict=True):
             refs.update(zip(groups[s], got, strict=True))
@@ -380,8 +404,21 @@ class Buffer:
             refs.update(zip(groups[s], got, strict=True))
         return [refs[tuple(b)] for b in batch_ids]
 
-    def ack(self, batch_ids: Sequence[BatchId]) -> None:
-        ray.get([self.shards[s].ack.remote(ids) for s, ids in self._by_shard(batch_ids).items()])
+    def ack(self, batch_ids: Sequence[BatchId], *, wait: bool = True) -> list[ray.ObjectRef]:
+        """Release batches whose step is committed (see BufferShard.ack). wait=False returns at once with refs
+        to the shards' answers: ray.get them before relying on the counts (shards are asyncio actors, so a
+        later call may run before an ack still in flight)."""
+        refs = [self.shards[s].ack.remote(ids) for s, ids in self._by_shard(batch_ids).items()]
+        if wait:
+            ray.get(refs)
+        return refs
+
+    def release(self, batch_ids: Sequence[BatchId], consumer: str, *, ticket: int) -> int:
+        """See BufferShard.release; returns how many batches were made ready again."""
+        groups = self._by_shard(batch_ids)
+        return sum(
+            ray.get([self.shards[s].release.remote(ids, consumer, ticket) for s, ids in groups.items()])
+        )
 
     def rollback(self, batch_ids: Sequence[BatchId]) -> int:
         return sum(ray.get([self.shards[s].rollback.remote(i) for s, i in self._by_shard(batch_ids).items()]))
@@ -400,8 +437,16 @@ class Buffer:
 
     def stats(self) -> dict[str, float]:
         """Sums over shards (depth, waits, bytes, counters)."""
+        return self.total_stats(self.stats_async())
+
+    def stats_async(self) -> list[ray.ObjectRef]:
+        """`stats` without waiting: refs to the shards' figures, for `total_stats` (sampled when they run)."""
+        return [s.stats.remote() for s in self.shards]
+
+    @staticmethod
+    def total_stats(parts: list[ray.ObjectRef]) -> dict[str, float]:
         total: dict[str, float] = defaultdict(float)
-        for part in ray.get([s.stats.remote() for s in self.shards]):
+        for part in ray.get(parts):
             for k, v in part.items():
                 total[k] += v
         return dict(total)

@@ -3,14 +3,16 @@
 One short loop that never looks at the loss. A producer thread pulls the teacher group's `score_stream` and
 puts each TeacherBatch ref into the buffer (waiting while the buffer is full), so the teacher runs ahead of the
 students by up to the buffer's capacity and the two overlap. The main thread runs the steps: every rank leases
-its batches (`Assignment`), fetches them from the object store and steps; the driver sums the ranks' term sums,
-divides by the step's token count (it batched the data, so it knows the loss masks) and acks the batches once
-the step is committed on every rank.
+its batches (`Assignment`), fetches them from the object store and steps, and meanwhile leases and fetches its
+batches of the next step, which the driver names with each step (`distill.cluster.prefetch`); the driver sums
+the ranks' term sums, divides by the step's token count (it batched the data, so it knows the loss masks) and
+acks the step's batches once the step is committed on every rank (never the prefetched ones).
 
 Failures: a dead teacher actor is the teacher group's business (it re-dispatches in order). A dead student
 actor fails the step; the driver restarts the whole student group, loads the latest checkpoint, requeues the
-dead consumers' leases, rolls back the consumption counts of the undone steps and restarts the teacher stream
-at the checkpoint's data cursor (batches already acked are recomputed; batches still held are reused).
+dead consumers' leases (prefetched ones included), rolls back the consumption counts of the undone steps and
+restarts the teacher stream at the checkpoint's data cursor (batches already acked are recomputed; batches still
+held are reused).
 """
 
 from __future__ import annotations
@@ -255,6 +257,7 @@ class Driver:
         self.committed = 0  # steps whose batches are acked
         self.producer: Producer | None = None
         self.first_step = 0
+        self._acks: list[ray.ObjectRef] = []  # the last step's ack, in flight (see _settle_acks)
 
     def run(self, start: Path | None = None) -> None:
         """Train to total_steps, from checkpoint `start` (a `CheckpointStore` folder) or from scratch."""
@@ -296,6 +299,8 @@ class Driver:
         batch_ids = a.step_batches(step)
         num_tokens = sum(self.tokens(b) for b in batch_ids)
         rank_batches = [a.rank_batches(step, r) for r in range(a.world)]
+        # Leased ahead by each rank while this step trains; a failure requeues them with the rank's leases.
+        ahead = [a.rank_batches(step + 1, r) for r in range(a.world)] if step + 1 < self.total_steps else None
         plan = self.plans(step) if self.plans is not None else None
         if plan is not None and (record := plan.transition()) is not None:
             log.info("curriculum transition %s", json.dumps(record, sort_keys=True))
@@ -303,10 +308,20 @@ class Driver:
             for batch_id, replayed in self.continual.replay_batches(step):
                 # Forced: the step's own batches always fit (check_capacity); "exists" after a restore is fine.
                 self.buffer.put(batch_id, ray.put(replayed), replayed.nbytes(), timeout=None, force=True)
-        outs = self.students.train_step(step, rank_batches, num_tokens, poll=self._check_producer, plan=plan)
+        logged = (step + 1) % self.log_every == 0 or step + 1 == self.total_steps
+        # The buffer's figures are sampled as the step starts (depth counts its batches and the prefetched
+        # ones), while the ranks train: they never wait for that RPC.
+        sampled = self.buffer.stats_async() if logged else []
+        outs = self.students.train_step(
+            step, rank_batches, num_tokens, poll=self._check_producer, plan=plan, next_batches=ahead
+        )
         assert [o["batch_ids"] for o in outs] == rank_batches, "a rank trained on batches not assigned to it"
         scored = ray.get(self.buffer.peek(self.continual.new_data(step))) if self.continual else []
-        self.buffer.ack(batch_ids)  # committed on every rank: the batches are done
+        # Committed on every rank: the batches are done. Not waited for (an RPC to a shard process costs
+        # milliseconds on busy cores, and the ranks idle until the next step is sent); settled before anything
+        # reads the counts, and by the next step's ack, which surfaces an error one step late at worst.
+        self._settle_acks()
+        self._acks = self.buffer.ack(batch_ids, wait=False)
         self.committed = step + 1
         denom = max(num_tokens, 1)
         terms = {label: sum(o["terms"][label] for o in outs) / denom for label in outs[0]["terms"]}
@@ -324,8 +339,8 @@ class Driver:
         )
         if self.continual is not None:
             self.continual.after_step(step, scored)  # may evaluate the student (an increment's end)
-        if (step + 1) % self.log_every == 0 or step + 1 == self.total_steps:
-            stats = self.buffer.stats()
+        if logged:
+            stats = Buffer.total_stats(sampled)
             extras = {
                 "buffer/depth": stats["depth"],
                 "buffer/producer_wait_s": stats["producer_wait_s"],
@@ -373,6 +388,7 @@ class Driver:
     def _recover(self, err: StudentFailure) -> int:
         """Restart the student world from the latest checkpoint; returns the step to continue from."""
         self._stop_producer()
+        self._settle_acks()  # the rollback below must see every ack of the committed steps
         while True:  # a rank may die again while the new world starts or loads
             if self.students.restarts >= self.max_student_restarts:
                 raise RuntimeError(
@@ -397,6 +413,11 @@ class Driver:
         self.sink.rewind(step)
         self._start_producer(step)
         return step
+
+    def _settle_acks(self) -> None:
+        """Wait for the acks in flight (normally long done); raises the shard's error if one failed."""
+        acks, self._acks = self._acks, []
+        ray.get(acks)
 
     # ---- the producer ------------------------------------------------------------------------------------------
     def _start_producer(self, step: int) -> None:
@@ -430,6 +451,7 @@ class Driver:
     # ---- after the run -----------------------------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
         """Consumption counts of the committed steps, restarts and buffer figures (for online_stats.json)."""
+        self._settle_acks()
         counts = self.buffer.consumption()
         replicas = getattr(self.teachers, "replicas", [])
         return {

@@ -4,7 +4,8 @@ Every actor sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT as t
 port on its node), joins the process group, builds the student and the objective with the run's builder (the
 same seed gives the same initial weights as the reference) and wraps them in a `StudentEngine`. A step leases
 the rank's batches from the buffer and fetches the TeacherBatch payloads itself: they never pass through the
-driver.
+driver. The driver also names the rank's batches of the next step, which the rank leases and fetches in the
+background while it trains (`distill.cluster.prefetch`).
 
 Placement (`plan_student_nodes`): one placement group, one bundle per rank, PACKed onto the nodes the teachers
 leave free, filling from the LAST node backwards (teachers are planned from the first node on), so on two or more
@@ -32,6 +33,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from distill.cluster.buffer import Buffer
 from distill.cluster.placement import NodeResources
+from distill.cluster.prefetch import Prefetcher
 from distill.errors import TopologyError
 from distill.teacher.batch import BatchId
 
@@ -120,6 +122,7 @@ class StudentWorker:
         self.spec, self.rank, self.world_size, self.local_rank = spec, rank, world_size, local_rank
         self.buffer, self.consumer = buffer, consumer
         self.engine = None
+        self.batches: Prefetcher | None = None  # made in setup, once the engine knows its device
 
     def rendezvous_address(self) -> tuple[str, int]:
         with socket.socket() as s:
@@ -153,22 +156,35 @@ class StudentWorker:
             gradient_checkpointing=spec.gradient_checkpointing,
             lr_schedule=lr_schedule,
         )
+        device = self.engine.device
+        # Converted on the prefetch thread: the int64 copies of the ids leave the step's critical path too.
+        self.batches = Prefetcher(
+            self.buffer, self.consumer, convert=lambda b: (tuple(b.batch_id), b.to_torch(device))
+        )
         return os.getpid()
 
     def train_step(
-        self, step: int, batch_ids: Sequence[BatchId], global_tokens: int, plan: Any = None
+        self,
+        step: int,
+        batch_ids: Sequence[BatchId],
+        global_tokens: int,
+        plan: Any = None,
+        next_ids: Sequence[BatchId] | None = None,
     ) -> dict[str, Any]:
         """Lease this rank's micro-batches (in micro-step order), fetch them, run one optimizer step.
 
-        Returns StudentEngine.train_step's dict (this rank's term sums) plus `fetch_s` (lease + fetch time).
+        next_ids: this rank's batches of the next step, leased and fetched while this one trains (None: the
+        last step). The batches stay leased, not acked: the driver acks a step's batches once it commits.
+        Returns StudentEngine.train_step's dict (this rank's term sums) plus `fetch_s` (the time this step
+        waited for its batches).
         """
         start = time.perf_counter()
-        refs = self.buffer.lease(batch_ids, self.consumer)
-        batches = ray.get(refs)  # straight from the teacher's object store: zero copy on the same node
-        micro = [b.to_torch(self.engine.device) for b in batches]
+        fetched = self.batches.take(batch_ids)
+        if next_ids is not None:
+            self.batches.prefetch(next_ids)
         fetch_s = time.perf_counter() - start
-        out = self.engine.train_step(step, micro, global_tokens, plan)
-        return {**out, "fetch_s": fetch_s, "batch_ids": [tuple(b.batch_id) for b in batches]}
+        out = self.engine.train_step(step, [micro for _, micro in fetched], global_tokens, plan)
+        return {**out, "fetch_s": fetch_s, "batch_ids": [batch_id for batch_id, _ in fetched]}
 
     def save(self, directory: str, client_state: dict) -> None:
         """DeepSpeed checkpoint (all ranks) + this rank's torch RNG state."""
@@ -337,10 +353,14 @@ class StudentGroup:
         global_tokens: int,
         poll: Callable[[], None] | None = None,
         plan: Any = None,
+        next_batches: list[list[BatchId]] | None = None,
     ) -> list[dict[str, Any]]:
         """One optimizer step on every rank; rank r trains on rank_batches[r] (its micro-steps, in order), with
-        the curriculum's `plan` of the step (None: the objective as configured)."""
-        return self._call("train_step", [(step, ids, global_tokens, plan) for ids in rank_batches], poll)
+        the curriculum's `plan` of the step (None: the objective as configured), and leases next_batches[r]
+        ahead (the next step's; None: nothing to prefetch)."""
+        ahead = next_batches if next_batches is not None else [None] * self.world_size
+        args = [(step, ids, global_tokens, plan, nxt) for ids, nxt in zip(rank_batches, ahead, strict=True)]
+        return self._call("train_step", args, poll)
 
     def save(self, directory: str | Path, client_state: dict) -> None:
         self._call("save", [(str(directory), client_state)] * self.world_size)

@@ -19,6 +19,7 @@ from transformers import PreTrainedModel
 
 from distill.errors import ConfigError
 from distill.models.loading import load_causal_lm
+from distill.teacher.attention import use_padded_sdpa
 from distill.teacher.batch import BatchId, TeacherBatch
 
 if TYPE_CHECKING:
@@ -55,7 +56,8 @@ def mean_over_heads(attention: torch.Tensor) -> torch.Tensor:
 class TeacherEngine:
     """Scores token batches with a loaded causal LM.
 
-    model             a transformers causal LM (any device; moved to `device`)
+    model             a transformers causal LM (any device; moved to `device`); an SDPA model is switched to
+                      `distill.teacher.attention.sdpa_padded_v` (the fused kernel for MLA's narrower value heads)
     topk              k of the top-k next-token distribution kept per position
     hidden_layers     indices into HF `hidden_states`: 0 = embeddings, i = output of the i-th decoder layer; the last
                       index (num_layers) is the final-norm output that feeds the lm_head
@@ -97,6 +99,7 @@ class TeacherEngine:
         self.head_mean_fn = head_mean_fn
         self.full_vocab_logits = full_vocab_logits
         self._validate()
+        use_padded_sdpa(self.model)  # after the check: a model that returns attention maps stays eager
 
     @classmethod
     def from_pretrained(
