@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from types import SimpleNamespace
 
 import torch
 
@@ -44,7 +45,7 @@ def _model(tok, arch: str, seed: int):
     return build_model(cfg, seed=seed)
 
 
-class Path:
+class TrainPath:
     """One way of training: its micro-batches, teacher scorer, student, objective and optimizer."""
 
     def __init__(self, batches, score, student, objective) -> None:
@@ -133,16 +134,16 @@ def main() -> None:
         [*KD, TermSpec("uld", "uld", 1.0)], temperature=1.0, chunk_size=0, cross_tokenizer=True
     )
     paths = {
-        "cross": Path(
+        "cross": TrainPath(
             cross_batches, lambda b: xteacher.score((0, 0), b), _model(s_tok, "tiny_qwen2", 2), uld_obj
         ),
-        "same (S)": Path(
+        "same (S)": TrainPath(
             batches(same_s_rows, s_tok.pad_token_id),
             scorer(teacher_s),
             _model(s_tok, "tiny_qwen2", 2),
             Objective(KD, temperature=1.0, chunk_size=0),
         ),
-        "same (T)": Path(
+        "same (T)": TrainPath(
             batches(same_t_rows, t_tok.pad_token_id),
             scorer(teacher_t),
             _model(t_tok, "tiny_qwen2", 2),
@@ -175,11 +176,7 @@ def main() -> None:
     logits.requires_grad_(True)
     only_uld = Objective([TermSpec("uld", "uld", 1.0)], temperature=1.0, chunk_size=0, cross_tokenizer=True)
 
-    class _Out:  # the objective reads `.logits` only for logit terms
-        pass
-
-    out = _Out()
-    out.logits = logits
+    out = SimpleNamespace(logits=logits)  # the objective reads `.logits` only for logit terms
 
     def uld_step() -> None:
         only_uld.weighted_total(only_uld(out, tb)).backward()

@@ -133,22 +133,19 @@ def _tokenizers_match(teacher: Path, student: Path, fallback: bool) -> bool:
 
 
 def student_tokenizer(cfg, teacher_tokenizer):
-    """The tokenizer the student trains with: student.tokenizer, else (with a token map) student.path's,
-    else the teacher's."""
-    if cfg.student.tokenizer:
-        return load_tokenizer_folder(cfg.student.tokenizer)
-    if cfg.teacher.token_map.enabled and cfg.student.path:
-        return load_tokenizer(cfg.student.path)
-    return teacher_tokenizer
+    """The tokenizer the student trains with (see `student_tokenizer_folder`)."""
+    folder = student_tokenizer_folder(cfg)
+    return load_tokenizer_folder(folder) if folder else teacher_tokenizer
 
 
-def student_tokenizer_folder(cfg, teacher_path: Path) -> str:
-    """The folder `student_tokenizer` loads from (what processes that load it themselves are given)."""
+def student_tokenizer_folder(cfg) -> str | None:
+    """The folder of the student's own tokenizer: student.tokenizer, else (with a token map) student.path;
+    None when the student trains on the teacher's tokenizer."""
     if cfg.student.tokenizer:
         return str(cfg.student.tokenizer)
     if cfg.teacher.token_map.enabled and cfg.student.path:
         return str(cfg.student.path)
-    return str(teacher_path)
+    return None
 
 
 # ---- models ----------------------------------------------------------------------------------------------

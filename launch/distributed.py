@@ -297,18 +297,19 @@ def student_spec(
 ) -> StudentSpec:
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     env.setdefault("DS_ACCELERATOR", "cuda" if cfg.cluster.device == "cuda" else "cpu")
+    tokenizer_path = builders.student_tokenizer_folder(cfg) or str(teacher_path)
     return StudentSpec(
         build=functools.partial(
             build_student_and_objective,
             resolved_yaml(cfg),
-            builders.student_tokenizer_folder(cfg, teacher_path),
+            tokenizer_path,
             teacher_hidden,
             lr_schedule,
         ),
         optim=OmegaConf.to_object(cfg.optim),
         total_steps=cfg.train.steps,
         ds_config=ds_config,
-        tokenizer_path=builders.student_tokenizer_folder(cfg, teacher_path),
+        tokenizer_path=tokenizer_path,
         device=cfg.cluster.device,
         backend=cfg.cluster.backend,
         threads=max(1, int(cfg.cluster.cpus_per_student_actor)),
@@ -390,9 +391,7 @@ class _MetricsSink:
 def evaluate(cfg: DictConfig, teacher_path: Path, tokenizer, data, student_dir: Path) -> dict:
     """The reference run's evaluation, on the exported student loaded in this process."""
     student = load_causal_lm(student_dir, dtype="float32")
-    if (
-        cfg.teacher.token_map.enabled
-    ):  # the teacher's logits are over another vocabulary: no KL/agreement to it
+    if cfg.teacher.token_map.enabled:  # the teacher's logits are over another vocabulary: no KL to it
         return builders.evaluate(cfg, student, tokenizer, data)
     engine = builders.build_teacher_engine(cfg, teacher_path, None)
     return builders.evaluate(

@@ -39,7 +39,7 @@ def test_identical_tokenizers_cross_path_equals_same_tokenizer_path(tok):
     )
 
     same_tb = engine.score((0, 0), plain["input_ids"], plain["attention_mask"], plain["loss_mask"]).to_torch()
-    table = build_token_map(tok, tok).padded(engine.vocab_size)
+    table = build_token_map(tok, tok).ids  # CrossTokenizerTeacher pads it to the engine's vocabulary
     cross_tb = CrossTokenizerTeacher(engine, table).score((0, 0), cross).to_torch()
 
     kd = [TermSpec("forward_kl", "forward_kl", 1.0), TermSpec("ce", "ce", 0.5)]
@@ -60,7 +60,7 @@ def test_different_tokenizers_train_through_the_cross_path(tok):
     rows = [encode_pair(tok, teacher_tok, ex, 96) for ex in examples]
     batch = pad_batch(rows, tok.pad_token_id)
     engine = TeacherEngine(_model(teacher_tok, "tiny_deepseek_v3", 1), topk=8)
-    table = build_token_map(teacher_tok, tok).padded(engine.vocab_size)
+    table = build_token_map(teacher_tok, tok).ids  # CrossTokenizerTeacher pads it to the engine's vocabulary
     tb = CrossTokenizerTeacher(engine, table).score((0, 1), batch)
     assert tb.topk_ids.shape[:2] == batch["input_ids"].shape and tb.topk_ids.min() >= -1
     aligned = (batch["align"] >= 0) & batch["loss_mask"]

@@ -12,7 +12,6 @@ side's template never align (masked), content tokens align over the contents.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 from transformers import PreTrainedTokenizerBase
@@ -124,14 +123,8 @@ def encode_pair(
     return {**row, "teacher_input_ids": t_ids[:keep], "align": index, "target_chars": chars[:n]}
 
 
-@functools.lru_cache(maxsize=8)
-def _vocabulary(tokenizer: PreTrainedTokenizerBase) -> tuple[list[bytes | None], dict[int, str]]:
-    """`vocab_bytes` once per tokenizer (serialising the tokenizer per example cost more than the alignment)."""
-    return vocab_bytes(tokenizer)
-
-
 def _side(tokenizer: PreTrainedTokenizerBase, ids: list[int], offsets: Offsets, coords) -> SideTokens:
-    pieces_of, specials = _vocabulary(tokenizer)
+    pieces_of, specials = vocab_bytes(tokenizer)
     pieces = [pieces_of[i] if i < len(pieces_of) else None for i in ids]
     return side_tokens(offsets, [specials.get(i) for i in ids], coords, pieces)
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -86,8 +86,12 @@ def token_bytes(token: str, style: str) -> bytes | None:
     return token.encode("utf-8")
 
 
+@lru_cache(maxsize=8)
 def vocab_bytes(tokenizer: PreTrainedTokenizerBase) -> tuple[list[bytes | None], dict[int, str]]:
-    """Per id (0..len-1): the token's bytes (None for specials and holes); and id -> special string."""
+    """Per id (0..len-1): the token's bytes (None for specials and holes); and id -> special string.
+
+    Cached per tokenizer (read-only results): `encode_pair` needs them for every example, and serialising the
+    tokenizer (`marker_style`) per example cost more than the alignment itself."""
     style = marker_style(tokenizer)
     specials = special_strings(tokenizer)
     out: list[bytes | None] = [None] * len(tokenizer)
@@ -106,12 +110,6 @@ class TokenMap:
 
     def counts(self) -> dict[str, int]:
         return {name: int((self.kinds == k).sum()) for k, name in KIND_NAMES.items()}
-
-    def padded(self, size: int) -> np.ndarray:
-        """The id table extended with -1 to `size` (a teacher lm_head wider than its tokenizer)."""
-        if size <= len(self.ids):
-            return self.ids[:size]
-        return np.concatenate([self.ids, np.full(size - len(self.ids), -1, dtype=np.int32)])
 
 
 def build_token_map(teacher: PreTrainedTokenizerBase, student: PreTrainedTokenizerBase) -> TokenMap:
