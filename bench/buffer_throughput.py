@@ -6,6 +6,11 @@ consumer (same node); the buffer path adds its reference bookkeeping (put, lease
 with backpressure). The consumer reads through `distill.cluster.prefetch.Prefetcher`, as the student ranks do
 (the next step's lease and fetch in flight while a step is used). Target: buffer >= 0.8x raw.
 
+A third figure, the relay floor, separates Ray's cost from the buffer's: the same refs handed through a plain
+actor holding a dict (no bound, lease or ack). Any design that keeps refs in actors between teacher and student
+pays that floor: each ref is borrowed twice, and Ray's borrower bookkeeping (owner <-> borrower RPCs per ref)
+costs more CPU than the calls themselves.
+
     python bench/buffer_throughput.py                      # production-like batches: B 8, T 1024, k 64 (~4 MiB)
     python bench/buffer_throughput.py --seq 64 --k 16      # the tiny test runs' size (~80 KiB)
 """
@@ -67,6 +72,17 @@ class Producer:
         ray.get(calls)
         return time.perf_counter() - start
 
+    def relayed(self, n: int, per_call: int, relay) -> None:
+        """ray.put every payload and hand the refs to the relay, per_call at a time."""
+        calls = []
+        for first in range(0, n, per_call):
+            items = [
+                ((0, i), [ray.put(self.batches[i % len(self.batches)])])
+                for i in range(first, first + per_call)
+            ]
+            calls.append(relay.put_many.remote(items))
+        ray.get(calls)
+
     def buffered(self, n: int, per_call: int, buffer: Buffer, in_flight: int) -> float:
         """ray.put every payload and put the refs into the buffer per_call at a time (as the raw path hands
         them over), at most `in_flight` calls unanswered. A put into a full shard waits there until the
@@ -86,6 +102,27 @@ class Producer:
         return time.perf_counter() - start
 
 
+@ray.remote(num_cpus=0)
+class Relay:
+    """The floor of any design that keeps refs in a third actor: a dict of refs, no bound, no lease or ack.
+    Each ref is borrowed twice (producer -> relay -> consumer), as in the buffer; only the bookkeeping differs."""
+
+    def __init__(self) -> None:
+        self.refs: dict = {}
+
+    def cpu_seconds(self) -> float:
+        return _cpu_seconds()
+
+    def put_many(self, items: list) -> None:
+        for batch_id, wrapped in items:
+            self.refs[batch_id] = wrapped
+
+    def take(self, batch_ids: list) -> list | None:
+        if not all(b in self.refs for b in batch_ids):
+            return None
+        return [self.refs.pop(b)[0] for b in batch_ids]
+
+
 @ray.remote(num_cpus=1)
 class Consumer:
     def cpu_seconds(self) -> float:
@@ -94,6 +131,16 @@ class Consumer:
     def fetch(self, wrapped: list) -> int:
         batches = ray.get([w[0] for w in wrapped])
         return sum(b.nbytes() for b in batches)
+
+    def take_all(self, n: int, per_step: int, relay) -> int:
+        """per_step refs at a time from the relay (asked again until the producer has put them all)."""
+        total = 0
+        for first in range(0, n, per_step):
+            ids = [(0, i) for i in range(first, first + per_step)]
+            while (refs := ray.get(relay.take.remote(ids))) is None:
+                time.sleep(0.0005)
+            total += sum(b.nbytes() for b in ray.get(refs))
+        return total
 
     def lease_all(self, n: int, per_step: int, buffer: Buffer) -> tuple[float, int]:
         """Lease, fetch and ack per_step batches at a time (one optimizer step's worth) with the students' own
@@ -141,18 +188,29 @@ def main() -> None:
         f"{args.capacity // args.shards} capacity"
     )
     ray.get(producer.raw.remote(args.per_step * 4, args.per_step, consumer))  # warm-up
-    raw, buffered = [], []
-    cpu = {"raw": [], "buffer": []}
+    raw, relayed, buffered = [], [], []
+    cpu = {"raw": [], "relay": [], "buffer": []}
 
-    def cpu_now(extra=()) -> list[float]:
-        return ray.get([a.cpu_seconds.remote() for a in (producer, consumer)]) + [
-            ray.get(s.stats.remote())["cpu_s"] for s in extra
-        ]
+    def cpu_now(shards=(), relay=None) -> list[float]:
+        """CPU seconds so far of the producer, the consumer and the actors in between."""
+        between = [ray.get(s.stats.remote())["cpu_s"] for s in shards]
+        if relay is not None:
+            between.append(ray.get(relay.cpu_seconds.remote()))
+        return ray.get([a.cpu_seconds.remote() for a in (producer, consumer)]) + between
 
     for _ in range(args.repeats):
         before = cpu_now()
         raw.append(mib / ray.get(producer.raw.remote(n, args.per_step, consumer)))
         cpu["raw"].append([b - a for a, b in zip(before, cpu_now(), strict=True)])
+        relay = Relay.remote()
+        before = cpu_now(relay=relay)
+        start = time.perf_counter()
+        taken = consumer.take_all.remote(n, args.per_step, relay)
+        ray.get(producer.relayed.remote(n, args.per_step, relay))
+        assert ray.get(taken) == n * nbytes
+        relayed.append(mib / (time.perf_counter() - start))
+        cpu["relay"].append([b - a for a, b in zip(before, cpu_now(relay=relay), strict=True)])
+        ray.kill(relay)
         buffer = Buffer.create(
             shards=args.shards, capacity_per_shard=args.capacity // args.shards, batches_per_epoch=n
         )
@@ -171,15 +229,20 @@ def main() -> None:
     print(
         f"raw ray.put/ray.get : {r:9.1f} MiB/s  ({n / (mib / r):.0f} batches/s)  runs {[round(x) for x in raw]}"
     )
+    f = float(np.median(relayed))
+    print(
+        f"relay floor         : {f:9.1f} MiB/s  ({n / (mib / f):.0f} batches/s)  runs {[round(x) for x in relayed]}"
+    )
     print(
         f"buffer put/lease/ack: {b:9.1f} MiB/s  ({n / (mib / b):.0f} batches/s)  runs {[round(x) for x in buffered]}"
     )
     print(
-        f"ratio {b / r:.2f}x (target >= 0.8x); last run: producer waited {stats['producer_wait_s']:.2f} s, "
+        f"ratio {b / r:.2f}x raw (target >= 0.8x), relay floor {f / r:.2f}x raw, buffer {b / f:.2f}x relay; last run: producer waited {stats['producer_wait_s']:.2f} s, "
         f"consumer waited {stats['consumer_wait_s']:.2f} s"
     )
     for mode, runs in cpu.items():
-        names = ["producer", "consumer"] + [f"shard{i}" for i in range(len(runs[-1]) - 2)]
+        between = ["relay"] if mode == "relay" else [f"shard{i}" for i in range(len(runs[-1]) - 2)]
+        names = ["producer", "consumer", *between]
         per = ", ".join(f"{name} {sec / n * 1e3:.2f}" for name, sec in zip(names, runs[-1], strict=True))
         print(f"CPU ms per batch ({mode}, last run): {per}")
     ray.shutdown()

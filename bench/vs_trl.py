@@ -8,15 +8,17 @@ same initial weights), same encoded rows and trained tokens, same global batch, 
     distill  : `distill cluster=local_ray` (teacher actor on one core -> buffer -> DeepSpeed ZeRO-2 student rank
                on the other), the online path the README demo runs.
 Figure: trained tokens/s of student training, warm-up steps excluded, start-up (model load, actor start)
-excluded on both sides. Target: distill >= 1.5x TRL.
+excluded on both sides; each side run --repeats times, alternating, and the medians compared. Target: distill
+>= 1.5x TRL.
 
-    python bench/vs_trl.py --steps 40             # the demo's teacher (trained on first use, ~3 min)
+    python bench/vs_trl.py                        # the demo's teacher (trained on first use, ~3 min)
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -116,10 +118,11 @@ def distill_rate(cfg, steps: int, warmup: int) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=40, help="timed optimizer steps (after --warmup)")
+    p.add_argument("--steps", type=int, default=60, help="timed optimizer steps (after --warmup)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--batch", type=int, default=16, help="global batch in sequences")
     p.add_argument("--cores", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3, help="alternating runs of each side (medians compared)")
     p.add_argument("overrides", nargs="*", help="extra `distill` overrides, e.g. prepare.cache_dir=...")
     args = p.parse_args()
     for name, value in (
@@ -138,38 +141,50 @@ def main() -> None:
     from launch.prepare_demo import prepare_demo
 
     total = args.warmup + args.steps
-    half = args.batch // 2
-    with tempfile.TemporaryDirectory() as run_dir:
-        cfg = compose(
-            [
-                "cluster=local_ray",
-                f"cluster.cpus_per_node={args.cores}",
-                f"cluster.micro_batch_size={half}",
-                "cluster.grad_accum_steps=2",
-                f"cluster.global_batch_size={args.batch}",
-                f"train.steps={total}",
-                f"train.log_every={1}",
-                "eval.max_batches=1",
-                "eval.generate_examples=0",
-                "loss=kd",
-                "curriculum=single_stage",  # TRL's GKD is one stage of forward KL at T=1
-                "loss.temperature=1.0",
-                *args.overrides,
-            ],
-            run_dir=run_dir,
-        )
-        prepare_demo(cfg)
-        tokenizer = load_tokenizer(builders.require_teacher(cfg))
-        rows = builders.build_data(cfg, tokenizer).train_rows
-        print(
-            f"teacher {cfg.teacher.name}, student {cfg.student.name}, {len(rows)} rows, global batch {args.batch}, "
-            f"{args.steps} timed steps after {args.warmup}, {args.cores} cores"
-        )
-        ours = distill_rate(cfg, args.steps, args.warmup)
-    theirs = trl_rate(cfg, rows, args.steps, args.warmup, args.batch, args.cores)
-    print(f"TRL GKDTrainer (forward KL, off-policy) : {theirs:8.0f} trained tokens/s")
-    print(f"distill online (teacher actor + ZeRO-2) : {ours:8.0f} trained tokens/s")
-    print(f"distill / TRL = {ours / theirs:.2f}x (target >= 1.5x)")
+    overrides = [
+        "cluster=local_ray",
+        f"cluster.cpus_per_node={args.cores}",
+        # TRL's shape: the whole global batch in one micro-batch (per_device_train_batch_size, no
+        # accumulation), so both sides run the same forward and backward passes.
+        f"cluster.micro_batch_size={args.batch}",
+        "cluster.grad_accum_steps=1",
+        f"cluster.global_batch_size={args.batch}",
+        f"train.steps={total}",
+        f"train.log_every={1}",
+        "eval.max_batches=1",
+        "eval.generate_examples=0",
+        "loss=kd",
+        "curriculum=single_stage",  # TRL's GKD is one stage of forward KL at T=1
+        "loss.temperature=1.0",
+        *args.overrides,
+    ]
+    ours, theirs = [], []
+    # Alternated, several times: on a shared 2-core machine one pair of runs can be off by 30% either way.
+    for repeat in range(args.repeats):
+        with tempfile.TemporaryDirectory() as run_dir:
+            cfg = compose(overrides, run_dir=run_dir)
+            if repeat == 0:
+                prepare_demo(cfg)
+                tokenizer = load_tokenizer(builders.require_teacher(cfg))
+                rows = builders.build_data(cfg, tokenizer).train_rows
+                print(
+                    f"teacher {cfg.teacher.name}, student {cfg.student.name}, {len(rows)} rows, global batch "
+                    f"{args.batch}, {args.steps} timed steps after {args.warmup}, {args.cores} cores, "
+                    f"{args.repeats} alternating repeats"
+                )
+            ours.append(distill_rate(cfg, args.steps, args.warmup))
+        theirs.append(trl_rate(cfg, rows, args.steps, args.warmup, args.batch, args.cores))
+    mine, trl = statistics.median(ours), statistics.median(theirs)
+    print(
+        f"TRL GKDTrainer (forward KL, off-policy) : {trl:8.0f} trained tokens/s  runs {[round(x) for x in theirs]}"
+    )
+    print(
+        f"distill online (teacher actor + ZeRO-2) : {mine:8.0f} trained tokens/s  runs {[round(x) for x in ours]}"
+    )
+    print(
+        f"distill / TRL = {mine / trl:.2f}x medians (target >= 1.5x); per pair "
+        f"{[round(a / b, 2) for a, b in zip(ours, theirs, strict=True)]}"
+    )
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from distill.cluster.buffer import PUT_EXISTS, PUT_FULL, PUT_OK, BufferShard, check_capacity
-from distill.cluster.driver import Assignment, Hooks, check_identity
+from distill.cluster.driver import Assignment, Driver, Hooks, check_identity
 from distill.cluster.placement import NodeResources
 from distill.cluster.student_group import plan_student_nodes
 from distill.config import compose
@@ -160,6 +160,25 @@ def test_buffer_shard_admits_puts_in_arrival_order():
         assert await first == [PUT_OK, PUT_OK] and await second == [PUT_OK]
 
     asyncio.run(scenario())
+
+
+def test_driver_sends_a_step_ahead_only_when_nothing_must_happen_in_between():
+    """The next step is queued on the ranks behind the running one unless a checkpoint, a continual run or a
+    requested stop must see the world between them, or the run ends."""
+
+    def driver(**kw) -> Driver:
+        args = dict(teachers=None, students=None, buffer=None, sink=None, inputs=None, tokens=None)
+        return Driver(
+            assignment=Assignment(accum=1, world=1, batches_per_epoch=8), total_steps=6, **args, **kw
+        )
+
+    assert [s for s in range(6) if driver()._runs_ahead(s)] == [0, 1, 2, 3, 4]
+    # checkpoints after 3 and 6 committed steps: step 3 is sent once step 2 is committed and saved
+    assert [s for s in range(6) if driver(checkpoint_every=3)._runs_ahead(s)] == [0, 1, 3, 4]
+    assert not any(driver(continual=object())._runs_ahead(s) for s in range(6))
+    stopping = driver()
+    stopping._stopping = True
+    assert not any(stopping._runs_ahead(s) for s in range(6))
 
 
 def test_identity_mismatch_names_the_field():

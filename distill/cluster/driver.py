@@ -6,7 +6,9 @@ students by up to the buffer's capacity and the two overlap. The main thread run
 its batches (`Assignment`), fetches them from the object store and steps, and meanwhile leases and fetches its
 batches of the next step, which the driver names with each step (`distill.cluster.prefetch`); the driver sums
 the ranks' term sums, divides by the step's token count (it batched the data, so it knows the loss masks) and
-acks the step's batches once the step is committed on every rank (never the prefetched ones).
+acks the step's batches once the step is committed on every rank (never the prefetched ones). The next step is
+sent before the current one commits (`Driver._runs_ahead`), so the ranks start it without waiting for the
+driver's round trip.
 
 Failures: a dead teacher actor is the teacher group's business (it re-dispatches in order). A dead student
 actor fails the step; the driver restarts the whole student group, loads the latest checkpoint, requeues the
@@ -24,7 +26,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -209,10 +211,25 @@ class Hooks:
     """Failure injection and stop points for tests and chaos drills; the default does nothing."""
 
     def after_step(self, driver: Driver, step: int) -> None:
-        """Called once step `step` is committed (and checkpointed, if one was due)."""
+        """Called once step `step` is committed (and checkpointed, if one was due). Step + 1 may already be
+        training (see `Driver._runs_ahead`); a hook that stops the run checkpoints with `driver.stop_after()`."""
 
 
 # ---- the loop ----------------------------------------------------------------------------------------------
+@dataclass
+class _Dispatched:
+    """A step sent to the ranks and not yet committed."""
+
+    step: int
+    batch_ids: list[BatchId]
+    rank_batches: list[list[BatchId]]
+    num_tokens: int
+    plan: Any
+    sampled: list  # refs to the buffer's figures (logged steps), else []
+    calls: list  # refs to the ranks' answers (StudentGroup.wait)
+    sent: float = field(default_factory=time.perf_counter)
+
+
 class Driver:
     """Runs optimizer steps [start, total_steps) over the groups it is given; owns no configuration.
 
@@ -258,6 +275,9 @@ class Driver:
         self.producer: Producer | None = None
         self.first_step = 0
         self._acks: list[ray.ObjectRef] = []  # the last step's ack, in flight (see _settle_acks)
+        self._ahead: _Dispatched | None = None  # the step sent behind the one being committed (_runs_ahead)
+        self._last_commit = 0.0
+        self._stopping = False
 
     def run(self, start: Path | None = None) -> None:
         """Train to total_steps, from checkpoint `start` (a `CheckpointStore` folder) or from scratch."""
@@ -275,29 +295,51 @@ class Driver:
             dynamic_ncols=True,
         )
         try:
-            while step < self.total_steps:
+            while self.committed < self.total_steps:
+                step = self.committed
                 try:
                     self._train_step(step)
-                    step += 1
-                    if self.checkpoint_every and step % self.checkpoint_every == 0:
-                        self._checkpoint(step)
+                    if self.checkpoint_every and self.committed % self.checkpoint_every == 0:
+                        self._checkpoint(self.committed)
                 except StudentFailure as err:
-                    step = self._recover(err)
-                    bar.n = step  # steps after the restored checkpoint are trained again
+                    bar.n = self._recover(err)  # steps after the restored checkpoint are trained again
                     bar.refresh()
                     continue
                 bar.update(1)
                 bar.set_postfix(loss=f"{self.last_loss:.4f}", refresh=False)
-                self.hooks.after_step(self, step - 1)
+                self.hooks.after_step(self, step)
         finally:
             bar.close()
+            self._ahead = None
             self._stop_producer()
 
     def _train_step(self, step: int) -> None:
-        start = time.perf_counter()
+        """Commit `step`: dispatch it (unless it already runs), dispatch the next one behind it when nothing has
+        to happen in between (`_runs_ahead`), wait for `step` on every rank and account for it."""
+        current, self._ahead = self._ahead, None
+        if current is None or current.step != step:
+            current = self._dispatch(step)
+        if self._runs_ahead(step):
+            self._ahead = self._dispatch(step + 1)
+        self._commit(current)
+
+    def _runs_ahead(self, step: int) -> bool:
+        """Whether step + 1 may be sent to the ranks before `step` is committed.
+
+        The ranks run their calls in order, so a queued step starts the moment the previous one ends and the
+        students never wait for the driver's round trip (answer, ack, metrics, next call). Not when something
+        must see the world between the two steps: a checkpoint, a continual run's replay and increment
+        evaluations, or a stop asked for by a hook (`stop_after`)."""
+        return (
+            step + 1 < self.total_steps
+            and not (self.checkpoint_every and (step + 1) % self.checkpoint_every == 0)
+            and self.continual is None
+            and not self._stopping
+        )
+
+    def _dispatch(self, step: int) -> _Dispatched:
         a = self.assignment
         batch_ids = a.step_batches(step)
-        num_tokens = sum(self.tokens(b) for b in batch_ids)
         rank_batches = [a.rank_batches(step, r) for r in range(a.world)]
         # Leased ahead by each rank while this step trains; a failure requeues them with the rank's leases.
         ahead = [a.rank_batches(step + 1, r) for r in range(a.world)] if step + 1 < self.total_steps else None
@@ -308,39 +350,49 @@ class Driver:
             for batch_id, replayed in self.continual.replay_batches(step):
                 # Forced: the step's own batches always fit (check_capacity); "exists" after a restore is fine.
                 self.buffer.put(batch_id, ray.put(replayed), replayed.nbytes(), timeout=None, force=True)
+        num_tokens = sum(self.tokens(b) for b in batch_ids)
         logged = (step + 1) % self.log_every == 0 or step + 1 == self.total_steps
-        # The buffer's figures are sampled as the step starts (depth counts its batches and the prefetched
+        # The buffer's figures are sampled as the step is sent (depth counts its batches and the prefetched
         # ones), while the ranks train: they never wait for that RPC.
         sampled = self.buffer.stats_async() if logged else []
-        outs = self.students.train_step(
-            step, rank_batches, num_tokens, poll=self._check_producer, plan=plan, next_batches=ahead
+        calls = self.students.submit_train_step(step, rank_batches, num_tokens, plan=plan, next_batches=ahead)
+        return _Dispatched(step, batch_ids, rank_batches, num_tokens, plan, sampled, calls)
+
+    def _commit(self, d: _Dispatched) -> None:
+        """Wait for a dispatched step on every rank, ack its batches and record its metrics."""
+        outs = self.students.wait(d.calls, poll=self._check_producer)
+        assert [o["batch_ids"] for o in outs] == d.rank_batches, (
+            "a rank trained on batches not assigned to it"
         )
-        assert [o["batch_ids"] for o in outs] == rank_batches, "a rank trained on batches not assigned to it"
+        step = d.step
         scored = ray.get(self.buffer.peek(self.continual.new_data(step))) if self.continual else []
         # Committed on every rank: the batches are done. Not waited for (an RPC to a shard process costs
-        # milliseconds on busy cores, and the ranks idle until the next step is sent); settled before anything
-        # reads the counts, and by the next step's ack, which surfaces an error one step late at worst.
+        # milliseconds on busy cores); settled before anything reads the counts, and by the next step's ack,
+        # which surfaces an error one step late at worst.
         self._settle_acks()
-        self._acks = self.buffer.ack(batch_ids, wait=False)
+        self._acks = self.buffer.ack(d.batch_ids, wait=False)
         self.committed = step + 1
-        denom = max(num_tokens, 1)
+        # A step's time runs from when it could start (sent, or the previous step committed) to its commit.
+        now = time.perf_counter()
+        seconds, self._last_commit = now - max(d.sent, self._last_commit), now
+        denom = max(d.num_tokens, 1)
         terms = {label: sum(o["terms"][label] for o in outs) / denom for label in outs[0]["terms"]}
         self.last_loss = sum(o["loss_sum"] for o in outs) / denom
         metrics = StepMetrics(
             step=step,
             loss=self.last_loss,
             terms=terms,
-            tokens=num_tokens,
+            tokens=d.num_tokens,
             lr=outs[0]["lr"],
             grad_norm=outs[0]["grad_norm"],
-            seconds=time.perf_counter() - start,
-            batch_ids=batch_ids,
-            plan=plan,
+            seconds=seconds,
+            batch_ids=d.batch_ids,
+            plan=d.plan,
         )
         if self.continual is not None:
             self.continual.after_step(step, scored)  # may evaluate the student (an increment's end)
-        if logged:
-            stats = Buffer.total_stats(sampled)
+        if d.sampled:
+            stats = Buffer.total_stats(d.sampled)
             extras = {
                 "buffer/depth": stats["depth"],
                 "buffer/producer_wait_s": stats["producer_wait_s"],
@@ -350,8 +402,24 @@ class Driver:
             }
             self.sink.write(metrics, extras)
 
+    def stop_after(self) -> tuple[int, Path]:
+        """Commit the step already sent ahead (if any), checkpoint the committed steps and return (committed
+        steps, checkpoint); for a hook that stops the run (a preemption signal). The driver sends no step
+        ahead from here on."""
+        self._stopping = True
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            self._commit(ahead)
+        return self.committed, self.checkpoint(self.committed)
+
     def checkpoint(self, step: int) -> Path:
-        """Checkpoint after `step` committed steps now (a preemption stop), unless that checkpoint exists."""
+        """Checkpoint after `step` committed steps now, unless that checkpoint exists (the ranks must be idle:
+        no step sent ahead, see `stop_after`)."""
+        if self._ahead is not None or step != self.committed:
+            raise CheckpointError(
+                f"checkpoint({step}) with {self.committed} steps committed and step "
+                f"{None if self._ahead is None else self._ahead.step} in flight; use Driver.stop_after()"
+            )
         if self.checkpoints is None:
             raise CheckpointError("this driver has no CheckpointStore; it cannot checkpoint on request")
         if self.checkpoints.latest() != self.checkpoints.path(step):
@@ -387,6 +455,7 @@ class Driver:
 
     def _recover(self, err: StudentFailure) -> int:
         """Restart the student world from the latest checkpoint; returns the step to continue from."""
+        self._ahead = None  # sent to the failed world: it will not answer
         self._stop_producer()
         self._settle_acks()  # the rollback below must see every ack of the committed steps
         while True:  # a rank may die again while the new world starts or loads

@@ -298,13 +298,20 @@ class StudentGroup:
 
     # ---- calls on every rank --------------------------------------------------------------------------
     def _call(self, method: str, args_per_rank: list[tuple], poll: Callable[[], None] | None = None) -> list:
-        """Run `method` on every rank; results in rank order. A dead rank raises StudentFailure.
+        """Run `method` on every rank; results in rank order. A dead rank raises StudentFailure."""
+        return self.wait(self._submit(method, args_per_rank), poll)
+
+    def _submit(self, method: str, args_per_rank: list[tuple]) -> list[ray.ObjectRef]:
+        return [getattr(a, method).remote(*args) for a, args in zip(self.actors, args_per_rank, strict=True)]
+
+    def wait(self, refs: list[ray.ObjectRef], poll: Callable[[], None] | None = None) -> list:
+        """Results of a call on every rank (refs from `submit_train_step`), in rank order; a dead rank raises
+        StudentFailure.
 
         Waits with ray.wait, never ray.get on the whole list: when one rank dies the others may sit in a
         collective for a long time, and the driver must not wait for them. `poll` runs about once per second
         while waiting (the driver checks its teacher producer there).
         """
-        refs = [getattr(a, method).remote(*args) for a, args in zip(self.actors, args_per_rank, strict=True)]
         index = {r: i for i, r in enumerate(refs)}
         results: list = [None] * len(refs)
         pending = list(refs)
@@ -358,9 +365,21 @@ class StudentGroup:
         """One optimizer step on every rank; rank r trains on rank_batches[r] (its micro-steps, in order), with
         the curriculum's `plan` of the step (None: the objective as configured), and leases next_batches[r]
         ahead (the next step's; None: nothing to prefetch)."""
+        return self.wait(self.submit_train_step(step, rank_batches, global_tokens, plan, next_batches), poll)
+
+    def submit_train_step(
+        self,
+        step: int,
+        rank_batches: list[list[BatchId]],
+        global_tokens: int,
+        plan: Any = None,
+        next_batches: list[list[BatchId]] | None = None,
+    ) -> list[ray.ObjectRef]:
+        """`train_step` without waiting: refs for `wait`. The ranks run their calls in submission order (plain
+        single-threaded actors), so a step submitted before the previous one finished starts as soon as it does."""
         ahead = next_batches if next_batches is not None else [None] * self.world_size
         args = [(step, ids, global_tokens, plan, nxt) for ids, nxt in zip(rank_batches, ahead, strict=True)]
-        return self._call("train_step", args, poll)
+        return self._submit("train_step", args)
 
     def save(self, directory: str | Path, client_state: dict) -> None:
         self._call("save", [(str(directory), client_state)] * self.world_size)
