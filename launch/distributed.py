@@ -87,9 +87,11 @@ class StopOnSignal(Hooks):
     def after_step(self, driver: Driver, step: int) -> None:
         self.inner.after_step(driver, step)
         if self.received is not None and step + 1 < driver.total_steps:
-            path = driver.checkpoint(step + 1)
-            log.warning("stopped after step %d; checkpoint %s (resume with resume=true)", step, path)
-            raise Preempted(step + 1, path)
+            committed, path = driver.stop_after()  # commits the step already sent, if any
+            if committed >= driver.total_steps:
+                return  # that was the last step: finish the run (export, eval) instead of requeueing
+            log.warning("stopped after step %d; checkpoint %s (resume with resume=true)", committed - 1, path)
+            raise Preempted(committed, path)
 
 
 def run_distributed(cfg: DictConfig, *, hooks: Hooks | None = None) -> dict:
