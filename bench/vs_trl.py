@@ -21,7 +21,6 @@ import os
 import statistics
 import tempfile
 import time
-from pathlib import Path
 
 
 def trl_rate(cfg, rows: list[dict], steps: int, warmup: int, batch: int, threads: int) -> float:
@@ -101,19 +100,20 @@ def trl_rate(cfg, rows: list[dict], steps: int, warmup: int, batch: int, threads
 def distill_rate(cfg, steps: int, warmup: int) -> float:
     """Trained tokens/s of the online run (`launch.distributed.run_distributed`), timed between step commits."""
     from distill.cluster.driver import Hooks
-    from distill.tracking.metrics_log import read_metrics
     from launch.distributed import run_distributed
 
     marks: dict[int, float] = {}
+    tokens: dict[int, int] = {}
 
     class StepClock(Hooks):
         def after_step(self, driver, step: int) -> None:
             marks[step] = time.perf_counter()
+            # The driver's own count (the loss-mask sums it divides by), so the run logs at its default pace.
+            tokens[step] = sum(driver.tokens(b) for b in driver.assignment.step_batches(step))
 
     run_distributed(cfg, hooks=StepClock())
-    records = {r["step"]: r for r in read_metrics(Path(cfg.run_dir) / "metrics.jsonl")}
-    tokens = sum(records[s]["tokens"] for s in range(warmup, warmup + steps))
-    return tokens / (marks[warmup + steps - 1] - marks[warmup - 1])
+    trained = sum(tokens[s] for s in range(warmup, warmup + steps))
+    return trained / (marks[warmup + steps - 1] - marks[warmup - 1])
 
 
 def main() -> None:
@@ -150,7 +150,6 @@ def main() -> None:
         "cluster.grad_accum_steps=1",
         f"cluster.global_batch_size={args.batch}",
         f"train.steps={total}",
-        f"train.log_every={1}",
         "eval.max_batches=1",
         "eval.generate_examples=0",
         "loss=kd",

@@ -222,6 +222,7 @@ def build_teacher_engine(
         attention_layers=attention_layers,
         logits_dtype=torch_dtype(cfg.teacher.logits_dtype),
         device=device,
+        length_groups=cfg.teacher.length_groups,
     )
 
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from distill.errors import ConfigError
 from distill.models import build_model, save_model, tiny_config
 from distill.teacher import TeacherBatch, TeacherEngine, topk_with_normalizer
+from distill.teacher.engine import length_groups
 
 VOCAB, K = 48, 5
 PAD, EOS = 0, 2
@@ -172,3 +175,52 @@ def test_mla_teacher_on_padded_sdpa_equals_eager_attention(inputs):
     out = engine.score((0, 0), ids, mask, loss_mask)
     ref_ids, _, _ = topk_with_normalizer(want, K)
     assert torch.equal(torch.as_tensor(out.topk_ids)[valid].long(), ref_ids[valid].long())
+
+
+def test_length_groups_score_rows_of_similar_length_without_the_others_padding(teacher):
+    """Rows of lengths 9, 3, 8, 4, 9, 2 as 3 forwards (widths 3, 8, 9): on every real token the outputs equal
+    one forward over the whole batch; past a group's width they are the placeholder (uniform top-k, zeros)."""
+    lengths = [9, 3, 8, 4, 9, 2]
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, VOCAB, (len(lengths), 9), generator=g)
+    mask = torch.arange(9) < torch.tensor(lengths)[:, None]
+    ids[~mask] = PAD
+    loss_mask = mask.clone()
+    loss_mask[:, 0] = False
+    kwargs = dict(hidden_layers=[0, 2], attention_layers=[1])
+    whole = TeacherEngine(teacher, K, **kwargs).score((0, 1), ids, mask, loss_mask).to_torch()
+    grouped = (
+        TeacherEngine(teacher, K, length_groups=3, **kwargs).score((0, 1), ids, mask, loss_mask).to_torch()
+    )
+
+    for name in ("input_ids", "attention_mask", "loss_mask"):
+        assert torch.equal(grouped[name], whole[name])
+    assert torch.equal(grouped["topk_ids"][mask], whole["topk_ids"][mask])
+    for name in ("topk_logits", "log_normalizer"):
+        torch.testing.assert_close(grouped[name][mask], whole[name][mask], rtol=1e-5, atol=1e-5)
+    # hidden states and attention maps are stored in bf16: a last-bit rounding flip is allowed
+    torch.testing.assert_close(grouped["hidden"][mask], whole["hidden"][mask], rtol=1e-2, atol=1e-3)
+    keys = mask[:, None, :, None] & mask[:, None, None, :]  # attention between real tokens
+    torch.testing.assert_close(grouped["attention"][keys], whole["attention"][keys], rtol=1e-2, atol=1e-3)
+
+    # Row 1 (length 3) sits in the narrowest group (width 3): its positions 3.. were never computed.
+    assert torch.equal(grouped["topk_ids"][1, 3:], torch.arange(K).expand(6, K))
+    assert torch.all(grouped["topk_logits"][1, 3:] == 0)
+    assert torch.allclose(grouped["log_normalizer"][1, 3:], torch.tensor(math.log(K)))
+    assert torch.all(grouped["hidden"][1, 3:] == 0) and torch.all(grouped["attention"][1, :, 3:] == 0)
+    # Row 2 (length 8) shares width 8 with row 3; its position 8 lies past that width.
+    assert torch.all(grouped["topk_logits"][2, 8] == 0) and not torch.all(grouped["topk_logits"][2, 7] == 0)
+
+
+def test_length_groups_keep_one_forward_when_cutting_saves_nothing():
+    full = torch.ones(4, 6, dtype=torch.bool)
+    assert length_groups(full, 2) is None  # every row is as wide as the batch
+    left = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]], dtype=torch.bool)
+    assert length_groups(left, 2) is None  # left padding: a width cut would drop real tokens
+    right = torch.arange(6) < torch.tensor([2, 6, 3, 5])[:, None]
+    assert length_groups(right, 1) is None
+    groups = length_groups(right, 2)
+    assert [(rows.tolist(), width) for rows, width in groups] == [([0, 2], 3), ([3, 1], 6)]
+    assert [len(rows) for rows, _ in length_groups(right, 9)] == [1, 1, 1, 1]  # no more groups than rows
+    with pytest.raises(ConfigError, match="length_groups"):
+        TeacherEngine(build_model(tiny_config("tiny_qwen2", VOCAB), seed=0), K, length_groups=0)

@@ -43,6 +43,8 @@ class TeacherSpec:
     attention_layers: tuple[int, ...] = ()
     device: str = "cpu"
     backend: str = "gloo"
+    length_groups: int = 1
+    """See TeacherEngine: forwards per batch over rows of similar length."""
     threads: int = 1
     """torch intra-op threads per actor (its CPU share); more threads than cores makes torch far slower."""
     token_table: np.ndarray | None = None
@@ -96,6 +98,7 @@ class TeacherWorker:
             attention_layers=spec.attention_layers,
             logits_dtype=_torch_dtype(spec.logits_dtype),
             device=spec.device,
+            length_groups=spec.length_groups,
         )
         if self.tp > 1:
             from distill.teacher.parallel import init_from_env

