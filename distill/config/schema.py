@@ -175,7 +175,7 @@ class LossConfig:
     temperature: float = 2.0
     chunk_size: int = 0
     """Tokens per chunk in the chunked loss (bounds the fp32 [chunk, V] working set); 0 picks
-    CHUNK_ELEMENTS // V rows, i.e. ~32 MiB of fp32 per working array whatever the vocabulary."""
+    max(16, CHUNK_ELEMENTS // V) rows, i.e. ~4 MiB of fp32 per working array whatever the vocabulary."""
     terms: dict[str, LossTermConfig] = field(default_factory=dict)
     """Terms by label; weights 0 disable a term."""
 
