@@ -403,28 +403,19 @@ class Driver:
             self.sink.write(metrics, extras)
 
     def stop_after(self) -> tuple[int, Path]:
-        """Commit the step already sent ahead (if any), checkpoint the committed steps and return (committed
-        steps, checkpoint); for a hook that stops the run (a preemption signal). The driver sends no step
-        ahead from here on."""
+        """Commit the step already sent ahead (if any), checkpoint the committed steps (unless that checkpoint
+        exists) and return (committed steps, checkpoint); for a hook that stops the run (a preemption signal).
+        The driver sends no step ahead from here on."""
+        if self.checkpoints is None:
+            raise CheckpointError("this driver has no CheckpointStore; it cannot checkpoint on request")
         self._stopping = True
         ahead, self._ahead = self._ahead, None
         if ahead is not None:
             self._commit(ahead)
-        return self.committed, self.checkpoint(self.committed)
-
-    def checkpoint(self, step: int) -> Path:
-        """Checkpoint after `step` committed steps now, unless that checkpoint exists (the ranks must be idle:
-        no step sent ahead, see `stop_after`)."""
-        if self._ahead is not None or step != self.committed:
-            raise CheckpointError(
-                f"checkpoint({step}) with {self.committed} steps committed and step "
-                f"{None if self._ahead is None else self._ahead.step} in flight; use Driver.stop_after()"
-            )
-        if self.checkpoints is None:
-            raise CheckpointError("this driver has no CheckpointStore; it cannot checkpoint on request")
-        if self.checkpoints.latest() != self.checkpoints.path(step):
-            self._checkpoint(step)
-        return self.checkpoints.path(step)
+        path = self.checkpoints.path(self.committed)
+        if self.checkpoints.latest() != path:
+            self._checkpoint(self.committed)
+        return self.committed, path
 
     def _checkpoint(self, step: int) -> None:
         if self.checkpoints is None:

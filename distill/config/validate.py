@@ -13,6 +13,7 @@ from distill.curriculum.stages import FEATURES, HARD, SOFT, Curriculum
 from distill.errors import ConfigError
 from distill.losses import get as get_term
 from distill.losses.validation import validate_layer_map, validate_term
+from distill.teacher.engine import check_length_groups
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ def validate_run(cfg, facts: PairFacts) -> Topology:
         topology.check_fits()
     elif cfg.cluster.mode != "local":
         raise ConfigError(f"cluster.mode={cfg.cluster.mode!r}: use 'local' (reference) or 'ray'.")
+    check_length_groups(cfg.teacher.length_groups)
     _validate_terms(cfg, facts)
     run_curriculum(cfg)
     _validate_sources(cfg)

@@ -49,6 +49,14 @@ def topk_with_normalizer(
     return ids.to(torch.int32), values, lse.view(logits.shape[:-1])
 
 
+def check_length_groups(groups) -> None:
+    """ConfigError unless `groups` (teacher.length_groups) is an integer >= 1."""
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ConfigError(
+            f"teacher.length_groups={groups!r} must be an integer >= 1 (1: one forward per batch)"
+        )
+
+
 def length_groups(attention_mask: torch.Tensor, groups: int) -> list[tuple[torch.Tensor, int]] | None:
     """Rows of a right-padded batch split into up to `groups` groups of similar length: [(row indices, width)],
     width = the group's longest row. None: score the batch in one forward (one group asked for, a mask that is
@@ -204,14 +212,7 @@ class TeacherEngine:
     def _validate(self) -> None:
         if not 1 <= self.topk <= self.vocab_size:
             raise ConfigError(f"teacher topk={self.topk} must be in [1, vocab size {self.vocab_size}]")
-        if (
-            isinstance(self.length_groups, bool)
-            or not isinstance(self.length_groups, int)
-            or self.length_groups < 1
-        ):
-            raise ConfigError(
-                f"teacher length_groups={self.length_groups!r} must be an integer >= 1 (1: one forward)"
-            )
+        check_length_groups(self.length_groups)
         self._check_indices("hidden_layers", self.hidden_layers, self.num_layers + 1, "0 = embeddings")
         self._check_indices("attention_layers", self.attention_layers, self.num_layers, "decoder layers")
         impl = self.config._attn_implementation
