@@ -222,7 +222,9 @@ def _spawn(world: int, out: Path) -> None:
         except mp.ProcessExitedException as err:
             if attempt == 2 or err.signal_name is None:
                 raise
-            warnings.warn(f"world {world}: a rank died of {err.signal_name}; spawning the world again")
+            warnings.warn(
+                f"world {world}: a rank died of {err.signal_name}; spawning the world again", stacklevel=2
+            )
             for name in RUNS[world]:
                 shutil.rmtree(out / name, ignore_errors=True)
 

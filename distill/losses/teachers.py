@@ -114,7 +114,16 @@ class TopKTeacher:
     def student_log_probs(self, student_logits: Tensor, temperature: float = 1.0) -> Tensor:
         """Collapse student fp32 logits [N, V] onto the teacher's buckets: [N, k+1] log-probs."""
         log_q = torch.log_softmax(_tempered(student_logits, temperature), dim=-1)
-        gathered = log_q.gather(-1, self.ids.long())
+        return self.student_buckets(log_q.gather(-1, self.gather_ids()))
+
+    def gather_ids(self) -> Tensor:
+        """[N, k] long: the student vocabulary ids whose log-probs `student_buckets` reads."""
+        return self.ids.long()
+
+    def student_buckets(self, gathered: Tensor) -> Tensor:
+        """The student's [N, k+1] bucket log-probs from its log-probs at `gather_ids()` [N, k]: the buckets
+        depend on the student only through those, which is what lets the chunked loss skip autograd over the
+        vocabulary (distill.losses.chunked.GatheredRowLoss)."""
         _, negligible = self.tail()
         tail = torch.where(negligible, -torch.inf, log1mexp(torch.logsumexp(gathered, dim=-1)))
         return torch.cat([gathered, tail[:, None]], dim=-1)
@@ -198,11 +207,13 @@ class MappedTopKTeacher(TopKTeacher):
         """Teacher log-probs over the mapped ids + rest: [N, k+1] fp32 (unmapped slots -inf, rest last)."""
         return TopKTeacher(self.ids, self._mapped_logits(), self.log_normalizer).log_probs(temperature)
 
-    def student_log_probs(self, student_logits: Tensor, temperature: float = 1.0) -> Tensor:
-        """Student fp32 logits [N, V] collapsed onto the same buckets: [N, k+1] log-probs."""
-        log_q = torch.log_softmax(_tempered(student_logits, temperature), dim=-1)
+    def gather_ids(self) -> Tensor:
+        """[N, k] long: the mapped student ids; unmapped slots read id 0, which `student_buckets` ignores."""
+        return self.ids.long().clamp(min=0)
+
+    def student_buckets(self, gathered: Tensor) -> Tensor:
+        """The student's buckets (mapped ids + rest) from its log-probs at `gather_ids()`: [N, k+1]."""
         mapped = self.mapped
-        gathered = log_q.gather(-1, self.ids.long().clamp(min=0))
         # Unmapped slots sit at a huge finite floor, not -inf: an all-(-inf) logsumexp has a NaN gradient.
         mass = torch.logsumexp(gathered.masked_fill(~mapped, _LOG_FLOOR), dim=-1)
         _, negligible = self.tail()

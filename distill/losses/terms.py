@@ -40,7 +40,7 @@ from torch import Tensor
 
 from distill.errors import ConfigError
 from distill.losses import divergences
-from distill.losses.chunked import DEFAULT_CHUNK_SIZE, chunked_loss_sum
+from distill.losses.chunked import DEFAULT_CHUNK_SIZE, GatheredRowLoss, chunked_loss_sum
 from distill.losses.registry import register
 from distill.losses.selection import select_tokens
 from distill.losses.teachers import DenseTeacher, MappedTopKTeacher, Teacher, TopKTeacher
@@ -103,11 +103,21 @@ def _register_teacher_term(
         div = partial(divergence, **div_params)
         scale = temperature**2 if hinton else 1.0
 
-        def row_loss(x: Tensor, rows: Tensor) -> Tensor:  # x: fp32 student logits [c, V] of `rows`
+        if isinstance(teacher, TopKTeacher):  # the student is read at the teacher's ids only (mapped too)
+            ids = teacher.gather_ids()
+
+            def bucket_loss(gathered: Tensor, rows: Tensor) -> Tensor:
+                t = teacher.select(rows)
+                return scale * div(t.log_probs(temperature), t.student_buckets(gathered))
+
+            row_loss = GatheredRowLoss(temperature, ids=ids.__getitem__, fn=bucket_loss)
+            return chunked_loss_sum(student_logits, mask, row_loss, chunk_size), mask.sum()
+
+        def dense_loss(x: Tensor, rows: Tensor) -> Tensor:  # x: fp32 student logits [c, V] of `rows`
             t = teacher.select(rows)
             return scale * div(t.log_probs(temperature), t.student_log_probs(x, temperature))
 
-        return chunked_loss_sum(student_logits, mask, row_loss, chunk_size), mask.sum()
+        return chunked_loss_sum(student_logits, mask, dense_loss, chunk_size), mask.sum()
 
     term.__name__ = term.__qualname__ = name
     term.__doc__ = f"Logit term {name!r}: see the table in distill.losses.terms."
@@ -141,11 +151,10 @@ def ce(
         got = None if labels is None else tuple(labels.shape)
         raise ConfigError(f"loss term 'ce' needs labels of shape [{mask.shape[0]}]; got {got}.")
 
-    def row_loss(x: Tensor, rows: Tensor) -> Tensor:
-        # logsumexp - gathered logit: avoids materialising a [c, V] log_softmax.
-        target = labels[rows].long()[:, None]
-        return torch.logsumexp(x, dim=-1) - x.gather(-1, target).squeeze(-1)
-
+    # -log softmax(z)[label]: the student's log-prob gathered at one id per row.
+    row_loss = GatheredRowLoss(
+        1.0, ids=labels[:, None].__getitem__, fn=lambda gathered, _rows: -gathered[:, 0]
+    )
     return chunked_loss_sum(student_logits, mask, row_loss, chunk_size), mask.sum()
 
 
