@@ -3,7 +3,9 @@ fixture): the Ray head starts on node1 and a worker on node2 through srun, the d
 run across them, then Ray is torn down.
 
 1. A plain job: completes, both Slurm nodes joined the Ray cluster, the teacher and student actors sat on
-   different Ray nodes, the student export exists, no Ray process of the job survives it.
+   different Ray nodes, the student export exists, no Ray process of the job survives it. The worker's first
+   `ray start` is made to fail at once (a `ray` shim first on PATH, as a GCS that does not answer in 30 s
+   fails it): the script starts it again and the job completes.
 2. Requeue: `scontrol requeue` of a running job (hard stop) resumes from the last periodic checkpoint; then
    the Slurm time-limit signal (USR1 to the batch shell, as `--signal=B:USR1@300` sends it) makes the driver
    checkpoint after its current step and exit 75, and the script requeues itself; the third run finishes.
@@ -47,8 +49,8 @@ def _job(env: dict[str, str], job: str) -> dict[str, str]:
     return dict(re.findall(r"(\w+)=(\S*)", out))
 
 
-def _submit(env: dict[str, str], tmp: Path, overrides: list[str]) -> str:
-    job_env = {**env, "DISTILL_ENV": sys.prefix, "DISTILL_RUN_DIR": str(tmp / "run")}
+def _submit(env: dict[str, str], tmp: Path, overrides: list[str], activate: str = sys.prefix) -> str:
+    job_env = {**env, "DISTILL_ENV": activate, "DISTILL_RUN_DIR": str(tmp / "run")}
     out = subprocess.run(
         ["sbatch", "--parsable", "-N", "2", f"--output={tmp}/job.out", str(SBATCH), *overrides],
         env=job_env,
@@ -105,14 +107,34 @@ def _latest_step(run_dir: Path) -> int | None:
     return int(pointer.read_text().strip().removeprefix("step-")) if pointer.is_file() else None
 
 
+def _failing_first_join(tmp: Path) -> str:
+    """An activate script: the project's environment, then a `ray` shim whose first worker start (one joining
+    an --address) fails at once. Failure injection: everything else runs the real `ray`."""
+    shim = tmp / "shim"
+    shim.mkdir()
+    (shim / "ray").write_text(
+        "#!/usr/bin/env bash\n"
+        f'if [[ " $* " == *" start "* && " $* " == *" --address="* && ! -e {tmp}/injected ]]; then\n'
+        f"  touch {tmp}/injected; echo 'injected: ray start fails' >&2; exit 1\n"
+        "fi\n"
+        f'exec {sys.prefix}/bin/ray "$@"\n'
+    )
+    (shim / "ray").chmod(0o755)
+    activate = tmp / "activate"
+    activate.write_text(f"source {sys.prefix}/bin/activate\nexport PATH={shim}:$PATH\n")
+    return str(activate)
+
+
 def test_sbatch_runs_ray_across_two_slurm_nodes(local_slurm, tiny_teacher, base_overrides, tmp_path):
     start = time.monotonic()
-    job = _submit(local_slurm, tmp_path, [*base_overrides, *RUN, "train.steps=2", "curriculum=single_stage"])
+    overrides = [*base_overrides, *RUN, "train.steps=2", "curriculum=single_stage"]
+    job = _submit(local_slurm, tmp_path, overrides, activate=_failing_first_join(tmp_path))
     info = _wait(local_slurm, job, lambda i: i["JobState"] == "COMPLETED", "completion", tmp_path)
     print(f"slurm job {job}: {time.monotonic() - start:.1f} s")
     assert info["NodeList"] == "node[1-2]" and info["ExitCode"] == "0:0"
     log = (tmp_path / "job.out").read_text()
     assert re.search(r"2 Ray nodes alive", log), _tail(tmp_path)
+    assert "injected: ray start fails" in log and "failed with 1 (try 1 of 3)" in log, _tail(tmp_path)
     run_dir = tmp_path / "run"
     stats = json.loads((run_dir / "online_stats.json").read_text())
     # One Ray node per Slurm node: the teacher actor on one, the student rank on the other.
