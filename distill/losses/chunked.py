@@ -26,7 +26,8 @@ from distill.errors import ConfigError
 DEFAULT_CHUNK_SIZE = 16
 
 RowLoss = Callable[[Tensor, Tensor], Tensor]
-"""(student logits of the chunk [c, V] fp32, their row indices [c] long) -> per-row loss [c] fp32."""
+"""(student logits of the chunk [c, V] fp32, their row indices [c] long) -> per-row loss [c] fp32. The chunk may
+be a view of the caller's logits: a row loss reads it, never writes it."""
 
 
 @dataclass(frozen=True)
@@ -84,22 +85,34 @@ def _run_chunks(
 ) -> Tensor:
     """Loss sum over `rows`; when `grad_buf` [N, V] is given, also fill its rows with d(loss)/d(logits)."""
     total = torch.zeros((), dtype=torch.float32, device=logits.device)
-    if isinstance(row_loss, GatheredRowLoss):
-        # Row numbers on the host once (nonzero() has synced already): a chunk of consecutive rows, the usual
-        # case, is then read as a view and its gradient written as a slice, with no [c, V] gather copy.
-        host_rows = rows.tolist()
-        for part in row_chunks(len(host_rows), chunk_size):
-            idx = rows[part]
-            first, last = host_rows[part.start], host_rows[part.stop - 1]
-            span = slice(first, last + 1) if last - first + 1 == part.stop - part.start else None
-            chunk = logits[span] if span is not None else logits.index_select(0, idx)
-            loss, grad = _gathered_chunk(chunk.float(), idx, row_loss, want_grad=grad_buf is not None)
-            if grad_buf is not None and span is not None:
-                grad_buf[span].copy_(grad)
-            elif grad_buf is not None:
-                grad_buf.index_copy_(0, idx, grad.to(grad_buf.dtype))
-            total += loss.sum()
-        return total
+    # Row numbers on the host once (nonzero() has synced already): a chunk of consecutive rows, the usual case,
+    # is then read as a view and its gradient written as a slice, with no [c, V] gather copy.
+    host_rows = rows.tolist()
+    for part in row_chunks(len(host_rows), chunk_size):
+        idx = rows[part]
+        first, last = host_rows[part.start], host_rows[part.stop - 1]
+        span = slice(first, last + 1) if last - first + 1 == part.stop - part.start else None
+        # [c, V] in the logits' dtype, detached: a leaf of its own when differentiated below.
+        chunk = (logits[span] if span is not None else logits.index_select(0, idx)).detach()
+        if isinstance(row_loss, GatheredRowLoss):
+            chunk_loss, grad = _gathered_chunk(chunk.float(), idx, row_loss, want_grad=grad_buf is not None)
+            chunk_loss = chunk_loss.sum()
+        elif grad_buf is None:
+            chunk_loss, grad = row_loss(chunk.float(), idx).sum(), None
+        else:
+            # Differentiate w.r.t. the chunk in its own dtype: the fp32 upcast is then an intermediate that no
+            # backward formula keeps (log_softmax saves its output), so it is freed before backward runs.
+            chunk.requires_grad_()
+            with torch.enable_grad():
+                chunk_loss = row_loss(chunk.float(), idx).sum()
+                (grad,) = torch.autograd.grad(chunk_loss, chunk)
+            chunk_loss = chunk_loss.detach()
+        if grad_buf is not None and span is not None:
+            grad_buf[span].copy_(grad)  # copy_ casts to the buffer's dtype
+        elif grad_buf is not None:
+            grad_buf.index_copy_(0, idx, grad.to(grad_buf.dtype))
+        total += chunk_loss
+    return total
     for part in row_chunks(rows.numel(), chunk_size):
         idx = rows[part]
         chunk = logits.index_select(0, idx)  # [c, V] in the logits' dtype
