@@ -6,7 +6,7 @@ export RAY_AUTH_MODE := disabled
 export TOKENIZERS_PARALLELISM := false
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: setup demo test test-fast lint bench
+.PHONY: setup demo test test-fast lint bench lock lock-newest
 
 setup:
 	@bash scripts/setup.sh
@@ -25,3 +25,9 @@ lint: setup
 
 bench: setup
 	$(VENV)/bin/python bench/loss_memory.py
+
+lock: setup
+	bash scripts/lock.sh
+
+lock-newest: setup
+	bash scripts/lock.sh --newest

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Create .venv and install the project: torch first (pinned), then everything else under the same pin so no
-# dependency can pull a different (multi-GB CUDA) torch. Idempotent: a stamp skips work when nothing changed.
+# Create .venv and install the project at the locked versions: torch first (TORCH_SPEC, its own dependencies held to
+# the lock), then every other package exactly as requirements.lock pins it (no resolution, so a new release of any
+# dependency cannot change a fresh machine's install), then the project itself. Regenerate the lock with
+# scripts/lock.sh. Idempotent: a stamp skips work when nothing changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,6 +11,7 @@ PYTHON="${PYTHON:-python3}"
 # On a GPU cluster set TORCH_SPEC (e.g. "torch==2.13.0" from a CUDA index) and edit constraints.txt to match.
 TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
 EXTRAS="${DISTILL_EXTRAS:-cluster,tracking,slurm,peft,dev}"
+LOCK="${DISTILL_LOCK:-requirements.lock}"
 
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 export DS_BUILD_OPS=0            # DeepSpeed ops JIT-build on first use; nothing compiles at install time
@@ -16,7 +19,7 @@ export HF_HUB_OFFLINE=1
 
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 stamp="$VENV/.distill-install-stamp"
-want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)-$TORCH_SPEC-$EXTRAS
+want=$(cat pyproject.toml constraints.txt "$LOCK" | sha256sum | cut -d' ' -f1)-$TORCH_SPEC-$EXTRAS
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
@@ -24,11 +27,20 @@ fi
 pip_install() {
   "$VENV/bin/pip" install -q "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 }
-echo "setting up $VENV (torch first, then the project) ..."
-pip_install "$TORCH_SPEC"
-pip_install -c constraints.txt -e ".[$EXTRAS]"
+echo "setting up $VENV from $LOCK (torch first, then the locked set, then the project) ..."
+pip_install "$TORCH_SPEC" -c "$LOCK"
+# The lock holds every extra's packages; DISTILL_EXTRAS only selects what the project declares (pip check below).
+pip_install --no-deps -r "$LOCK"
+pip_install --no-deps -e ".[$EXTRAS]"
+if ! "$VENV/bin/pip" check > "$VENV/pip-check.txt" 2>/dev/null; then
+  cat "$VENV/pip-check.txt" >&2
+  echo "setup: the installed packages conflict (above); regenerate the lock with scripts/lock.sh" >&2
+  exit 1
+fi
 "$VENV/bin/python" - <<'PY'
-import torch
-print(f"torch {torch.__version__} ready")
+from importlib.metadata import distributions
+
+found = sorted(f"{d.metadata['Name']}=={d.version}" for d in distributions())
+print(f"installed {len(found)} packages: " + ", ".join(found))
 PY
 echo "$want" > "$stamp"

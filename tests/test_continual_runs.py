@@ -13,7 +13,7 @@ from distill.cluster.driver import Hooks
 from distill.config import compose
 from distill.eval.continual import ContinualMatrix
 from distill.tracking.metrics_log import read_metrics
-from tests.test_online_distributed import StopAfter, StopRun
+from tests.test_online_distributed import TP1_TEACHER, StopAfter, StopRun
 
 pytestmark = pytest.mark.slow
 INCREMENTS = ["shopping", "travel", "baking"]
@@ -76,7 +76,9 @@ def test_reference_continual_run_reports_the_accuracy_matrix(reference):
 
 @pytest.mark.distributed
 def test_distributed_continual_run_matches_the_reference(ray_cluster, base_overrides, reference, tmp_path):
-    got = _run([*base_overrides, *COMMON, "cluster=sim_2node", "checkpoint.every_steps=2"], tmp_path)
+    got = _run(
+        [*base_overrides, *COMMON, "cluster=sim_2node", TP1_TEACHER, "checkpoint.every_steps=2"], tmp_path
+    )
     want = read_metrics(reference / "metrics.jsonl")
     assert [r["tokens"] for r in got] == [r["tokens"] for r in want]  # replay batches included
     for g, w in zip(got, want, strict=True):
@@ -102,7 +104,7 @@ def test_continual_resume_mid_increment_continues_the_uninterrupted_run(
 ):
     """Stopped after step 5 (increment `travel`, steps 4-7; the checkpoint holds steps 0-5): the resumed run
     replays from the snapshot frozen at the start of `travel`, not from the buffer as it was at step 6."""
-    overrides = [*base_overrides, *COMMON, "cluster=sim_2node", "checkpoint.every_steps=2"]
+    overrides = [*base_overrides, *COMMON, "cluster=sim_2node", TP1_TEACHER, "checkpoint.every_steps=2"]
     with pytest.raises(StopRun):
         _run(overrides, tmp_path, hooks=StopAfter(5))
     assert _results(tmp_path)["completed"] == 1

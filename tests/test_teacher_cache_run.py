@@ -11,6 +11,7 @@ from distill.config import compose
 from distill.errors import CheckpointError
 from distill.tracking.metrics_log import read_metrics
 from launch.distill import run
+from tests.test_teacher_group import TP_ATOL
 
 pytestmark = pytest.mark.slow
 
@@ -131,7 +132,7 @@ def test_ray_tp2_cache_equals_local_cache(tiny_teacher, base_overrides, tmp_path
     a, b = CacheReader(local.teacher_cache.dir), CacheReader(on_ray.teacher_cache.dir)
     assert a.batch_ids() == b.batch_ids()
     for bid in a.batch_ids():
-        assert_same_topk(a.read(bid), b.read(bid), atol=1e-4)
+        assert_same_topk(a.read(bid), b.read(bid), atol=TP_ATOL)
 
 
 def assert_same_topk(a, b, atol: float) -> None:

@@ -20,7 +20,15 @@ import torch.multiprocessing as mp
 from distill.errors import ConfigError, TopologyError
 from distill.models import build_model, save_model, tiny_config
 from distill.teacher import TeacherEngine, topk_with_normalizer
-from distill.teacher.tp_plan import check_tp_size, kv_heads_for_rank, tp_plan_overrides
+from distill.teacher.tp_plan import (
+    check_tp_size,
+    expected_local_shape,
+    kv_heads_for_rank,
+    rule_for,
+    sharding_mismatches,
+    teacher_tp_plan,
+    tp_plan_overrides,
+)
 
 pytestmark = pytest.mark.distributed
 
@@ -121,6 +129,22 @@ def _tp_worker(rank: int, world: int, port: int, folders: dict[str, str], out_di
 
 def _tp3_worker(rank: int, world: int, port: int, folder: str, out_dir: str) -> None:
     parallel = _join_world(rank, world, port)
+    try:
+        parallel.load_tp_model(folder)
+        message = "loaded without error"
+    except TopologyError as err:
+        message = str(err)
+    finally:
+        parallel.teardown()
+    Path(out_dir, f"rank{rank}.txt").write_text(message)
+
+
+def _broken_plan_worker(rank: int, world: int, port: int, folder: str, dropped: str, out_dir: str) -> None:
+    """Load with one rule left out (replicated) in the plan handed to transformers: the check must name it."""
+    parallel = _join_world(rank, world, port)
+    parallel._loader_plan = lambda plan: {
+        n: "replicate" if n.endswith(dropped) else s for n, s in plan.items()
+    }
     try:
         parallel.load_tp_model(folder)
         message = "loaded without error"
@@ -247,7 +271,81 @@ def test_tp3_on_8_heads_fails_on_every_rank_before_loading(folders, tmp_path):
         assert "[1, 2, 4, 8]" in message
 
 
+def test_a_rule_the_loader_did_not_apply_fails_at_load_naming_the_parameter(folders, tmp_path):
+    """kv_b_proj left out of the loader's plan: it loads replicated, and every rank refuses to go on."""
+    _spawn(_broken_plan_worker, 2, folders["deepseek"], "self_attn.kv_b_proj", str(tmp_path))
+    for rank in range(2):
+        message = (tmp_path / f"rank{rank}.txt").read_text()
+        assert f"not sharded as planned on rank {rank} of TP 2 (transformers " in message, message
+        assert "model.layers.0.self_attn.kv_b_proj.weight: rule colwise expects local shape" in message
+        assert "model.layers.0.self_attn.q_b_proj.weight" not in message  # only what is wrong is listed
+
+
 # -------------------------------------------------------------------------- pure layout rules, no processes
+def _meta_plans(config):
+    from distill.teacher.parallel import _architecture
+
+    return _architecture(config)
+
+
+@pytest.mark.parametrize("experts", ["expert_parallel", "tensor_parallel"])
+def test_teacher_plan_places_every_expert_explicitly(experts):
+    """The loader gets the expert rules from us (transformers 5.25 dropped them from the model's TP plan)."""
+    config = tiny_config("tiny_deepseek_v3", VOCAB)
+    shapes, names, plans = _meta_plans(config)
+    plan, expected = teacher_tp_plan(config, 2, experts=experts, model_plans=plans, names=names)
+    gate_up = "model.layers.*.mlp.experts.gate_up_proj"
+    if experts == "expert_parallel":
+        assert gate_up not in plan and expected[gate_up] == "grouped_gemm"  # the loader's EP plan shards them
+    else:
+        assert plan[gate_up] == expected[gate_up] == "packed_colwise"
+        assert plan["model.layers.*.mlp.experts.down_proj"] == "rowwise"
+        assert plan["model.layers.*.mlp.experts"] == "local_params"
+    assert plan["lm_head"] == "colwise" and plan["model.layers.*.self_attn.kv_a_proj_with_mqa"] == "replicate"
+    assert "model.layers.*.self_attn.q_proj" not in plan  # q_lora_rank is set: only q_b_proj exists
+    assert set(plan) <= names and set(expected) <= names
+    # Every parameter of a correct rank-1 load passes the check; one replicated expert does not.
+    local = {
+        name: expected_local_shape(shape, rule_for(name, expected), 2, 1) for name, shape in shapes.items()
+    }
+    assert sharding_mismatches(local, shapes, expected, 2, 1) == []
+    local["model.layers.1.mlp.experts.gate_up_proj"] = shapes["model.layers.1.mlp.experts.gate_up_proj"]
+    (problem,) = sharding_mismatches(local, shapes, expected, 2, 1)
+    assert problem.startswith("model.layers.1.mlp.experts.gate_up_proj: rule ")
+
+
+@pytest.mark.parametrize(
+    ("full", "style", "tp", "rank", "want"),
+    [
+        # torch's Shard chunking: ceil(51 / 2) = 26 rows on rank 0, 25 on rank 1
+        ((51, 8), "colwise", 2, 1, (25, 8)),
+        ((51,), "colwise", 2, 0, (26,)),  # a column-parallel bias is sharded with its rows
+        ((8, 6), "rowwise", 2, 0, (8, 3)),
+        ((6,), "rowwise", 2, 0, (6,)),  # a row-parallel bias is replicated (added once after the all-reduce)
+        ((4, 512, 192), "packed_colwise", 2, 0, (4, 256, 192)),
+        ((4, 512, 192), "grouped_gemm", 2, 1, (2, 512, 192)),
+        ((7, 3), "replicate", 4, 3, (7, 3)),
+        ((7, 3), None, 4, 3, (7, 3)),
+    ],
+)
+def test_expected_local_shape(full, style, tp, rank, want):
+    assert expected_local_shape(full, style, tp, rank) == want
+
+
+def test_an_unknown_style_cannot_be_checked():
+    with pytest.raises(ConfigError, match="unknown parallel style 'fancy_new_style'"):
+        expected_local_shape((4, 4), "fancy_new_style", 2, 0)
+
+
+def test_tied_parameters_take_the_rule_of_either_name():
+    """A tied lm_head shards the embedding it shares; the check reads the rule through either name."""
+    full = {"embed.weight": (64, 8), "lm_head.weight": (64, 8)}
+    local = {"embed.weight": (32, 8), "lm_head.weight": (32, 8)}
+    tied = [{"embed.weight", "lm_head.weight"}]
+    assert sharding_mismatches(local, full, {"lm_head": "colwise"}, 2, 0, tied) == []
+    assert len(sharding_mismatches(local, full, {"lm_head": "colwise"}, 2, 0)) == 1
+
+
 def test_check_tp_size_quotes_the_numbers():
     deepseek = tiny_config("tiny_deepseek_v3", VOCAB, num_attention_heads=16, n_routed_experts=6, n_group=3)
     check_tp_size(deepseek, 2)

@@ -1,6 +1,6 @@
-"""Cross-tokenizer distillation on the online distributed path: the TP-2 teacher actors score their own tokens and
-ship top-k already projected into the student's positions and vocabulary; two ZeRO-2 student ranks on the other
-simulated node train on their own tokenizer. The loss curve equals the single-process cross-tokenizer reference."""
+"""Cross-tokenizer distillation on the online distributed path: the teacher actor scores its own tokens and
+ships its top-k already projected into the student's positions and vocabulary; two ZeRO-2 student ranks on the
+other simulated node train on their own tokenizer. The teacher is TP 1, as the reference's (see TP1_TEACHER). The loss curve equals the single-process cross-tokenizer reference."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 from distill.config import compose
 from launch.prepare_demo import prepare_student_tokenizer
-from tests.test_online_distributed import COMMON, _run, assert_exactly_once, assert_same_curve
+from tests.test_online_distributed import COMMON, TP1_TEACHER, _run, assert_exactly_once, assert_same_curve
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -26,7 +26,7 @@ def test_xtok_online_matches_the_reference_and_exports_the_student_tokenizer(
         [*common, "cluster=local_single", "cluster.micro_batch_size=8", "cluster.grad_accum_steps=2"],
         tmp_path / "ref",
     )
-    got = _run([*common, "cluster=sim_2node", "student.zero_stage=2"], tmp_path / "online")
+    got = _run([*common, "cluster=sim_2node", TP1_TEACHER, "student.zero_stage=2"], tmp_path / "online")
     assert {"loss/forward_kl", "loss/uld", "loss/ce"} <= set(got[-1])
     assert got[-1]["loss/forward_kl"] > 0
     assert_same_curve(got, want)

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import transformers
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
@@ -39,9 +40,11 @@ from distill.teacher.tp_plan import (
     check_tp_size,
     kv_heads_for_rank,
     kv_heads_sharded,
+    layer_glob,
     num_kv_heads,
     num_routed_experts,
-    tp_plan_overrides,
+    sharding_mismatches,
+    teacher_tp_plan,
 )
 
 _ENV_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -148,22 +151,108 @@ def load_tp_model(
         model = load_causal_lm(folder, dtype=dtype, attn_implementation=attn_implementation)
         return model if device is None else model.to(device)
     _check_device(device)
-    overrides = tp_plan_overrides(text_config, tp_size, prefix=_base_model_prefix(config))
+    full_shapes, names, model_plans = _architecture(config)
+    plan, expected = teacher_tp_plan(
+        text_config,
+        tp_size,
+        experts=experts,
+        prefix=_base_model_prefix(config),
+        model_plans=model_plans,
+        names=names,
+    )
     expert_parallel = experts == "expert_parallel" and num_routed_experts(text_config) > 0
     model = AutoModelForCausalLM.from_pretrained(
         folder,
         dtype=resolve_dtype(dtype),
         attn_implementation=attn_implementation,
         distributed_config=DistributedConfig(
-            tp_size=tp_size, tp_plan=overrides, ep_size=tp_size if expert_parallel else 1
+            tp_size=tp_size, tp_plan=_loader_plan(plan), ep_size=tp_size if expert_parallel else 1
         ),
         local_files_only=True,
     )
+    check_sharding(model, full_shapes, expected, tp_size)
+    if num_routed_experts(text_config) and not expert_parallel:
+        _sum_sliced_expert_outputs(model, expected)
     if "layers.*.self_attn.k_proj" in (text_config.base_model_tp_plan or {}) and not kv_heads_sharded(
         text_config, tp_size
     ):
         _trim_replicated_kv_heads(model, text_config, tp_size)
     return model.eval()
+
+
+def _loader_plan(plan: dict[str, str]) -> dict[str, str]:
+    """The plan as handed to transformers (a seam: the tests drop a rule here to prove `check_sharding` fires)."""
+    return plan
+
+
+def _architecture(
+    config: PretrainedConfig,
+) -> tuple[dict[str, tuple[int, ...]], set[str], tuple[dict[str, str], dict[str, str]]]:
+    """What the model `config` builds: parameter name -> full shape, module and parameter names as layer globs,
+    and the model's own resolved (TP plan, EP plan).
+
+    Built on the meta device: no memory, whatever the model's size (DeepSeek-R1's 671B parameters included).
+    """
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=False)}
+    names = {layer_glob(name) for name, _ in model.named_modules()} | {layer_glob(name) for name in shapes}
+    return shapes, names, (dict(model._tp_plan or {}), dict(model._ep_plan or {}))
+
+
+def local_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """Parameter name -> shape of this rank's shard (the full shape for a replicated parameter)."""
+    return {
+        name: tuple((p.to_local() if isinstance(p, DTensor) else p).shape)
+        for name, p in model.named_parameters(remove_duplicate=False)
+    }
+
+
+def tied_parameters(model: torch.nn.Module) -> list[set[str]]:
+    """Groups of names that share one parameter (tied input and output embeddings)."""
+    groups: dict[int, set[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), set()).add(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
+def check_sharding(
+    model: PreTrainedModel, full_shapes: dict[str, tuple[int, ...]], expected: dict[str, str], tp_size: int
+) -> None:
+    """Raise TopologyError unless every parameter of this rank has the local shape the expected layout gives it.
+
+    A rule the loader did not apply (a renamed module, a style a transformers release dropped) would otherwise
+    replicate that weight on every rank, found only when a 671B teacher runs out of memory.
+    """
+    problems = sharding_mismatches(
+        local_shapes(model), full_shapes, expected, tp_size, dist.get_rank(), tied_parameters(model)
+    )
+    if problems:
+        shown = "\n  ".join(problems[:12]) + (
+            f"\n  ... and {len(problems) - 12} more" if len(problems) > 12 else ""
+        )
+        raise TopologyError(
+            f"the teacher was not sharded as planned on rank {dist.get_rank()} of TP {tp_size} "
+            f"(transformers {transformers.__version__}):\n  {shown}\n"
+            "Install the locked transformers version (requirements.lock), or report the mismatch with this message."
+        )
+
+
+def _sum_sliced_expert_outputs(model: PreTrainedModel, expected: dict[str, str]) -> None:
+    """experts='tensor_parallel': each rank ran its slice of every expert's intermediate dim; sum the partial outputs.
+
+    The experts run on local tensors (`local_params`), so the sum is one all-reduce of each experts module's output
+    (what transformers' deprecated `moe_tp_experts` style did), installed here so no deprecated style is needed.
+    """
+    expert_globs = {name.rsplit(".", 1)[0] for name, style in expected.items() if style == "packed_colwise"}
+    for name, module in model.named_modules():
+        if layer_glob(name) in expert_globs:
+            module.register_forward_hook(_all_reduce_output)
+
+
+def _all_reduce_output(_module: torch.nn.Module, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
+    dist.all_reduce(output)
+    return output
 
 
 def _base_model_prefix(config: PretrainedConfig) -> str:
