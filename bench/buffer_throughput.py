@@ -35,7 +35,7 @@ from distill.cluster.prefetch import Prefetcher
 
 
 def make_batch(index: int, b: int, t: int, k: int):
-    from distill.teacher.batch import TeacherBatch
+    from distill.batch import TeacherBatch
 
     rng = np.random.default_rng(index)
     return TeacherBatch(

@@ -54,15 +54,17 @@ def main() -> None:
 
     import ray
 
+    from distill.cluster.backend import _numbered_inputs, student_spec
     from distill.cluster.buffer import Buffer
     from distill.cluster.driver import Assignment, Driver
     from distill.cluster.runtime import connect, teacher_group_from_config
     from distill.cluster.student_group import StudentGroup
     from distill.config import compose
+    from distill.data.build import batch_stream, build_data
     from distill.models.loading import load_tokenizer
+    from distill.models.resolve import model_facts, require_teacher
     from distill.student import build_ds_config
-    from launch import builders
-    from launch.distributed import _numbered_inputs, student_spec
+    from distill.xtok.build import row_encoder
     from launch.prepare_demo import prepare_demo
 
     steps, m = args.steps + args.warmup, args.micro
@@ -82,10 +84,10 @@ def main() -> None:
         ]
     )
     prepare_demo(cfg)
-    teacher_path = builders.require_teacher(cfg)
+    teacher_path = require_teacher(cfg)
     tokenizer = load_tokenizer(teacher_path)
-    data = builders.build_data(cfg, tokenizer)
-    stream = builders.batch_stream(cfg, data.train_rows, tokenizer)
+    data = build_data(cfg, row_encoder(cfg, tokenizer))
+    stream = batch_stream(cfg, data.train_rows, tokenizer)
     a = Assignment(1, 1, stream.num_batches)
     tokens = {a.batch_id(g): int(stream.batch(*a.batch_id(g))["loss_mask"].sum()) for g in range(steps)}
     timed = [a.batch_id(g) for g in range(args.warmup, steps)]
@@ -97,7 +99,7 @@ def main() -> None:
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
     connect(cfg.cluster)
-    teacher_hidden = builders.model_facts(cfg.teacher, len(tokenizer)).hidden_size
+    teacher_hidden = model_facts(cfg.teacher, len(tokenizer)).hidden_size
     ds = build_ds_config(zero_stage=2, micro_batch_size=m, grad_accum_steps=1, world_size=1, grad_clip=1.0)
     node = ray.get_runtime_context().get_node_id()
     buffer = Buffer.create(shards=1, capacity_per_shard=args.capacity, batches_per_epoch=stream.num_batches)

@@ -24,10 +24,10 @@ from pathlib import Path
 from distill.config import compose
 from distill.eval.continual import ContinualMatrix, relative_reduction
 from distill.eval.report import write_report
+from distill.eval.runs import stage_events
 from distill.io import atomic_write_text
+from distill.run import run
 from distill.tracking.metrics_log import read_metrics
-from launch.builders import stage_events
-from launch.distill import run
 from launch.prepare_demo import prepare_demo
 
 STANDARD = {

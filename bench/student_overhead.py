@@ -30,7 +30,7 @@ def free_port() -> int:
 
 def make_batches(n: int, b: int, t: int, k: int, vocab: int) -> list:
     """n TeacherBatches of random tokens with a random (sorted, normalised) teacher top-k."""
-    from distill.teacher.batch import TeacherBatch
+    from distill.batch import TeacherBatch
 
     rng = np.random.default_rng(0)
     out = []

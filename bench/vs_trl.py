@@ -31,13 +31,13 @@ def trl_rate(cfg, rows: list[dict], steps: int, warmup: int, batch: int, threads
 
     from distill.data.batching import pad_batch
     from distill.models.loading import load_causal_lm, load_tokenizer
-    from launch import builders
+    from distill.models.resolve import build_student, require_teacher
 
     torch.set_num_threads(threads)
-    teacher_path = builders.require_teacher(cfg)
+    teacher_path = require_teacher(cfg)
     tokenizer = load_tokenizer(teacher_path)
     torch.manual_seed(cfg.train.seed)
-    student = builders.build_student(cfg, tokenizer)
+    student = build_student(cfg, tokenizer)
     teacher = load_causal_lm(teacher_path, dtype="float32")
     trained: list[int] = []
 
@@ -98,9 +98,9 @@ def trl_rate(cfg, rows: list[dict], steps: int, warmup: int, batch: int, threads
 
 
 def distill_rate(cfg, steps: int, warmup: int) -> float:
-    """Trained tokens/s of the online run (`launch.distributed.run_distributed`), timed between step commits."""
+    """Trained tokens/s of the online run (`distill.run.run` on the Ray backend), timed between step commits."""
     from distill.cluster.driver import Hooks
-    from launch.distributed import run_distributed
+    from distill.run import run
 
     marks: dict[int, float] = {}
     tokens: dict[int, int] = {}
@@ -111,7 +111,7 @@ def distill_rate(cfg, steps: int, warmup: int) -> float:
             # The driver's own count (the loss-mask sums it divides by), so the run logs at its default pace.
             tokens[step] = sum(driver.tokens(b) for b in driver.assignment.step_batches(step))
 
-    run_distributed(cfg, hooks=StepClock())
+    run(cfg, hooks=StepClock())
     trained = sum(tokens[s] for s in range(warmup, warmup + steps))
     return trained / (marks[warmup + steps - 1] - marks[warmup - 1])
 
@@ -136,8 +136,10 @@ def main() -> None:
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/distill/torch_extensions"))
 
     from distill.config import compose
+    from distill.data.build import build_data
     from distill.models.loading import load_tokenizer
-    from launch import builders
+    from distill.models.resolve import require_teacher
+    from distill.xtok.build import row_encoder
     from launch.prepare_demo import prepare_demo
 
     total = args.warmup + args.steps
@@ -164,8 +166,8 @@ def main() -> None:
             cfg = compose(overrides, run_dir=run_dir)
             if repeat == 0:
                 prepare_demo(cfg)
-                tokenizer = load_tokenizer(builders.require_teacher(cfg))
-                rows = builders.build_data(cfg, tokenizer).train_rows
+                tokenizer = load_tokenizer(require_teacher(cfg))
+                rows = build_data(cfg, row_encoder(cfg, tokenizer)).train_rows
                 print(
                     f"teacher {cfg.teacher.name}, student {cfg.student.name}, {len(rows)} rows, global batch "
                     f"{args.batch}, {args.steps} timed steps after {args.warmup}, {args.cores} cores, "

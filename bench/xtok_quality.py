@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from distill.config import compose
-from launch.distill import run
+from distill.run import run
 from launch.prepare_demo import prepare_demo
 
 RECIPES = {

@@ -17,9 +17,12 @@ from rich.table import Table
 from distill.config import LossConfig
 from distill.config.schema import CurriculumConfig
 from distill.config.store import CONFIG_DIR
+from distill.data.build import build_data
+from distill.eval.runs import evaluate
 from distill.io import atomic_write_json, atomic_write_text
 from distill.models.loading import load_causal_lm, load_tokenizer
-from launch import builders
+from distill.models.resolve import require_teacher
+from distill.xtok.build import row_encoder
 from launch.app import hydra_app
 from launch.distill import run
 from launch.prepare_demo import prepare_demo
@@ -50,10 +53,10 @@ def group_config(group: str, name: str, schema) -> DictConfig:
 
 
 def teacher_row(cfg: DictConfig) -> dict:
-    path = builders.require_teacher(cfg)
+    path = require_teacher(cfg)
     tokenizer = load_tokenizer(path)
-    data = builders.build_data(cfg, tokenizer)
-    row = builders.evaluate(cfg, load_causal_lm(path), tokenizer, data)
+    data = build_data(cfg, row_encoder(cfg, tokenizer))
+    row = evaluate(cfg, load_causal_lm(path), tokenizer, data)
     return {**row, "kl_to_teacher": 0.0, "agreement": 1.0}
 
 

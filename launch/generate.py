@@ -32,13 +32,17 @@ import datasets
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from distill.config.validate import validate_run
 from distill.data import encode_prompt
+from distill.data.build import raw_dataset
 from distill.data.filters import Candidate, Predicate, build_filter
 from distill.errors import ConfigError
+from distill.eval.runs import generation_stop_id
 from distill.io import atomic_dir, atomic_write_json
 from distill.models.fingerprint import model_fingerprint
 from distill.models.loading import load_tokenizer
+from distill.models.resolve import pair_facts, require_teacher
+from distill.run.validate import validate_run
+from distill.teacher.build import build_teacher_engine
 from distill.teacher.sampling import (
     Completions,
     PromptBatch,
@@ -46,7 +50,6 @@ from distill.teacher.sampling import (
     count_tokens,
     local_sample_stream,
 )
-from launch import builders
 from launch.app import hydra_app
 
 log = logging.getLogger("distill")
@@ -70,7 +73,7 @@ Sampler = Callable[[Iterable[PromptBatch]], Iterator[Completions]]
 def prompt_set(cfg) -> datasets.DatasetDict:
     """The rows whose user turns are prompted: the embedded task, or `data.path` (train and eval splits)."""
     d = cfg.data
-    ds = builders.raw_dataset(cfg)
+    ds = raw_dataset(cfg)
     if "messages" not in ds["train"].column_names:
         raise ConfigError(
             f"distill generate needs chat prompts (a `messages` field), but {d.path} has "
@@ -149,7 +152,7 @@ def open_sampler(cfg, teacher_path: Path, params: SamplingParams) -> Iterator[Sa
         finally:
             group.shutdown()
         return
-    engine = builders.build_teacher_engine(cfg, teacher_path, None)
+    engine = build_teacher_engine(cfg, teacher_path)
     yield lambda batches: local_sample_stream(engine, batches, params)
 
 
@@ -298,20 +301,10 @@ def sample_pending(
     return total_tokens, total_seconds
 
 
-def generate(cfg: DictConfig) -> dict:
-    """Sample, filter and write the dataset (see the module docstring). Returns the summary."""
-    g = cfg.generate
-    teacher_path = builders.require_teacher(cfg)
-    tokenizer = load_tokenizer(teacher_path)
-    validate_run(cfg, builders.pair_facts(cfg, tokenizer))
-    if g.chunk_prompts < 1:
-        raise ConfigError(f"generate.chunk_prompts={g.chunk_prompts} must be >= 1")
-    source = prompt_set(cfg)
-    train = source["train"]
-    # The filter is built (and its arguments and needed columns checked) before any sampling starts.
-    keep = build_filter(g.filter, OmegaConf.to_container(g.filter_args), train.column_names)
-    stop_id = builders.generation_stop_id(tokenizer)
-    params = SamplingParams(
+def sampling_params(g, tokenizer) -> SamplingParams:
+    """`generate.*` as the sampler's parameters; replies stop at the chat end token (or EOS)."""
+    stop_id = generation_stop_id(tokenizer)
+    return SamplingParams(
         n=g.samples_per_prompt,
         temperature=g.temperature,
         top_p=g.top_p,
@@ -321,6 +314,21 @@ def generate(cfg: DictConfig) -> dict:
         seed=g.seed,
         batch_size=g.batch_size,
     )
+
+
+def generate(cfg: DictConfig) -> dict:
+    """Sample, filter and write the dataset (see the module docstring). Returns the summary."""
+    g = cfg.generate
+    teacher_path = require_teacher(cfg)
+    tokenizer = load_tokenizer(teacher_path)
+    validate_run(cfg, pair_facts(cfg, tokenizer))
+    if g.chunk_prompts < 1:
+        raise ConfigError(f"generate.chunk_prompts={g.chunk_prompts} must be >= 1")
+    source = prompt_set(cfg)
+    train = source["train"]
+    # The filter is built (and its arguments and needed columns checked) before any sampling starts.
+    keep = build_filter(g.filter, OmegaConf.to_container(g.filter_args), train.column_names)
+    params = sampling_params(g, tokenizer)
     prompts = [encode_prompt(tokenizer, ex) for ex in train]
     out = Path(g.output)
     progress = Progress(out / "progress", identity(cfg, teacher_path, prompts, params))

@@ -1,6 +1,6 @@
 """`distill prepare-demo`: train the local tokenizer and the tiny DeepSeek-V3 teacher on the embedded task.
 
-Cached by everything that shapes the teacher (see `builders.demo_teacher_dir`): a second call is instant.
+Cached by everything that shapes the teacher (see `distill.models.resolve.demo_teacher_dir`): a second call is instant.
 """
 
 from __future__ import annotations
@@ -14,14 +14,17 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from distill.data import DOMAINS, build_task_dataset, encode_example
+from distill.data.build import RunData, batch_stream
 from distill.errors import ConfigError
+from distill.eval.runs import evaluate
 from distill.io import atomic_dir, atomic_write_json
 from distill.models.loading import load_causal_lm, load_tokenizer, save_model
+from distill.models.resolve import demo_student_tokenizer_dir, demo_teacher_dir
 from distill.models.tiny import TINY_ARCHS, build_model, tiny_config
 from distill.models.tokenizer import task_corpus, train_tokenizer
+from distill.training.build import build_reference_trainer
 from distill.training.objective import Objective, TermSpec
 from distill.training.reference import run_steps
-from launch import builders
 from launch.app import hydra_app
 
 log = logging.getLogger("distill.prepare")
@@ -36,11 +39,27 @@ def prepare_demo(cfg: DictConfig) -> dict:
         )
     if cfg.prepare.student_vocab_size:
         prepare_student_tokenizer(cfg)
-    out = builders.demo_teacher_dir(cfg)
+    out = demo_teacher_dir(cfg)
     if (out / EVAL_FILE).is_file() and not cfg.prepare.force:
         summary = json.loads((out / EVAL_FILE).read_text())
         print(f"cached teacher: {out}\n{_describe(summary)}")
         return summary
+    teacher, tokenizer, summary = _train_teacher(cfg)
+
+    def fill(tmp: Path) -> None:
+        save_model(teacher, tokenizer, tmp)
+        atomic_write_json(tmp / EVAL_FILE, summary)
+
+    atomic_dir(out, fill)
+    # Reload once: the cache is only trusted if transformers can load what was written.
+    load_causal_lm(out)
+    load_tokenizer(out)
+    print(f"teacher saved: {out}\n{_describe(summary)}")
+    return summary
+
+
+def _train_teacher(cfg: DictConfig):
+    """A local tokenizer and the tiny teacher trained with CE on the embedded task; its held-out metrics."""
     p = cfg.prepare
     tokenizer = train_tokenizer(task_corpus(p.seed), p.vocab_size)
     data = build_task_dataset(
@@ -59,10 +78,8 @@ def prepare_demo(cfg: DictConfig) -> dict:
     )
     teacher = build_model(config, seed=p.seed)
     objective = Objective([TermSpec("ce", "ce", 1.0)], temperature=1.0, chunk_size=cfg.loss.chunk_size)
-    trainer = builders.build_reference_trainer(
-        teacher, objective, cfg.optim, p.teacher_steps, lr=p.teacher_lr
-    )
-    stream = builders.batch_stream(cfg, rows, tokenizer, batch_size=p.teacher_batch_size)
+    trainer = build_reference_trainer(teacher, objective, cfg.optim, p.teacher_steps, lr=p.teacher_lr)
+    stream = batch_stream(cfg, rows, tokenizer, batch_size=p.teacher_batch_size)
     n_params = sum(x.numel() for x in teacher.parameters())
     print(
         f"training the {cfg.teacher.arch} teacher ({n_params / 1e6:.2f}M params) for {p.teacher_steps} steps"
@@ -75,27 +92,15 @@ def prepare_demo(cfg: DictConfig) -> dict:
 
     run_steps(trainer, stream.forever(), None, start_step=0, steps=p.teacher_steps, accum=1, on_step=on_step)
     bar.close()
-
-    held = builders.RunData(rows, heldout, list(data["eval"]))
-    summary = builders.evaluate(cfg, teacher, tokenizer, held, generate_examples=p.eval_examples)
-
-    def fill(tmp: Path) -> None:
-        save_model(teacher, tokenizer, tmp)
-        atomic_write_json(tmp / EVAL_FILE, summary)
-
-    atomic_dir(out, fill)
-    # Reload once: the cache is only trusted if transformers can load what was written.
-    load_causal_lm(out)
-    load_tokenizer(out)
-    print(f"teacher saved: {out}\n{_describe(summary)}")
-    return summary
+    held = RunData(rows, heldout, list(data["eval"]))
+    return teacher, tokenizer, evaluate(cfg, teacher, tokenizer, held, generate_examples=p.eval_examples)
 
 
 def prepare_student_tokenizer(cfg: DictConfig) -> Path:
     """The cross-tokenizer demo's second tokenizer: another corpus sample (seed + 1) and vocabulary size,
     so its merges differ from the teacher's. Cached; pass its folder as student.tokenizer."""
     p = cfg.prepare
-    out = builders.demo_student_tokenizer_dir(cfg)
+    out = demo_student_tokenizer_dir(cfg)
     if not (out / "tokenizer.json").is_file() or p.force:
         tokenizer = train_tokenizer(task_corpus(p.seed + 1), p.student_vocab_size)
         atomic_dir(out, lambda tmp: tokenizer.save_pretrained(str(tmp)))

@@ -6,59 +6,39 @@ exactly as it would with the online teacher. A killed run resumes after the last
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
-import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from distill.cache import CacheReader, CacheWriter
+from distill.batch import TeacherBatch
+from distill.cache import CacheWriter
 from distill.cache.encoding import packed_ids_name
-from distill.config.validate import validate_run
+from distill.data.build import build_data
 from distill.data.mixing import DATA
-from distill.errors import CheckpointError, ConfigError
-from distill.models.fingerprint import model_fingerprint
+from distill.errors import ConfigError
 from distill.models.loading import load_tokenizer
-from distill.models.tokenizer import tokenizer_hash
-from distill.teacher.batch import TeacherBatch
-from distill.training.objective import teacher_layers
-from launch import builders
+from distill.models.resolve import model_facts, pair_facts, require_teacher
+from distill.run.cache import cache_identity, stream_mixes
+from distill.run.validate import validate_run
+from distill.teacher.build import build_teacher_engine
+from distill.training.build import run_stream
+from distill.xtok.build import row_encoder
 from launch.app import hydra_app
 
 
-def cache_identity(cfg: DictConfig, teacher_path: Path, tokenizer, mixes: list | None = None) -> dict:
-    """What a cache must agree on with the run that reads it (checked by CacheReader's `expect`).
-
-    mixes: the run stream's segments [(first position, end, shares)]: a curriculum's data mixes decide which
-    rows each batch holds, so a cache is only valid for the same mixes."""
-    specs = builders.run_term_specs(cfg)
-    data = OmegaConf.to_container(cfg.data, resolve=True)
-    stream = {"data": data, "micro_batch_size": cfg.cluster.micro_batch_size, "mixes": mixes}
-    return {
-        "teacher_hash": model_fingerprint(teacher_path),
-        "tokenizer_hash": tokenizer_hash(tokenizer),
-        "k": int(cfg.teacher.topk),
-        "data_hash": hashlib.sha256(json.dumps(stream, sort_keys=True).encode()).hexdigest()[:16],
-        "hidden_layers": teacher_layers(specs, "hidden"),
-        "attention_layers": teacher_layers(specs, "attention"),
-    }
-
-
 def build_cache(cfg: DictConfig) -> Path:
-    teacher_path = builders.require_teacher(cfg)
+    teacher_path = require_teacher(cfg)
     tokenizer = load_tokenizer(teacher_path)
-    validate_run(cfg, builders.pair_facts(cfg, tokenizer))
+    topology = validate_run(cfg, pair_facts(cfg, tokenizer))
     c = cfg.teacher_cache
     if c.epochs < 1:
         raise ConfigError(f"teacher_cache.epochs={c.epochs} must be >= 1.")
-    data = builders.build_data(cfg, tokenizer)
-    _, stream = builders.run_stream(cfg, data, tokenizer)
+    data = build_data(cfg, row_encoder(cfg, tokenizer))
+    _, stream = run_stream(cfg, data, tokenizer, topology.batches_per_step)
     identity = cache_identity(cfg, teacher_path, tokenizer, stream_mixes(stream))
-    vocab = builders.model_facts(cfg.teacher, len(tokenizer)).vocab_size
+    vocab = model_facts(cfg.teacher, len(tokenizer)).vocab_size
     ids_encoding = packed_ids_name(vocab) if c.ids_encoding == "auto" else c.ids_encoding
     meta = {
         **identity,
@@ -105,42 +85,14 @@ def _score(cfg, teacher_path: Path, identity: dict, batches) -> Iterator[Teacher
         finally:
             group.shutdown()
         return
-    engine = builders.build_teacher_engine(
+    engine = build_teacher_engine(
         cfg,
         teacher_path,
-        None,
         hidden_layers=identity["hidden_layers"],
         attention_layers=identity["attention_layers"],
     )
     for bid, b in batches:
         yield engine.score(bid, b["input_ids"], b["attention_mask"], b["loss_mask"])
-
-
-class CachedTeacher:
-    """The teacher source of a run that trains from an offline cache: batch id -> TeacherBatch tensors."""
-
-    def __init__(self, cfg: DictConfig, teacher_path: Path, tokenizer, needed_batches: int, stream) -> None:
-        identity = cache_identity(cfg, teacher_path, tokenizer, stream_mixes(stream))
-        self.reader = CacheReader(cfg.teacher.cache, expect=identity)
-        if len(self.reader) < needed_batches:
-            raise CheckpointError(
-                f"teacher cache {cfg.teacher.cache} holds {len(self.reader)} batches but the run needs "
-                f"{needed_batches} (train.steps x grad_accum_steps); rebuild it with more teacher_cache.epochs."
-            )
-
-    def __call__(self, batch_id, batch) -> dict[str, torch.Tensor | None]:
-        cached = self.reader.read(tuple(batch_id))
-        if not np.array_equal(cached.input_ids, batch["input_ids"].numpy().astype(cached.input_ids.dtype)):
-            raise CheckpointError(
-                f"teacher cache batch {batch_id} holds different tokens than the run's batch {batch_id}: the "
-                "cache was built from other data or batching. Rebuild it with the run's data settings."
-            )
-        return cached.to_torch()
-
-
-def stream_mixes(stream) -> list:
-    """The stream's segments as plain JSON values (for the cache identity)."""
-    return [[seg.start, seg.end, dict(sorted(seg.shares.items()))] for seg in stream.segments]
 
 
 @hydra_app

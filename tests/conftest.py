@@ -44,12 +44,12 @@ def base_overrides(cache_dir) -> list[str]:
 def tiny_teacher(base_overrides) -> Path:
     """The test teacher's folder (trained once per session by `prepare_demo`)."""
     from distill.config import compose
-    from launch import builders
+    from distill.models.resolve import demo_teacher_dir
     from launch.prepare_demo import prepare_demo
 
     cfg = compose(base_overrides)
     prepare_demo(cfg)
-    return builders.demo_teacher_dir(cfg)
+    return demo_teacher_dir(cfg)
 
 
 @pytest.fixture(scope="session")

@@ -4,13 +4,13 @@ import pytest
 from hydra.errors import ConfigCompositionException
 
 from distill.config import compose, resolved_yaml
-from distill.config.validate import validate_run
 from distill.errors import CheckpointError, ConfigError
-from launch import builders
+from distill.models import resolve
+from distill.run.validate import validate_run
 
 
 def facts(cfg):
-    return builders.pair_facts(cfg)
+    return resolve.pair_facts(cfg)
 
 
 def test_default_config_composes_and_validates():
@@ -116,13 +116,13 @@ def test_tp_that_does_not_divide_deepseek_heads():
 def test_missing_checkpoint_paths(tmp_path):
     cfg = compose(["teacher=hf", f"teacher.path={tmp_path / 'nope'}"])
     with pytest.raises(CheckpointError, match="nope"):
-        builders.require_teacher(cfg)
+        resolve.require_teacher(cfg)
     cfg = compose([f"prepare.cache_dir={tmp_path}"])
     with pytest.raises(CheckpointError, match="prepare-demo"):
-        builders.require_teacher(cfg)
+        resolve.require_teacher(cfg)
     cfg = compose(["teacher=deepseek_r1"])
     with pytest.raises(ConfigError, match=r"teacher\.path"):
-        builders.require_teacher(cfg)
+        resolve.require_teacher(cfg)
 
 
 def test_reference_path_refuses_resume_instead_of_ignoring_it(tiny_teacher, base_overrides, tmp_path):

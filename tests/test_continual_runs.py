@@ -35,11 +35,10 @@ SAME_BATCH = ["cluster.micro_batch_size=8", "cluster.grad_accum_steps=2"]  # = s
 
 
 def _run(overrides: list[str], run_dir: Path, hooks: Hooks | None = None) -> list[dict]:
-    from launch.distill import run
-    from launch.distributed import run_distributed
+    from distill.run import run
 
     cfg = compose(overrides, run_dir=str(run_dir))
-    run(cfg) if hooks is None else run_distributed(cfg, hooks=hooks)
+    run(cfg, hooks=hooks)
     return read_metrics(run_dir / "metrics.jsonl")
 
 

@@ -18,12 +18,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from distill.config import compose
 from distill.config.schema import CurriculumConfig, StageConfig
-from distill.config.validate import _validate_sources, data_sources, run_curriculum
 from distill.curriculum import Curriculum, Ramp, Stage, StepPlan, ramp_value
 from distill.curriculum.build import curriculum_from_config
 from distill.data.batching import BatchStream
 from distill.data.mixing import MAX_BLOCK, MixedStream, Segment, block_pattern
+from distill.data.sources import data_sources
+from distill.data.sources import validate_sources as _validate_sources
 from distill.errors import ConfigError
+from distill.training.build import run_curriculum
 from distill.training.schedule import curriculum_lr, lr_multiplier
 
 # ---- helpers -----------------------------------------------------------------------------------------------

@@ -9,11 +9,13 @@ import pytest
 import torch
 
 from distill.config import compose
-from distill.config.validate import _validate_sources, data_sources, run_curriculum
 from distill.curriculum import Curriculum, Ramp, Stage
 from distill.data.batching import BatchStream
 from distill.data.mixing import MixedStream, Segment, block_pattern
+from distill.data.sources import data_sources
+from distill.data.sources import validate_sources as _validate_sources
 from distill.errors import ConfigError
+from distill.training.build import run_curriculum
 from distill.training.schedule import curriculum_lr, lr_multiplier
 
 WEIGHTS = {"kl": 1.0, "ce": 0.5, "hidden": 0.1}

@@ -15,12 +15,13 @@ from distill.config.schema import LoraConfig
 from distill.data import build_task_dataset, encode_prompt, extract_answer, load_user_dataset
 from distill.data.filters import Candidate, build_filter, filter_names
 from distill.errors import ConfigError
+from distill.eval.runs import generation_stop_id
 from distill.models.loading import load_tokenizer, save_model
 from distill.models.lora import apply_lora, merge_for_export
+from distill.models.resolve import build_student
 from distill.models.tiny import build_model, tiny_config
 from distill.teacher.engine import TeacherEngine
 from distill.teacher.sampling import PromptBatch, SamplingParams, local_sample_stream, sample
-from launch import builders
 from launch import generate as gen
 
 # Small enough for seconds per call: 24 prompts x 4 samples in chunks of 8 prompts (3 shards).
@@ -55,7 +56,7 @@ def teacher(tiny_teacher):
 def draw(engine, tokenizer, prompts, **kw):
     args = dict(n=3, temperature=1.0, top_p=0.9, max_new_tokens=40, seed=5)
     args.update(kw)
-    stop = builders.generation_stop_id(tokenizer)
+    stop = generation_stop_id(tokenizer)
     return sample(engine.model, prompts, stop_id=stop, pad_id=tokenizer.pad_token_id, **args)
 
 
@@ -78,7 +79,7 @@ def test_sampling_is_seeded_and_independent_of_batching(teacher):
 @pytest.mark.slow
 def test_sampling_respects_max_new_tokens_and_stop(teacher):
     engine, tokenizer, prompts = teacher
-    stop = builders.generation_stop_id(tokenizer)
+    stop = generation_stop_id(tokenizer)
     for cap in (6, 48):
         out = draw(engine, tokenizer, prompts, max_new_tokens=cap)
         for c in (c for per_prompt in out for c in per_prompt):
@@ -91,7 +92,7 @@ def test_sampling_respects_max_new_tokens_and_stop(teacher):
 @pytest.mark.slow
 def test_greedy_sampling_equals_engine_generate(teacher):
     engine, tokenizer, prompts = teacher
-    stop = builders.generation_stop_id(tokenizer)
+    stop = generation_stop_id(tokenizer)
     ids = torch.full((len(prompts), max(map(len, prompts))), tokenizer.pad_token_id)
     mask = torch.zeros_like(ids)
     for row, p in enumerate(prompts):
@@ -262,7 +263,7 @@ def test_lora_student_trains_adapters_only_and_exports_merged(generated, base_ov
     cfg, _ = finetune(base_overrides, generated, tmp_path, "student.lora.enabled=true", "student.lora.r=4")
     student = assert_plain_hf_folder(tmp_path / "student")
     plain = OmegaConf.merge(cfg, {"student": {"lora": {"enabled": False}}})  # same init_seed, no LoRA
-    fresh = builders.build_student(plain, load_tokenizer(tmp_path / "student"))
+    fresh = build_student(plain, load_tokenizer(tmp_path / "student"))
     got, init = student.state_dict(), fresh.state_dict()
     assert torch.equal(got["model.embed_tokens.weight"], init["model.embed_tokens.weight"])  # frozen
     assert not torch.equal(
@@ -312,7 +313,7 @@ def test_ray_replica_samples_what_the_local_engine_samples(ray_cluster, teacher,
         temperature=0.8,
         top_p=0.95,
         max_new_tokens=40,
-        stop_id=builders.generation_stop_id(tokenizer),
+        stop_id=generation_stop_id(tokenizer),
         pad_id=tokenizer.pad_token_id,
         seed=1,
     )

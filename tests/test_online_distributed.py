@@ -20,13 +20,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from distill.cluster.buffer import PUT_EXISTS, PUT_FULL, PUT_OK, BufferShard, check_capacity
+from distill.cluster.buffer import PUT_EXISTS, PUT_FULL, PUT_OK, BufferShard
 from distill.cluster.driver import Assignment, Driver, Hooks, check_identity
-from distill.cluster.placement import NodeResources
-from distill.cluster.student_group import plan_student_nodes
+from distill.cluster.placement import NodeResources, plan_student_nodes
 from distill.config import compose
+from distill.config.topology import check_capacity
 from distill.errors import CheckpointError, TopologyError
 from distill.tracking.metrics_log import read_metrics
+from distill.training.modes import StepHooks
 from launch.teacher_cache import build_cache
 
 # The student actors reuse the DeepSpeed comm op that test_student_deepspeed builds (~40 s once otherwise).
@@ -167,6 +168,13 @@ def test_buffer_shard_admits_puts_in_arrival_order():
     asyncio.run(scenario())
 
 
+class NoOverlap(StepHooks):
+    """A mode that must see the world between every two steps (as a continual run)."""
+
+    def overlaps(self, step: int) -> bool:
+        return False
+
+
 def test_driver_sends_a_step_ahead_only_when_nothing_must_happen_in_between():
     """The next step is queued on the ranks behind the running one unless a checkpoint, a continual run or a
     requested stop must see the world between them, or the run ends."""
@@ -180,7 +188,7 @@ def test_driver_sends_a_step_ahead_only_when_nothing_must_happen_in_between():
     assert [s for s in range(6) if driver()._runs_ahead(s)] == [0, 1, 2, 3, 4]
     # checkpoints after 3 and 6 committed steps: step 3 is sent once step 2 is committed and saved
     assert [s for s in range(6) if driver(checkpoint_every=3)._runs_ahead(s)] == [0, 1, 3, 4]
-    assert not any(driver(continual=object())._runs_ahead(s) for s in range(6))
+    assert not any(driver(mode=NoOverlap())._runs_ahead(s) for s in range(6))
     stopping = driver()
     stopping._stopping = True
     assert not any(stopping._runs_ahead(s) for s in range(6))
@@ -195,14 +203,10 @@ def test_identity_mismatch_names_the_field():
 
 # ----------------------------------------------------------------------------------------------- real runs
 def _run(overrides: list[str], run_dir: Path, hooks: Hooks | None = None) -> list[dict]:
-    from launch.distill import run
-    from launch.distributed import run_distributed
+    from distill.run import run
 
     cfg = compose(overrides, run_dir=str(run_dir))
-    if hooks is None:
-        run(cfg)
-    else:
-        run_distributed(cfg, hooks=hooks)
+    run(cfg, hooks=hooks)
     return read_metrics(run_dir / "metrics.jsonl")
 
 
@@ -411,11 +415,37 @@ def test_stop_and_resume_continues_the_uninterrupted_run(ray_cluster, dist_overr
         torch.testing.assert_close(tensor, want[name], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_eval_every_logs_the_same_heldout_metrics_on_both_backends(
+    ray_cluster, base_overrides, dist_overrides, tmp_path
+):
+    """train.eval_every=5: the student's held-out metrics after steps 5, 10, 15 and 20 land in metrics.jsonl and
+    the report; the Ray ranks' exported student scores what the reference's in-process student scores."""
+    local = [
+        *base_overrides,
+        *COMMON,
+        "cluster=local_single",
+        "cluster.micro_batch_size=8",
+        "cluster.grad_accum_steps=2",
+    ]
+    want = _run([*local, "train.eval_every=5"], tmp_path / "local")
+    got = _run([*dist_overrides, TP1_TEACHER, "train.eval_every=5"], tmp_path / "ray")
+    for rows, folder in ((want, "local"), (got, "ray")):
+        evals = [r for r in rows if "eval/ce" in r]
+        assert [r["step"] for r in evals] == [4, 9, 14, 19]
+        assert {"eval/ce", "eval/ppl", "eval/accuracy"} <= set(evals[0])
+        assert "Held-out metrics during training" in (tmp_path / folder / "report.md").read_text()
+    ces = [[r["eval/ce"] for r in rows if "eval/ce" in r] for rows in (got, want)]
+    assert ces[0] == pytest.approx(ces[1], rel=1e-4)
+    assert ces[1][-1] < ces[1][0]  # the student learns between the evaluations
+
+
 # ------------------------------------------------------------------------------------ bad input, no actors
 @pytest.fixture
 def no_actors(monkeypatch):
     """Fail loudly if a run gets as far as starting an actor."""
-    import launch.distributed as dist
+    import distill.cluster.backend as dist
 
     def forbidden(*args, **kwargs):
         raise AssertionError("an actor group was started")

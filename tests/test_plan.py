@@ -11,7 +11,7 @@ import pytest
 from distill.config.topology import Topology
 from distill.errors import TopologyError
 from distill.models.facts import ModelFacts
-from launch.plan import (
+from distill.run.plan import (
     Hardware,
     Workload,
     measured_per_device,

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import distill.data.replay as replay
+from distill.batch import TeacherBatch
 from distill.data.replay import ReplayBuffer
 from distill.errors import CheckpointError, ConfigError
-from distill.teacher.batch import TeacherBatch
 
 K, L, H = 3, 2, 4
 GARBAGE = 77  # what the source batches carry on padding, so a stored pad position would show

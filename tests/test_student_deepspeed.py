@@ -26,12 +26,12 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from distill.batch import TeacherBatch
 from distill.config.schema import OptimizerConfig
 from distill.errors import ConfigError
 from distill.models import build_model, tiny_config
 from distill.student import build_ds_config
 from distill.teacher import topk_with_normalizer
-from distill.teacher.batch import TeacherBatch
 from distill.training.objective import Objective, TermSpec
 
 pytestmark = pytest.mark.distributed
@@ -253,7 +253,7 @@ def records(tmp_path_factory) -> dict[str, list[dict]]:
 @pytest.fixture(scope="module")
 def reference() -> dict[str, list]:
     """ReferenceTrainer metrics per step on the full global batches, with and without the hidden term."""
-    from launch.builders import build_reference_trainer
+    from distill.training.build import build_reference_trainer
 
     out = {}
     for hidden in (True, False):

@@ -4,15 +4,15 @@ import pytest
 import torch
 
 from distill.config import compose
-from distill.config.validate import validate_run
 from distill.data import build_task_dataset, encode_example, pad_batch
 from distill.errors import ConfigError
+from distill.models.resolve import pair_facts
 from distill.models.tiny import build_model, tiny_config
 from distill.models.tokenizer import task_corpus, train_tokenizer
+from distill.run.validate import validate_run
 from distill.teacher.engine import TeacherEngine
 from distill.training.objective import Objective, TermSpec
 from distill.xtok import CrossTokenizerTeacher, build_token_map, encode_pair
-from launch import builders
 
 
 @pytest.fixture(scope="module")
@@ -88,10 +88,10 @@ def test_different_tokenizers_train_through_the_cross_path(tok):
 def test_production_pairs_validate_with_a_token_map(student):
     base = ["teacher=deepseek_r1", f"student={student}", "cluster.teacher_tp=8", "loss=kd_xtok"]
     cfg = compose([*base, "teacher.token_map.enabled=true"])
-    validate_run(cfg, builders.pair_facts(cfg))
+    validate_run(cfg, pair_facts(cfg))
     cfg = compose(base)
     with pytest.raises(ConfigError, match=r"teacher\.token_map\.enabled=true"):
-        validate_run(cfg, builders.pair_facts(cfg))
+        validate_run(cfg, pair_facts(cfg))
 
 
 @pytest.mark.parametrize(
@@ -112,14 +112,14 @@ def test_what_a_token_map_does_not_cover_fails_up_front(overrides, match):
     ]
     cfg = compose([*base, *overrides])
     with pytest.raises(ConfigError, match=match):
-        validate_run(cfg, builders.pair_facts(cfg))
+        validate_run(cfg, pair_facts(cfg))
 
 
 def test_tiny_student_on_its_own_tokenizer_needs_the_map(tok, tmp_path):
     tok.save_pretrained(str(tmp_path / "student_tok"))
     other = train_tokenizer(task_corpus(5, 20), 300)
     cfg = compose([f"student.tokenizer={tmp_path / 'student_tok'}"])
-    facts = builders.pair_facts(cfg, other)
+    facts = pair_facts(cfg, other)
     assert facts.student_vocab == len(tok) and not facts.same_tokenizer
     with pytest.raises(ConfigError, match=r"teacher\.token_map\.enabled=true"):
         validate_run(cfg, facts)
@@ -130,11 +130,11 @@ def test_tiny_student_on_its_own_tokenizer_needs_the_map(tok, tmp_path):
             f"student.tokenizer={tmp_path / 'student_tok'}",
         ]
     )
-    validate_run(cfg, builders.pair_facts(cfg, other))
-    assert builders.pair_facts(cfg, tok).same_tokenizer  # same hash: a shared tokenizer after all
+    validate_run(cfg, pair_facts(cfg, other))
+    assert pair_facts(cfg, tok).same_tokenizer  # same hash: a shared tokenizer after all
 
 
 def test_uld_without_a_token_map_is_refused():
     cfg = compose(["loss=kd_xtok"])
     with pytest.raises(ConfigError, match=r"uld.*teacher\.token_map\.enabled=true"):
-        validate_run(cfg, builders.pair_facts(cfg))
+        validate_run(cfg, pair_facts(cfg))

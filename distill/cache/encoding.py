@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from distill.batch import TeacherBatch, numpy_to_tensor
 from distill.errors import ConfigError
-from distill.teacher.batch import TeacherBatch, numpy_to_tensor
 
 IDS_INT32 = "int32"
 _PACKED = re.compile(r"packed(\d+)")

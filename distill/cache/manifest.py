@@ -23,8 +23,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from distill.batch import BatchId
 from distill.errors import CheckpointError, ConfigError
-from distill.teacher.batch import BatchId
 
 log = logging.getLogger(__name__)
 

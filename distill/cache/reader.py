@@ -11,10 +11,10 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load as safetensors_load
 
+from distill.batch import BatchId, TeacherBatch
 from distill.cache import manifest as mf
 from distill.cache.encoding import Encoding, decode
 from distill.errors import CheckpointError, ConfigError
-from distill.teacher.batch import BatchId, TeacherBatch
 
 
 class CacheReader:

@@ -16,11 +16,11 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import save as safetensors_bytes
 
+from distill.batch import BatchId, TeacherBatch
 from distill.cache import manifest as mf
 from distill.cache.encoding import PLAIN_LOGITS, Encoding, encode
 from distill.errors import CheckpointError, ConfigError
 from distill.io import atomic_write_bytes, atomic_write_json
-from distill.teacher.batch import BatchId, TeacherBatch
 
 
 def shard_bytes(batches: list[tuple[BatchId, dict[str, np.ndarray]]]) -> bytes:

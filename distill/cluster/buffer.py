@@ -23,7 +23,6 @@ condition without blocking the shard's other calls (that is what lets `ack` free
 from __future__ import annotations
 
 import asyncio
-import math
 import resource
 import time
 from collections import defaultdict, deque
@@ -32,9 +31,9 @@ from dataclasses import dataclass
 
 import ray
 
-from distill.errors import TopologyError
+from distill.config.topology import check_capacity  # noqa: F401  (re-exported: the buffer's capacity rule)
 
-# (epoch, index), as distill.teacher.batch.BatchId; not imported from there so the shard processes never load
+# (epoch, index), as distill.batch.BatchId; not imported from there so the shard processes never load
 # torch or transformers (a shard only moves references).
 BatchId = tuple[int, int]
 
@@ -51,24 +50,6 @@ _COUNTERS = (
     "producer_wait_s",
     "consumer_wait_s",
 )
-
-
-def check_capacity(capacity: int, shards: int, batches_per_step: int) -> int:
-    """Per-shard capacity; TopologyError unless the oldest step's batches always fit (no deadlock).
-
-    A step's batches are consecutive stream positions, so shard j holds at most ceil(batches_per_step / S)
-    of them; everything else a shard holds is newer and can wait.
-    """
-    per_shard = capacity // shards
-    need = math.ceil(batches_per_step / shards)
-    if per_shard < need:
-        raise TopologyError(
-            f"cluster.buffer_capacity={capacity} over buffer_shards={shards} gives {per_shard} batches per "
-            f"shard, but one optimizer step consumes {batches_per_step} batches (grad_accum_steps x "
-            f"student_world_size), i.e. up to {need} per shard: the students would wait for batches the full "
-            f"buffer cannot take. Set cluster.buffer_capacity >= {need * shards}."
-        )
-    return per_shard
 
 
 @dataclass

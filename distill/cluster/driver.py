@@ -34,12 +34,12 @@ import numpy as np
 import ray
 from tqdm.auto import tqdm
 
+from distill.batch import BatchId
 from distill.cluster.buffer import PUT_FULL, Buffer
 from distill.cluster.student_group import StudentFailure, StudentGroup
 from distill.errors import CheckpointError
 from distill.io import atomic_write_json, atomic_write_text
-from distill.teacher.batch import BatchId
-from distill.training.continual import ContinualRun
+from distill.training.modes import StepHooks
 from distill.training.reference import StepMetrics
 
 log = logging.getLogger(__name__)
@@ -236,9 +236,9 @@ class Driver:
     inputs(position): (batch_id, arrays) from stream position `position` on (a fresh iterator each call).
     tokens(batch_id): trained tokens (loss_mask.sum()) of a batch.
     plans(step): the curriculum's StepPlan of a step, handed to every rank (None: the objective as configured).
-    continual: mode=continual's replay and increment evaluations. The driver puts each step's replay batches
-        into the buffer itself (they carry stored teacher outputs; the teacher never sees them) and, once a step
-        is committed, copies its new-data batches into the replay buffer (`Buffer.peek`, before the ack).
+    mode: the run mode's step hooks (`distill.training.modes.StepHooks`). The driver puts a step's stored
+        batches into the buffer itself (they carry stored teacher outputs; the teacher never sees them) and, once
+        a step is committed, hands the mode the batches it keeps (`Buffer.peek`, before the ack).
     """
 
     def __init__(
@@ -259,7 +259,7 @@ class Driver:
         max_student_restarts: int = 3,
         progress: bool = False,
         plans: Callable[[int], Any] | None = None,
-        continual: ContinualRun | None = None,
+        mode: StepHooks | None = None,
     ) -> None:
         self.teachers, self.students, self.buffer = teachers, students, buffer
         self.assignment, self.inputs, self.tokens = assignment, inputs, tokens
@@ -269,7 +269,7 @@ class Driver:
         self.max_student_restarts = max_student_restarts
         self.progress = progress
         self.plans = plans
-        self.continual = continual
+        self.mode = mode or StepHooks()
         self.last_loss = float("nan")
         self.committed = 0  # steps whose batches are acked
         self.producer: Producer | None = None
@@ -328,12 +328,12 @@ class Driver:
 
         The ranks run their calls in order, so a queued step starts the moment the previous one ends and the
         students never wait for the driver's round trip (answer, ack, metrics, next call). Not when something
-        must see the world between the two steps: a checkpoint, a continual run's replay and increment
-        evaluations, or a stop asked for by a hook (`stop_after`)."""
+        must see the world between the two steps: a checkpoint, a mode that does not overlap steps (a continual
+        run's replay and increment evaluations), or a stop asked for by a hook (`stop_after`)."""
         return (
             step + 1 < self.total_steps
             and not (self.checkpoint_every and (step + 1) % self.checkpoint_every == 0)
-            and self.continual is None
+            and self.mode.overlaps(step)
             and not self._stopping
         )
 
@@ -346,10 +346,9 @@ class Driver:
         plan = self.plans(step) if self.plans is not None else None
         if plan is not None and (record := plan.transition()) is not None:
             log.info("curriculum transition %s", json.dumps(record, sort_keys=True))
-        if self.continual is not None:
-            for batch_id, replayed in self.continual.replay_batches(step):
-                # Forced: the step's own batches always fit (check_capacity); "exists" after a restore is fine.
-                self.buffer.put(batch_id, ray.put(replayed), replayed.nbytes(), timeout=None, force=True)
+        for batch_id, stored in self.mode.stored_batches(step):
+            # Forced: the step's own batches always fit (check_capacity); "exists" after a restore is fine.
+            self.buffer.put(batch_id, ray.put(stored), stored.nbytes(), timeout=None, force=True)
         num_tokens = sum(self.tokens(b) for b in batch_ids)
         logged = (step + 1) % self.log_every == 0 or step + 1 == self.total_steps
         # The buffer's figures are sampled as the step is sent (depth counts its batches and the prefetched
@@ -365,7 +364,8 @@ class Driver:
             "a rank trained on batches not assigned to it"
         )
         step = d.step
-        scored = ray.get(self.buffer.peek(self.continual.new_data(step))) if self.continual else []
+        kept_ids = self.mode.kept_batches(step)
+        kept = ray.get(self.buffer.peek(kept_ids)) if kept_ids else []
         # Committed on every rank: the batches are done. Not waited for (an RPC to a shard process costs
         # milliseconds on busy cores); settled before anything reads the counts, and by the next step's ack,
         # which surfaces an error one step late at worst.
@@ -389,8 +389,7 @@ class Driver:
             batch_ids=d.batch_ids,
             plan=d.plan,
         )
-        if self.continual is not None:
-            self.continual.after_step(step, scored)  # may evaluate the student (an increment's end)
+        self.mode.after_commit(step, kept)  # continual: may evaluate the student (an increment's end)
         if d.sampled:
             stats = Buffer.total_stats(d.sampled)
             extras = {
@@ -423,8 +422,7 @@ class Driver:
         cursor = self.assignment.batch_id(step * self.assignment.per_step)
         path = self.checkpoints.path(step)
         self.students.save(path, {"step": step, "next_batch": list(cursor)})
-        if self.continual is not None:
-            self.continual.save(path)
+        self.mode.save(path)
         self.checkpoints.commit(step, cursor)
 
     def _load(self, path: Path) -> int:
@@ -439,8 +437,7 @@ class Driver:
             raise CheckpointError(
                 f"{path}: data cursor {state['next_batch']} is not step {state['step']}'s {expected}"
             )
-        if self.continual is not None:
-            self.continual.load(path)
+        self.mode.load(path)
         log.info("restored %s (step %d, next batch %s)", path, state["step"], state["next_batch"])
         return state["step"]
 
@@ -462,8 +459,8 @@ class Driver:
                 latest = self.checkpoints.latest() if self.checkpoints else None
                 # Without a checkpoint the new actors start from the same initial weights: step 0.
                 step = self._load(latest) if latest is not None else 0
-                if latest is None and self.continual is not None:
-                    self.continual.load(None)
+                if latest is None:
+                    self.mode.load(None)
                 break
             except StudentFailure as again:
                 err = again

@@ -1,4 +1,5 @@
-"""Which node hosts which teacher replica: a pure function over the nodes' free resources, then placement groups.
+"""Where every actor goes: teacher replicas and student ranks over the live nodes' free resources (pure functions
+of the resources, tested without processes), then placement groups. All placement lives here.
 
 A replica's TP ranks talk through latency-bound collectives, so all of them sit on one node (one STRICT_PACK
 placement group per replica). Replicas are spread over nodes (round-robin) or packed (fill a node first);
@@ -7,8 +8,10 @@ each replica's bundles are pinned to its node with a label selector on `ray.io/n
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass
 
+from distill.config.topology import Topology
 from distill.errors import TopologyError
 
 
@@ -82,3 +85,68 @@ def replica_placement_group(
     )
     ray.get(pg.ready(), timeout=120)
     return pg
+
+
+def plan_student_nodes(
+    nodes: list[NodeResources],
+    *,
+    world_size: int,
+    cpus_per_actor: float,
+    gpus_per_actor: float,
+    used: dict[str, tuple[float, float]] | None = None,
+) -> list[str]:
+    """Node id for each student rank: PACK from the last node backwards onto the (CPU, GPU) not `used`.
+
+    Raises TopologyError (quoting what is free) when the ranks do not fit.
+    """
+    used = used or {}
+    free = {
+        n.node_id: [n.cpus - used.get(n.node_id, (0, 0))[0], n.gpus - used.get(n.node_id, (0, 0))[1]]
+        for n in nodes
+    }
+    plan: list[str] = []
+    for node in reversed([n.node_id for n in nodes]):
+        while len(plan) < world_size and free[node][0] >= cpus_per_actor and free[node][1] >= gpus_per_actor:
+            free[node][0] -= cpus_per_actor
+            free[node][1] -= gpus_per_actor
+            plan.append(node)
+    if len(plan) < world_size:
+        have = ", ".join(
+            f"{n.node_id[:8]}: {c:g} CPU/{g:g} GPU free"
+            for n, (c, g) in zip(nodes, free.values(), strict=True)
+        )
+        raise TopologyError(
+            f"{world_size} student ranks need {cpus_per_actor:g} CPUs and {gpus_per_actor:g} GPUs each, but after "
+            f"the teachers only {len(plan)} fit on the live Ray cluster ({have} after placing them). Lower "
+            "cluster.student_world_size or the per-actor resources, or add nodes."
+        )
+    return sorted(plan, key=[n.node_id for n in nodes].index)  # ranks in node order: rank 0 on the first
+
+
+def plan_nodes(topology: Topology) -> tuple[list[str], list[str]]:
+    """Teacher replica nodes (the teacher group's own plan) and student rank nodes on the live Ray cluster."""
+    t = topology
+    nodes = alive_nodes()
+    teacher_nodes = plan_replica_nodes(
+        nodes,
+        replicas=t.teacher_replicas,
+        tp=t.teacher_tp,
+        cpus_per_actor=t.cpus_per_teacher_actor,
+        gpus_per_actor=t.gpus_per_teacher_actor,
+        spread=t.nodes > 1,  # as teacher_group_from_config
+    )
+    used: dict[str, tuple[float, float]] = defaultdict(lambda: (0.0, 0.0))
+    for node in teacher_nodes:
+        cpu, gpu = used[node]
+        used[node] = (
+            cpu + t.teacher_tp * t.cpus_per_teacher_actor,
+            gpu + t.teacher_tp * t.gpus_per_teacher_actor,
+        )
+    student_nodes = plan_student_nodes(
+        nodes,
+        world_size=t.student_world_size,
+        cpus_per_actor=t.cpus_per_student_actor,
+        gpus_per_actor=t.gpus_per_student_actor,
+        used=dict(used),
+    )
+    return teacher_nodes, student_nodes

@@ -49,6 +49,7 @@ def teacher_group_from_config(
         topk=cfg.teacher.topk,
         dtype=cfg.teacher.dtype,
         logits_dtype=cfg.teacher.logits_dtype,
+        attn_implementation=cfg.teacher.attn_implementation,
         length_groups=cfg.teacher.length_groups,
         hidden_layers=tuple(hidden_layers),
         attention_layers=tuple(attention_layers),

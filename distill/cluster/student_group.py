@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -31,11 +30,10 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from distill.batch import BatchId
 from distill.cluster.buffer import Buffer
-from distill.cluster.placement import NodeResources
 from distill.cluster.prefetch import Prefetcher
-from distill.errors import TopologyError
-from distill.teacher.batch import BatchId
+from distill.cluster.worker import TorchrunWorker
 
 log = logging.getLogger(__name__)
 
@@ -72,43 +70,7 @@ class StudentSpec:
     env: dict[str, str] = field(default_factory=dict)
 
 
-def plan_student_nodes(
-    nodes: list[NodeResources],
-    *,
-    world_size: int,
-    cpus_per_actor: float,
-    gpus_per_actor: float,
-    used: dict[str, tuple[float, float]] | None = None,
-) -> list[str]:
-    """Node id for each student rank: PACK from the last node backwards onto the (CPU, GPU) not `used`.
-
-    Raises TopologyError (quoting what is free) when the ranks do not fit.
-    """
-    used = used or {}
-    free = {
-        n.node_id: [n.cpus - used.get(n.node_id, (0, 0))[0], n.gpus - used.get(n.node_id, (0, 0))[1]]
-        for n in nodes
-    }
-    plan: list[str] = []
-    for node in reversed([n.node_id for n in nodes]):
-        while len(plan) < world_size and free[node][0] >= cpus_per_actor and free[node][1] >= gpus_per_actor:
-            free[node][0] -= cpus_per_actor
-            free[node][1] -= gpus_per_actor
-            plan.append(node)
-    if len(plan) < world_size:
-        have = ", ".join(
-            f"{n.node_id[:8]}: {c:g} CPU/{g:g} GPU free"
-            for n, (c, g) in zip(nodes, free.values(), strict=True)
-        )
-        raise TopologyError(
-            f"{world_size} student ranks need {cpus_per_actor:g} CPUs and {gpus_per_actor:g} GPUs each, but after "
-            f"the teachers only {len(plan)} fit on the live Ray cluster ({have} after placing them). Lower "
-            "cluster.student_world_size or the per-actor resources, or add nodes."
-        )
-    return sorted(plan, key=[n.node_id for n in nodes].index)  # ranks in node order: rank 0 on the first
-
-
-class StudentWorker:
+class StudentWorker(TorchrunWorker):
     """One data-parallel rank. Made a Ray actor by StudentGroup (resources via .options())."""
 
     def __init__(
@@ -124,26 +86,18 @@ class StudentWorker:
         self.engine = None
         self.batches: Prefetcher | None = None  # made in setup, once the engine knows its device
 
-    def rendezvous_address(self) -> tuple[str, int]:
-        with socket.socket() as s:
-            s.bind(("", 0))
-            port = s.getsockname()[1]
-        return ray.util.get_node_ip_address(), port
-
     def setup(self, address: tuple[str, int]) -> int:
         """Join the student world as torchrun would (rank 0's `rendezvous_address`), then build the student,
         the objective and the DeepSpeed engine."""
         from distill.student import StudentEngine, init_distributed_from_env
 
         spec = self.spec
-        master_addr, master_port = address
-        os.environ.update(
-            RANK=str(self.rank),
-            WORLD_SIZE=str(self.world_size),
-            # Ray gives each GPU actor its own CUDA_VISIBLE_DEVICES, so its one GPU is local rank 0.
-            LOCAL_RANK="0" if spec.device == "cuda" else str(self.local_rank),
-            MASTER_ADDR=master_addr,
-            MASTER_PORT=str(master_port),
+        self.join_group_env(
+            rank=self.rank,
+            world_size=self.world_size,
+            local_rank=self.local_rank,
+            device=spec.device,
+            address=address,
         )
         init_distributed_from_env(spec.backend)
         model, objective, lr_schedule = spec.build()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -25,8 +24,9 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from distill.batch import BatchId, TeacherBatch, readonly_tensor
 from distill.cluster.placement import alive_nodes, plan_replica_nodes, replica_placement_group
-from distill.teacher.batch import BatchId, TeacherBatch, readonly_tensor
+from distill.cluster.worker import TorchrunWorker
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,8 @@ class TeacherSpec:
     topk: int
     dtype: str = "float32"
     logits_dtype: str = "float32"
+    attn_implementation: str | None = None
+    """transformers' attention implementation; None: eager when attention maps are shipped, else its default."""
     hidden_layers: tuple[int, ...] = ()
     attention_layers: tuple[int, ...] = ()
     device: str = "cpu"
@@ -61,7 +63,7 @@ class BatchMeta:
     pid: int
 
 
-class TeacherWorker:
+class TeacherWorker(TorchrunWorker):
     """One TP rank of one teacher replica. Made a Ray actor by TeacherGroup (resources via .options())."""
 
     def __init__(self, spec: TeacherSpec, replica: int, rank: int, tp: int) -> None:
@@ -72,31 +74,21 @@ class TeacherWorker:
         self.engine = None
         self.cross = None  # a CrossTokenizerTeacher around the engine when spec.token_table is set
 
-    def rendezvous_address(self) -> tuple[str, int]:
-        """Rank 0 picks the replica's MASTER_ADDR / MASTER_PORT on its own node."""
-        with socket.socket() as s:
-            s.bind(("", 0))
-            port = s.getsockname()[1]
-        return ray.util.get_node_ip_address(), port
-
-    def setup(self, master_addr: str, master_port: int) -> int:
+    def setup(self, address: tuple[str, int]) -> int:
         """Join the replica's TP world the way torchrun would, then load the (sharded) teacher."""
+        from distill.models.loading import resolve_dtype
         from distill.teacher.engine import TeacherEngine
 
         spec = self.spec
-        os.environ.update(
-            RANK=str(self.rank),
-            # Ray gives each GPU actor its own CUDA_VISIBLE_DEVICES, so its one GPU is local rank 0.
-            LOCAL_RANK="0" if spec.device == "cuda" else str(self.rank),
-            WORLD_SIZE=str(self.tp),
-            MASTER_ADDR=master_addr,
-            MASTER_PORT=str(master_port),
+        self.join_group_env(
+            rank=self.rank, world_size=self.tp, local_rank=self.rank, device=spec.device, address=address
         )
         kwargs = dict(
             dtype=spec.dtype,
+            attn_implementation=spec.attn_implementation,
             hidden_layers=spec.hidden_layers,
             attention_layers=spec.attention_layers,
-            logits_dtype=_torch_dtype(spec.logits_dtype),
+            logits_dtype=resolve_dtype(spec.logits_dtype),
             device=spec.device,
             length_groups=spec.length_groups,
         )
@@ -140,12 +132,6 @@ class TeacherWorker:
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
-
-
-def _torch_dtype(name: str):
-    import torch
-
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
 @dataclass
@@ -227,8 +213,8 @@ class TeacherGroup:
             ).remote(self.spec, rep.index, rank, self.tp)
             for rank in range(self.tp)
         ]
-        addr, port = ray.get(rep.actors[0].rendezvous_address.remote())
-        return [a.setup.remote(addr, port) for a in rep.actors]
+        address = rep.actors[0].rendezvous_address.remote()
+        return [a.setup.remote(address) for a in rep.actors]
 
     @staticmethod
     def _all_alive(rep: _Replica) -> bool:

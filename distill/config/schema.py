@@ -11,37 +11,19 @@ from typing import Any
 
 from omegaconf import MISSING
 
+from distill.config.topology import TopologyFields
+
 
 @dataclass
-class ClusterConfig:
-    """Where processes run and how work is split. Validated by `distill.config.topology.Topology`."""
+class ClusterConfig(TopologyFields):
+    """Where processes run and how work is split: the layout's numbers (`TopologyFields`, validated by
+    `distill.config.topology.Topology`), the backend and the cluster to join."""
 
     name: str = "local_single"
     mode: str = "local"
     """`local`: the single-process reference trainer; `ray`: teacher and student actor groups."""
     address: str | None = None
     """Ray address to connect to (`auto` or host:port); None starts a local Ray instance."""
-    nodes: int = 1
-    cpus_per_node: int = 2
-    gpus_per_node: int = 0
-    device: str = "cpu"
-    """`cpu` or `cuda`; the code path is the same, only the device and backend differ."""
-    backend: str = "gloo"
-    """torch.distributed backend: `gloo` on CPU, `nccl` on GPUs."""
-    teacher_replicas: int = 1
-    teacher_tp: int = 1
-    student_world_size: int = 1
-    micro_batch_size: int = 8
-    grad_accum_steps: int = 1
-    global_batch_size: int = 8
-    """Sequences per optimizer step; must equal micro_batch_size * grad_accum_steps * student_world_size."""
-    buffer_shards: int = 1
-    buffer_capacity: int = 8
-    """Teacher batches held in the buffer before the teacher side is made to wait (backpressure)."""
-    cpus_per_teacher_actor: float = 1.0
-    cpus_per_student_actor: float = 1.0
-    gpus_per_teacher_actor: float = 0.0
-    gpus_per_student_actor: float = 0.0
 
 
 @dataclass
@@ -328,7 +310,7 @@ class PrepareConfig:
     teacher_steps: int = 400
     student_vocab_size: int = 0
     """>0: also train a second, different tokenizer (seed + 1, this vocab size) for cross-tokenizer demos,
-    saved to `builders.demo_student_tokenizer_dir`."""
+    saved to `distill.models.resolve.demo_student_tokenizer_dir`."""
     teacher_lr: float = 3e-3
     teacher_batch_size: int = 32
     eval_examples: int = 100

@@ -23,30 +23,65 @@ class ModelShape:
 
 
 @dataclass(frozen=True)
-class Topology:
-    nodes: int
-    cpus_per_node: int
-    gpus_per_node: int
-    device: str
-    backend: str
-    teacher_replicas: int
-    teacher_tp: int
-    student_world_size: int
-    micro_batch_size: int
-    grad_accum_steps: int
-    global_batch_size: int
+class PairFacts:
+    """What run validation needs to know about the teacher and the student (from config.json files)."""
+
+    teacher_vocab: int
+    student_vocab: int
+    teacher_layers: int
+    student_layers: int
+    teacher_shape: ModelShape
+    same_tokenizer: bool
+    """False when the two tokenizers are known to differ (or the vocab sizes do)."""
+
+
+@dataclass
+class TopologyFields:
+    """The numbers of a cluster layout: the one field list that `cluster.*` (`ClusterConfig`, which adds the mode
+    and address) and `Topology` (which checks every relation) share."""
+
+    nodes: int = 1
+    cpus_per_node: int = 2
+    gpus_per_node: int = 0
+    device: str = "cpu"
+    """`cpu` or `cuda`; the code path is the same, only the device and backend differ."""
+    backend: str = "gloo"
+    """torch.distributed backend: `gloo` on CPU, `nccl` on GPUs."""
+    teacher_replicas: int = 1
+    teacher_tp: int = 1
+    student_world_size: int = 1
+    micro_batch_size: int = 8
+    grad_accum_steps: int = 1
+    global_batch_size: int = 8
+    """Sequences per optimizer step; must equal micro_batch_size * grad_accum_steps * student_world_size."""
     buffer_shards: int = 1
     buffer_capacity: int = 8
+    """Teacher batches held in the buffer before the teacher side is made to wait (backpressure)."""
+    buffer_capacity_bytes: int = 0
+    """A second bound on the buffer: payload bytes held across all shards (split evenly); 0 bounds by count only.
+    Long reasoning traces make batches large: bound the object store memory the buffer may pin."""
     cpus_per_teacher_actor: float = 1.0
     cpus_per_student_actor: float = 1.0
     gpus_per_teacher_actor: float = 0.0
     gpus_per_student_actor: float = 0.0
+
+
+@dataclass
+class Topology(TopologyFields):
+    """A validated layout: every relation is checked at construction and the object is read-only after it."""
 
     def __post_init__(self) -> None:
         self._check_positive()
         self._check_device_backend()
         self._check_batch_arithmetic()
         self._check_buffer()
+        object.__setattr__(self, "_checked", True)
+
+    def __setattr__(self, name: str, value) -> None:
+        # Read-only once checked (a frozen dataclass cannot extend the mutable field list Hydra's schema uses).
+        if getattr(self, "_checked", False):
+            raise AttributeError(f"Topology is read-only; build a new one (cannot set {name})")
+        super().__setattr__(name, value)
 
     @classmethod
     def from_config(cls, cfg) -> Topology:
@@ -58,6 +93,11 @@ class Topology:
     @property
     def teacher_actors(self) -> int:
         return self.teacher_replicas * self.teacher_tp
+
+    @property
+    def batches_per_step(self) -> int:
+        """Micro-batches one optimizer step consumes: grad_accum_steps on each of student_world_size ranks."""
+        return self.grad_accum_steps * self.student_world_size
 
     @property
     def uses_gpus(self) -> bool:
@@ -173,3 +213,21 @@ class Topology:
 
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0 and d <= max(8, math.isqrt(n) + 1)]
+
+
+def check_capacity(capacity: int, shards: int, batches_per_step: int) -> int:
+    """Per-shard capacity; TopologyError unless the oldest step's batches always fit (no deadlock).
+
+    A step's batches are consecutive stream positions, so shard j holds at most ceil(batches_per_step / S)
+    of them; everything else a shard holds is newer and can wait.
+    """
+    per_shard = capacity // shards
+    need = math.ceil(batches_per_step / shards)
+    if per_shard < need:
+        raise TopologyError(
+            f"cluster.buffer_capacity={capacity} over buffer_shards={shards} gives {per_shard} batches per "
+            f"shard, but one optimizer step consumes {batches_per_step} batches (grad_accum_steps x "
+            f"student_world_size), i.e. up to {need} per shard: the students would wait for batches the full "
+            f"buffer cannot take. Set cluster.buffer_capacity >= {need * shards}."
+        )
+    return per_shard

@@ -90,33 +90,9 @@ def continual_curriculum(
             f"{len(cur.stages)} stages; use curriculum=single_stage (or a one-stage curriculum)."
         )
     increments = list(cont.increments)
-    if not increments:
-        raise ConfigError("continual.increments is empty; list the data.subsets to train on, in order.")
-    if REPLAY in increments:
-        raise ConfigError(
-            f"continual.increments names {REPLAY!r}, the reserved name of the replayed share; rename that subset."
-        )
-    if len(set(increments)) != len(increments):
-        raise ConfigError(
-            f"continual.increments {increments} names a subset twice; each increment is trained once."
-        )
+    _check_increments(increments)
     replay = cont.replay
-    if replay.capacity < 0:
-        raise ConfigError(
-            f"continual.replay.capacity={replay.capacity} is negative; use 0 (no replay) or more."
-        )
-    if not 0.0 <= replay.ratio < 1.0:
-        raise ConfigError(
-            f"continual.replay.ratio={replay.ratio} is outside [0, 1): it is the share of each step's batches drawn "
-            "from the replay buffer (1 would leave no new data)."
-        )
-    if replay.quota < 0:
-        raise ConfigError(f"continual.replay.quota={replay.quota} is negative; use 0 (no quota) or more.")
-    if replay.ratio > 0 and replay.capacity == 0:
-        raise ConfigError(
-            f"continual.replay.ratio={replay.ratio} needs a replay buffer, but continual.replay.capacity=0; set a "
-            "capacity or ratio=0 (no replay)."
-        )
+    _check_replay(replay)
     per = cont.steps_per_increment or train_steps // len(increments)
     if per <= 0:
         raise ConfigError(
@@ -149,6 +125,38 @@ def continual_curriculum(
             "continual.steps_per_increment to match."
         )
     return curriculum
+
+
+def _check_increments(increments: list[str]) -> None:
+    if not increments:
+        raise ConfigError("continual.increments is empty; list the data.subsets to train on, in order.")
+    if REPLAY in increments:
+        raise ConfigError(
+            f"continual.increments names {REPLAY!r}, the reserved name of the replayed share; rename that subset."
+        )
+    if len(set(increments)) != len(increments):
+        raise ConfigError(
+            f"continual.increments {increments} names a subset twice; each increment is trained once."
+        )
+
+
+def _check_replay(replay) -> None:
+    if replay.capacity < 0:
+        raise ConfigError(
+            f"continual.replay.capacity={replay.capacity} is negative; use 0 (no replay) or more."
+        )
+    if not 0.0 <= replay.ratio < 1.0:
+        raise ConfigError(
+            f"continual.replay.ratio={replay.ratio} is outside [0, 1): it is the share of each step's batches drawn "
+            "from the replay buffer (1 would leave no new data)."
+        )
+    if replay.quota < 0:
+        raise ConfigError(f"continual.replay.quota={replay.quota} is negative; use 0 (no quota) or more.")
+    if replay.ratio > 0 and replay.capacity == 0:
+        raise ConfigError(
+            f"continual.replay.ratio={replay.ratio} needs a replay buffer, but continual.replay.capacity=0; set a "
+            "capacity or ratio=0 (no replay)."
+        )
 
 
 def _ramp(sc, default: float | None = None) -> Ramp:

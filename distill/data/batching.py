@@ -15,7 +15,7 @@ import torch
 
 from distill.errors import ConfigError
 
-BatchId = tuple[int, int]  # (epoch, index), as in distill.teacher.batch
+BatchId = tuple[int, int]  # (epoch, index), as in distill.batch
 
 
 def _attention(row: dict) -> list[bool]:

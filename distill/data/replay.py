@@ -28,8 +28,8 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as safetensors_load
 from safetensors.numpy import save_file
 
+from distill.batch import BatchId, TeacherBatch
 from distill.errors import CheckpointError, ConfigError
-from distill.teacher.batch import BatchId, TeacherBatch
 
 SCHEMA_VERSION = 1
 _META_KEY = "distill_replay"

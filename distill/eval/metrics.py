@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distill.batch import next_token_labels
 from distill.data.task import extract_answer
-from distill.training.objective import next_token_labels
 
 Batch = dict[str, torch.Tensor]
 

@@ -45,31 +45,11 @@ def build_ds_config(
     overlap_comm: overlap gradient reduction with backward; only useful with CUDA streams, so off on CPU.
     global_batch_size: if given, must equal micro_batch_size * grad_accum_steps * world_size.
     """
-    _check_int("zero_stage", zero_stage, minimum=0)
-    if zero_stage not in ZERO_STAGES:
-        raise ConfigError(f"zero_stage={zero_stage} is not a ZeRO stage; valid: {ZERO_STAGES}")
-    _check_int("micro_batch_size", micro_batch_size, minimum=1)
-    _check_int("grad_accum_steps", grad_accum_steps, minimum=1)
-    _check_int("world_size", world_size, minimum=1)
-    if isinstance(grad_clip, bool) or not isinstance(grad_clip, (int, float)) or grad_clip < 0:
-        raise ConfigError(f"grad_clip={grad_clip!r} must be a number >= 0 (0 disables clipping)")
+    _check_args(
+        zero_stage, micro_batch_size, grad_accum_steps, world_size, grad_clip, precision, global_batch_size
+    )
+    _check_flags(zero_stage, offload_optimizer=offload_optimizer, overlap_comm=overlap_comm)
     train_batch_size = micro_batch_size * grad_accum_steps * world_size
-    if global_batch_size is not None and global_batch_size != train_batch_size:
-        raise ConfigError(
-            f"global_batch_size={global_batch_size} != micro_batch_size={micro_batch_size} x "
-            f"grad_accum_steps={grad_accum_steps} x world_size={world_size} = {train_batch_size}"
-        )
-    if precision not in PRECISIONS:
-        raise ConfigError(f"precision={precision!r} is not supported; valid: {PRECISIONS}")
-    for name, value in (("offload_optimizer", offload_optimizer), ("overlap_comm", overlap_comm)):
-        if not isinstance(value, bool):
-            raise ConfigError(f"{name}={value!r} must be true or false")
-    if offload_optimizer and zero_stage == 0:
-        raise ConfigError(
-            "offload_optimizer=true needs ZeRO stage 1, 2 or 3 (ZeRO-Offload moves the sharded optimizer "
-            f"partition to CPU); got zero_stage={zero_stage}. Set zero_stage>=1 or offload_optimizer=false."
-        )
-
     zero: dict[str, Any] = {"stage": zero_stage}
     if zero_stage >= 1:
         zero["overlap_comm"] = overlap_comm
@@ -94,6 +74,44 @@ def build_ds_config(
     if offload_optimizer:
         config["zero_force_ds_cpu_optimizer"] = False  # torch AdamW on the offloaded partition (see above)
     return config
+
+
+def _check_args(
+    zero_stage: int,
+    micro_batch_size: int,
+    grad_accum_steps: int,
+    world_size: int,
+    grad_clip: float,
+    precision: str,
+    global_batch_size: int | None,
+) -> None:
+    _check_int("zero_stage", zero_stage, minimum=0)
+    if zero_stage not in ZERO_STAGES:
+        raise ConfigError(f"zero_stage={zero_stage} is not a ZeRO stage; valid: {ZERO_STAGES}")
+    _check_int("micro_batch_size", micro_batch_size, minimum=1)
+    _check_int("grad_accum_steps", grad_accum_steps, minimum=1)
+    _check_int("world_size", world_size, minimum=1)
+    if isinstance(grad_clip, bool) or not isinstance(grad_clip, (int, float)) or grad_clip < 0:
+        raise ConfigError(f"grad_clip={grad_clip!r} must be a number >= 0 (0 disables clipping)")
+    train_batch_size = micro_batch_size * grad_accum_steps * world_size
+    if global_batch_size is not None and global_batch_size != train_batch_size:
+        raise ConfigError(
+            f"global_batch_size={global_batch_size} != micro_batch_size={micro_batch_size} x "
+            f"grad_accum_steps={grad_accum_steps} x world_size={world_size} = {train_batch_size}"
+        )
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision={precision!r} is not supported; valid: {PRECISIONS}")
+
+
+def _check_flags(zero_stage: int, *, offload_optimizer: bool, overlap_comm: bool) -> None:
+    for name, value in (("offload_optimizer", offload_optimizer), ("overlap_comm", overlap_comm)):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name}={value!r} must be true or false")
+    if offload_optimizer and zero_stage == 0:
+        raise ConfigError(
+            "offload_optimizer=true needs ZeRO stage 1, 2 or 3 (ZeRO-Offload moves the sharded optimizer "
+            f"partition to CPU); got zero_stage={zero_stage}. Set zero_stage>=1 or offload_optimizer=false."
+        )
 
 
 def _check_int(name: str, value: Any, *, minimum: int) -> None:

@@ -38,7 +38,7 @@ from distill.errors import CheckpointError, ConfigError, TopologyError
 from distill.models.loading import save_model
 from distill.training.objective import Objective
 from distill.training.reference import MicroBatch, build_optimizer, student_forward
-from distill.training.schedule import lr_multiplier
+from distill.training.schedule import optim_lr
 
 # deepspeed.initialize reads LOCAL_RANK itself (device choice), so it is required even on CPU.
 _ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -133,16 +133,7 @@ class StudentEngine:
             eps=optim.eps,
         )
 
-        def multiplier(step: int) -> float:
-            if lr_schedule is not None:
-                return lr_schedule(step)
-            return lr_multiplier(
-                step,
-                total_steps,
-                schedule=optim.schedule,
-                warmup_steps=optim.warmup_steps,
-                min_ratio=optim.min_lr_ratio,
-            )
+        multiplier = lr_schedule or optim_lr(optim, total_steps)
 
         # DeepSpeed steps the scheduler after each applied optimizer step and saves/loads its state with the
         # checkpoint (a closure is not pickled: LambdaLR stores only its counter for plain functions).

@@ -6,7 +6,7 @@ importing transformers.
 
 from typing import Any
 
-from distill.teacher.batch import TeacherBatch
+from distill.batch import TeacherBatch
 
 __all__ = ["TeacherBatch", "TeacherEngine", "topk_with_normalizer"]
 

@@ -18,10 +18,11 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import PreTrainedModel
 
+from distill.batch import BatchId, TeacherBatch
 from distill.errors import ConfigError
 from distill.models.loading import load_causal_lm
 from distill.teacher.attention import use_padded_sdpa
-from distill.teacher.batch import BatchId, TeacherBatch
+from distill.teacher.topk import topk_with_normalizer
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -29,24 +30,6 @@ if TYPE_CHECKING:
 
 TopKFn = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 HeadMeanFn = Callable[[torch.Tensor], torch.Tensor]
-
-# Rows of the [B*T, V] logits turned into fp32 at a time: bounds the fp32 copy of a bf16 teacher's logits
-# (129k vocab x 4096 rows x 4 B = 2 GiB) instead of materialising all B*T rows at once.
-_LSE_CHUNK_ROWS = 4096
-
-
-def topk_with_normalizer(
-    logits: torch.Tensor, k: int, *, chunk_rows: int = _LSE_CHUNK_ROWS
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-k of the next-token logits plus the full-vocabulary log-normaliser.
-
-    logits [B, T, V] (any float dtype) -> ids [B, T, k] int32, values [B, T, k] (logits' dtype, sorted
-    descending), log_normalizer [B, T] fp32 = logsumexp over all V at temperature 1.
-    """
-    values, ids = torch.topk(logits, k, dim=-1)
-    rows = logits.reshape(-1, logits.shape[-1])
-    lse = torch.cat([torch.logsumexp(chunk.float(), dim=-1) for chunk in rows.split(chunk_rows)])
-    return ids.to(torch.int32), values, lse.view(logits.shape[:-1])
 
 
 def check_length_groups(groups) -> None:
@@ -92,6 +75,11 @@ def fill_padding(parts: list[tuple[torch.Tensor, tuple]], shape: tuple[int, int]
         if out_attention is not None:
             out_attention[rows, :, :w, :w] = g_attention.cpu()
     return out_ids, out_values, out_lse, out_hidden, out_attention
+
+
+def _attention_for(attn_implementation: str | None, attention_layers) -> str | None:
+    """The attention implementation to load with: the configured one, else eager when attention maps are shipped."""
+    return attn_implementation or ("eager" if attention_layers else None)
 
 
 def mean_over_heads(attention: torch.Tensor) -> torch.Tensor:
@@ -159,11 +147,13 @@ class TeacherEngine:
         topk: int,
         *,
         dtype: str | torch.dtype = "float32",
+        attn_implementation: str | None = None,
         hint: str | None = None,
         **kwargs,
     ) -> TeacherEngine:
-        """Load a teacher folder and wrap it; eager attention is chosen when attention maps are asked for."""
-        attn = "eager" if kwargs.get("attention_layers") else None
+        """Load a teacher folder and wrap it; without an `attn_implementation`, eager attention is chosen when
+        attention maps are asked for (SDPA returns none) and transformers' default otherwise."""
+        attn = _attention_for(attn_implementation, kwargs.get("attention_layers"))
         model = load_causal_lm(path, dtype=dtype, attn_implementation=attn, hint=hint)
         return cls(model, topk, **kwargs)
 
@@ -176,6 +166,7 @@ class TeacherEngine:
         group: ProcessGroup | DeviceMesh | None = None,
         dtype: str | torch.dtype = "float32",
         experts: str = "expert_parallel",
+        attn_implementation: str | None = None,
         hint: str | None = None,
         **kwargs,
     ) -> TeacherEngine:
@@ -187,7 +178,7 @@ class TeacherEngine:
         """
         from distill.teacher import parallel  # torch.distributed machinery only when TP is asked for
 
-        attn = "eager" if kwargs.get("attention_layers") else None
+        attn = _attention_for(attn_implementation, kwargs.get("attention_layers"))
         model = parallel.load_tp_model(
             path,
             group=group,

@@ -35,7 +35,7 @@ from transformers.distributed import DistributedConfig
 
 from distill.errors import ConfigError, TopologyError
 from distill.models.loading import check_model_folder, load_causal_lm, resolve_dtype
-from distill.teacher.engine import _LSE_CHUNK_ROWS, topk_with_normalizer
+from distill.teacher.topk import LSE_CHUNK_ROWS, topk_with_normalizer
 from distill.teacher.tp_plan import (
     check_tp_size,
     kv_heads_for_rank,
@@ -325,7 +325,7 @@ def vocab_parallel_topk_with_normalizer(
     group: dist.ProcessGroup | None,
     vocab_offset: int,
     *,
-    chunk_rows: int = _LSE_CHUNK_ROWS,
+    chunk_rows: int = LSE_CHUNK_ROWS,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`topk_with_normalizer` over a vocabulary sharded across `group`.
 

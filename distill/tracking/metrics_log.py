@@ -7,6 +7,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from distill.io import atomic_write_text
+
 
 class MetricsLog:
     """`mirror` also receives every record (e.g. `WandbLog.log`, which only queues it)."""
@@ -21,6 +23,13 @@ class MetricsLog:
         self._file.flush()
         if self.mirror is not None:
             self.mirror(record)
+
+    def rewind(self, step: int) -> None:
+        """Forget the records of steps >= `step` (a restored checkpoint trains them again); atomic rewrite."""
+        self._file.close()
+        kept = [r for r in read_metrics(self.path) if r["step"] < step]
+        atomic_write_text(self.path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+        self._file = self.path.open("a", encoding="utf-8")
 
     def close(self) -> None:
         self._file.close()

@@ -19,6 +19,7 @@ import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from distill.batch import BatchId, TeacherBatch
 from distill.curriculum.build import REPLAY
 from distill.curriculum.stages import Curriculum
 from distill.data.mixing import MixedStream
@@ -26,7 +27,7 @@ from distill.data.replay import ReplayBuffer
 from distill.errors import CheckpointError
 from distill.eval.continual import ContinualMatrix
 from distill.io import atomic_write_json
-from distill.teacher.batch import BatchId, TeacherBatch
+from distill.training.modes import StepHooks
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +37,19 @@ MATRIX_METRICS = (("accuracy", True), ("ce", False), ("exact_match", True))
 _LIVE, _FROZEN, _STATE = "replay.safetensors", "replay_frozen.safetensors", "continual.json"
 
 
-class ContinualRun:
-    """Replay and after-increment evaluation of one continual run (see the module docstring).
+class ContinualRun(StepHooks):
+    """Replay and after-increment evaluation of one continual run (see the module docstring), as step hooks:
+    replay batches are stored batches, a step's new-data batches are kept for the replay buffer, and an
+    increment's end evaluates the student, so no step may overlap the next.
 
     evaluate(i): called once increment i's last step is committed; returns the metrics of the CURRENT student
     on every increment's held-out set. results_path: where the accuracy matrices are kept up to date.
     """
+
+    needs_teacher = True  # every consumed batch's teacher outputs go to the replay buffer
+
+    def overlaps(self, step: int) -> bool:
+        return False  # replay batches and the buffer update sit between every two steps
 
     def __init__(
         self,
@@ -72,7 +80,7 @@ class ContinualRun:
     def is_replay(self, position: int) -> bool:
         return self.stream.locate(position).source == REPLAY
 
-    def replay_batches(self, step: int) -> list[tuple[BatchId, TeacherBatch]]:
+    def stored_batches(self, step: int) -> list[tuple[BatchId, TeacherBatch]]:
         """The replay batches of `step` (ids and payloads), built from the increment's frozen snapshot."""
         if self._built[0] == step:
             return self._built[1]
@@ -84,18 +92,20 @@ class ContinualRun:
         self._built = (step, out)
         return out
 
-    def tokens(self, position: int) -> int:
-        """Trained tokens of the replay batch at `position`."""
+    def batch_tokens(self, position: int) -> int | None:
+        """Trained tokens of the replay batch at `position`; None for a new-data position."""
+        if not self.is_replay(position):
+            return None
         batch_id = self.stream.batch_id(position)
-        built = dict(self.replay_batches(position // self.per_step))
+        built = dict(self.stored_batches(position // self.per_step))
         return int(built[batch_id].loss_mask.sum())
 
-    def new_data(self, step: int) -> list[BatchId]:
-        """The ids of `step`'s batches that came from the teacher (in stream order): what `after_step` offers."""
+    def kept_batches(self, step: int) -> list[BatchId]:
+        """The ids of `step`'s batches that came from the teacher (in stream order): what `after_commit` offers."""
         return [self.stream.batch_id(g) for g in self.positions(step) if not self.is_replay(g)]
 
-    def after_step(self, step: int, scored: Sequence[TeacherBatch]) -> None:
-        """Offer the committed step's new-data TeacherBatches (in `new_data` order) to the replay buffer; at an
+    def after_commit(self, step: int, scored: Sequence[TeacherBatch]) -> None:
+        """Offer the committed step's new-data TeacherBatches (in `kept_batches` order) to the replay buffer; at an
         increment's end, evaluate and freeze the snapshot the next increment replays from."""
         increment = self.curriculum.stage_index(step)
         for batch in scored:

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from distill import losses
-from distill.config.validate import term_group, term_params
-from distill.curriculum.stages import HARD, StepPlan
+from distill.batch import next_token_labels
+from distill.curriculum.stages import FEATURES, HARD, SOFT, StepPlan
 from distill.losses.projection import HiddenProjector
 
 # Auto chunk size: a working set of ~1M logits (4 MiB fp32 per working array, which stays in cache) for any
@@ -29,6 +29,19 @@ MIN_CHUNK_ROWS = 16
 
 def chunk_rows(chunk_size: int, vocab_size: int) -> int:
     return chunk_size if chunk_size > 0 else max(MIN_CHUNK_ROWS, CHUNK_ELEMENTS // vocab_size)
+
+
+def term_params(term_cfg) -> dict:
+    """The LossTermConfig fields that the named term declares as parameters (beta, alpha, select_*, metric)."""
+    declared = losses.get(term_cfg.name).params
+    return {name: term_cfg[name] for name in declared if name in term_cfg}
+
+
+def term_group(name: str) -> str:
+    """The curriculum group that scales a term: `hard` (CE), `soft` (logit terms) or `features`."""
+    if name == "ce":
+        return HARD
+    return SOFT if losses.get(name).kind == "logits" else FEATURES
 
 
 @dataclass
@@ -214,10 +227,3 @@ class Objective(nn.Module):
 def teacher_layers(terms: list[TermSpec], kind: str) -> list[int]:
     """The teacher layers the `kind` terms ("hidden" / "attention") read, sorted: what the teacher ships."""
     return sorted({tl for t in terms if t.weight != 0.0 and t.kind == kind for _, tl in t.layer_map})
-
-
-def next_token_labels(input_ids: torch.Tensor) -> torch.Tensor:
-    """labels[b, t] = input_ids[b, t + 1]; the last position has no next token (its loss_mask is False)."""
-    labels = torch.zeros_like(input_ids)
-    labels[:, :-1] = input_ids[:, 1:]
-    return labels

@@ -26,6 +26,22 @@ def lr_multiplier(
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def optim_lr(optim, total_steps: int):
+    """step -> LR multiplier of `optim.*` (warm-up, then `optim.schedule` over `total_steps`): a plain function,
+    as `curriculum_lr`."""
+
+    def multiplier(step: int) -> float:
+        return lr_multiplier(
+            step,
+            total_steps,
+            schedule=optim.schedule,
+            warmup_steps=optim.warmup_steps,
+            min_ratio=optim.min_lr_ratio,
+        )
+
+    return multiplier
+
+
 def curriculum_lr(curriculum, *, schedule: str, warmup_steps: int, min_ratio: float):
     """step -> LR multiplier that restarts (warm-up and decay) at every stage with `restart_lr`.
 

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distill.batch import next_token_labels
 from distill.data.batching import pad_batch
-from distill.training.objective import next_token_labels
 
 
 @torch.inference_mode()

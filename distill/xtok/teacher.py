@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from distill.teacher.batch import BatchId, TeacherBatch
+from distill.batch import BatchId, TeacherBatch
 from distill.teacher.engine import TeacherEngine
 
 

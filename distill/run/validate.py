@@ -5,28 +5,14 @@ Everything here runs before any model is loaded or any process starts, so a bad 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from distill.config.topology import ModelShape, Topology
-from distill.curriculum.build import continual_curriculum, curriculum_from_config
-from distill.curriculum.stages import FEATURES, HARD, SOFT, Curriculum
+from distill.config.topology import PairFacts, Topology
+from distill.data.sources import validate_sources
 from distill.errors import ConfigError
 from distill.losses import get as get_term
 from distill.losses.validation import validate_layer_map, validate_term
 from distill.teacher.engine import check_length_groups
-
-
-@dataclass(frozen=True)
-class PairFacts:
-    """What validation needs to know about the teacher and the student."""
-
-    teacher_vocab: int
-    student_vocab: int
-    teacher_layers: int
-    student_layers: int
-    teacher_shape: ModelShape
-    same_tokenizer: bool
-    """False when the two tokenizers are known to differ (or the vocab sizes do)."""
+from distill.training.build import run_curriculum
+from distill.training.objective import term_params
 
 
 def validate_run(cfg, facts: PairFacts) -> Topology:
@@ -40,7 +26,7 @@ def validate_run(cfg, facts: PairFacts) -> Topology:
     check_length_groups(cfg.teacher.length_groups)
     _validate_terms(cfg, facts)
     run_curriculum(cfg)
-    _validate_sources(cfg)
+    validate_sources(cfg)
     if cfg.mode == "continual" and cfg.teacher.cache:
         raise ConfigError(
             "mode=continual keeps each consumed batch's teacher outputs for replay and scores online; unset "
@@ -84,12 +70,6 @@ def _validate_cross_tokenizer(cfg) -> None:
         )
 
 
-def term_params(term_cfg) -> dict:
-    """The LossTermConfig fields that the named term declares as parameters (beta, alpha, select_*, metric)."""
-    declared = get_term(term_cfg.name).params
-    return {name: term_cfg[name] for name in declared if name in term_cfg}
-
-
 def _validate_terms(cfg, facts: PairFacts) -> None:
     terms = cfg.loss.terms
     if not terms or all(t.weight == 0 for t in terms.values()):
@@ -127,59 +107,3 @@ def _validate_terms(cfg, facts: PairFacts) -> None:
                         f"0..{facts.student_layers - 1} for the student and 0..{facts.teacher_layers - 1} for "
                         "the teacher."
                     )
-
-
-def term_group(name: str) -> str:
-    """The curriculum group that scales a term: `hard` (CE), `soft` (logit terms) or `features`."""
-    if name == "ce":
-        return HARD
-    return SOFT if get_term(name).kind == "logits" else FEATURES
-
-
-def run_curriculum(cfg, steps_for_tokens=None) -> Curriculum:
-    """The run's stages: `curriculum.stages` (mode=standard) or one stage per increment (mode=continual).
-
-    Without `steps_for_tokens`, stages measured in tokens count as one step (a check before the data is
-    loaded); the run resolves them with its data.
-    """
-    weights = {label: float(t.weight) for label, t in cfg.loss.terms.items() if t.weight}
-    groups = {label: term_group(cfg.loss.terms[label].name) for label in weights}
-    common = {
-        "train_steps": cfg.train.steps,
-        "base_temperature": cfg.loss.temperature,
-        "term_weights": weights,
-        "term_groups": groups,
-    }
-    if cfg.mode == "continual":
-        return continual_curriculum(cfg.curriculum, cfg.continual, **common)
-    if cfg.mode != "standard":
-        raise ConfigError(f"mode={cfg.mode!r} is not one of ['standard', 'continual'].")
-    if steps_for_tokens is None and any(s.tokens for s in cfg.curriculum.stages):
-        stages = [s.tokens for s in cfg.curriculum.stages]
-        if all(stages):  # every stage in tokens: nothing to check against train.steps yet
-            common["train_steps"] = len(stages)
-        return curriculum_from_config(
-            cfg.curriculum, **common, steps_for_tokens=lambda *_: 1, check_total=False
-        )
-    return curriculum_from_config(cfg.curriculum, **common, steps_for_tokens=steps_for_tokens)
-
-
-def data_sources(cfg) -> list[str]:
-    """The data sources the run draws from (curriculum mixes or continual increments), in first-use order."""
-    if cfg.mode == "continual":
-        return list(cfg.continual.increments)
-    names: list[str] = []
-    for stage in cfg.curriculum.stages:
-        names += [n for n in stage.data if n not in names]
-    return names
-
-
-def _validate_sources(cfg) -> None:
-    known = ["train", *cfg.data.subsets]
-    for name in data_sources(cfg):
-        if name not in known:
-            where = "continual.increments" if cfg.mode == "continual" else "a curriculum stage's data mix"
-            raise ConfigError(
-                f"{where} names dataset {name!r}, which is not defined; known: {known}. Define it under "
-                f"data.subsets (e.g. data.subsets.{name}={{domains: [baking]}}) or fix the name."
-            )

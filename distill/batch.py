@@ -1,4 +1,5 @@
-"""TeacherBatch: the unit that travels teacher -> buffer -> student and lands in the offline cache.
+"""The wire format every layer shares: TeacherBatch, the unit that travels teacher -> buffer -> student and lands
+in the offline cache, its BatchId, and the next-token label rule. A leaf: it imports nothing of the package.
 
 Arrays are numpy so Ray's object store shares them zero-copy. numpy has no bfloat16, so bf16 payloads are
 stored as their raw uint16 bit pattern and tagged in `float_dtypes`; `to_torch()` restores the real dtype.
@@ -119,3 +120,10 @@ class TeacherBatch:
                 t = t.long()
             out[f.name] = None if t is None else t.to(device)
         return out
+
+
+def next_token_labels(input_ids: torch.Tensor) -> torch.Tensor:
+    """labels[b, t] = input_ids[b, t + 1]; the last position has no next token (its loss_mask is False)."""
+    labels = torch.zeros_like(input_ids)
+    labels[:, :-1] = input_ids[:, 1:]
+    return labels

@@ -1,0 +1,292 @@
+"""Cluster layout planning: fit the teacher (replicas x TP) and the student ranks into the devices from the
+models' facts and a memory model, balance teacher and student throughput, and check the layout with the same
+`Topology` a run uses, so the `cluster.*` overrides it prints validate. Pure arithmetic, tested without
+processes; `distill plan` (launch/plan.py) is its command line.
+
+Per-device throughputs are given (measured, e.g. from a run's metrics) or estimated from FLOPs: a teacher forward
+costs 2 x active parameters per token, a student training step 6 x parameters, at `mfu` of `peak_tflops`.
+Throughput is taken as linear in devices.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from distill.config.topology import ModelShape, Topology, check_capacity
+from distill.errors import TopologyError
+from distill.models.facts import ModelFacts
+from distill.tracking.metrics_log import read_metrics
+
+BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float8": 1, "fp8": 1, "int8": 1, "int4": 0.5}
+TEACHER_HEADROOM = 1.2
+"""Teacher memory = weights x this (activations, top-k buffers, allocator slack; scoring keeps no KV cache)."""
+USABLE = 0.9
+"""Share of a device's memory a process can use (CUDA context, fragmentation)."""
+
+
+@dataclass(frozen=True)
+class Hardware:
+    nodes: int
+    gpus_per_node: int
+    gpu_memory_gb: float = 80.0
+    cpus_per_node: int = 96
+    peak_tflops: float = 989.0
+    """Dense bf16 peak per device (H100/H200 SXM: 989)."""
+    mfu: float = 0.4
+
+
+@dataclass(frozen=True)
+class Workload:
+    teacher_dtype: str = "bfloat16"
+    student_dtype: str = "bfloat16"
+    zero_stage: int = 2
+    seq_len: int = 4096
+    micro_batch: int = 4
+    global_batch: int = 256
+    topk: int = 64
+    teacher_tokens_per_s: float | None = None
+    """Per device; None estimates it from FLOPs."""
+    student_tokens_per_s: float | None = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    teacher_tp: int
+    teacher_replicas: int
+    student_world_size: int
+    grad_accum_steps: int
+    buffer_shards: int
+    buffer_capacity: int
+    teacher_tokens_per_s: float
+    """The whole teacher group."""
+    student_tokens_per_s: float
+    """The whole student group."""
+    teacher_memory_gb: float
+    """Per teacher device."""
+    student_memory_gb: float
+    """Per student device."""
+    buffer_gb: float
+    idle_devices: int
+
+    @property
+    def balance(self) -> float:
+        """Teacher / student throughput: 1 is balanced; < 1 the students wait, > 1 the teacher waits."""
+        return self.teacher_tokens_per_s / self.student_tokens_per_s
+
+
+def teacher_memory_gb(teacher: ModelFacts, dtype: str) -> float:
+    return teacher.param_count * _bytes(dtype) * TEACHER_HEADROOM / 1e9
+
+
+def student_memory_gb(student: ModelFacts, dtype: str, zero_stage: int, world: int) -> float:
+    """Per-rank training state: weights, gradients and Adam (fp32 master, m, v = 12 B/param), ZeRO-sharded."""
+    p, w = student.param_count, _bytes(dtype)
+    weights, grads, optim = p * w, p * w, p * 12
+    if zero_stage >= 1:
+        optim /= world
+    if zero_stage >= 2:
+        grads /= world
+    if zero_stage >= 3:
+        weights /= world
+    return (weights + grads + optim) / 1e9
+
+
+def estimated_tokens_per_s(flops_per_token: float, hw: Hardware) -> float:
+    return hw.peak_tflops * 1e12 * hw.mfu / flops_per_token
+
+
+def valid_tp(teacher: ModelFacts, gpus_per_node: int) -> list[int]:
+    """TP sizes a teacher replica can use: within one node, dividing heads and experts (Topology's rules)."""
+    shape = _shape(teacher)
+    out = []
+    for tp in range(1, gpus_per_node + 1):
+        try:
+            _topology(1, tp, 1, 1, 1, Hardware(1, gpus_per_node), 1).check_model(shape)
+        except TopologyError:
+            continue
+        out.append(tp)
+    return out
+
+
+def plan_layout(teacher: ModelFacts, student: ModelFacts, hw: Hardware, work: Workload) -> Plan:
+    """The layout with the highest end-to-end rate min(teacher, student tokens/s); ties go to fewer devices,
+    then to the smaller TP. TopologyError (with the numbers) when the teacher or the student cannot fit."""
+    devices, usable = hw.nodes * hw.gpus_per_node, hw.gpu_memory_gb * USABLE
+    t_mem = teacher_memory_gb(teacher, work.teacher_dtype)
+    tps = _teacher_tps(teacher, hw, work, t_mem, usable)
+    per_device_t = work.teacher_tokens_per_s or estimated_tokens_per_s(2 * teacher.active_param_count, hw)
+    per_device_s = work.student_tokens_per_s or estimated_tokens_per_s(6 * student.param_count, hw)
+    if work.global_batch % work.micro_batch:
+        raise TopologyError(
+            f"global batch {work.global_batch} is not a multiple of the micro-batch {work.micro_batch}."
+        )
+    sequences = work.global_batch // work.micro_batch
+    worlds = [
+        w
+        for w in range(1, sequences + 1)
+        if sequences % w == 0 and student_memory_gb(student, work.student_dtype, work.zero_stage, w) <= usable
+    ]
+    tp, replicas, world = _best_layout(tps, worlds, hw, per_device_t, per_device_s)
+    accum = sequences // world
+    shards = min(hw.nodes, world * accum)
+    capacity = math.ceil(2 * accum * world / shards) * shards  # the teacher may run one step ahead
+    per_batch = (
+        work.micro_batch * work.seq_len * (work.topk * (4 + 4) + 4)
+    )  # ids int32, logits fp32, normalizer
+    plan = Plan(
+        teacher_tp=tp,
+        teacher_replicas=replicas,
+        student_world_size=world,
+        grad_accum_steps=accum,
+        buffer_shards=shards,
+        buffer_capacity=capacity,
+        teacher_tokens_per_s=replicas * tp * per_device_t,
+        student_tokens_per_s=world * per_device_s,
+        teacher_memory_gb=t_mem / tp,
+        student_memory_gb=student_memory_gb(student, work.student_dtype, work.zero_stage, world),
+        buffer_gb=capacity * per_batch / 1e9,
+        idle_devices=devices - replicas * tp - world,
+    )
+    topology = _topology(replicas, tp, world, accum, work.micro_batch, hw, capacity, shards)
+    topology.check_model(_shape(teacher))
+    topology.check_fits()
+    check_capacity(capacity, shards, accum * world)
+    return plan
+
+
+def _teacher_tps(teacher: ModelFacts, hw: Hardware, work: Workload, t_mem: float, usable: float) -> list[int]:
+    """TP sizes whose teacher shard fits one device; TopologyError with the memory it needs when none does."""
+    tps = [tp for tp in valid_tp(teacher, hw.gpus_per_node) if t_mem / tp <= usable]
+    if not tps:
+        need = math.ceil(t_mem / usable)
+        raise TopologyError(
+            f"the teacher needs {t_mem:.0f} GB ({teacher.param_count / 1e9:.1f}B params in {work.teacher_dtype} x "
+            f"{TEACHER_HEADROOM} headroom), i.e. at least {need} devices of {hw.gpu_memory_gb:g} GB ({usable:.0f} GB "
+            f"usable) in one TP group, but a TP group lives on one node of {hw.gpus_per_node} devices "
+            f"(cluster: {hw.nodes} nodes x {hw.gpus_per_node} = {hw.nodes * hw.gpus_per_node} devices). Use "
+            "devices with more memory (--gpu-memory-gb), a smaller teacher dtype (--teacher-dtype float8), or "
+            "more devices per node."
+        )
+    return tps
+
+
+def _best_layout(
+    tps: list[int], worlds: list[int], hw: Hardware, per_device_t: float, per_device_s: float
+) -> tuple[int, int, int]:
+    """(TP, replicas, student world) with the highest min(teacher, student) rate; fewer devices, then smaller TP."""
+    devices = hw.nodes * hw.gpus_per_node
+    best: tuple | None = None
+    for tp in tps:
+        slots = hw.nodes * (hw.gpus_per_node // tp)  # a replica never spans nodes
+        for replicas in range(1, slots + 1):
+            for world in worlds:
+                used = replicas * tp + world
+                if used > devices:
+                    break
+                rate = min(replicas * tp * per_device_t, world * per_device_s)
+                key = (round(rate, 6), -used, -tp)
+                if best is None or key > best[0]:
+                    best = (key, tp, replicas, world)
+    if best is None:
+        smallest = min(tps)
+        raise TopologyError(
+            f"the cluster has {devices} devices ({hw.nodes} nodes x {hw.gpus_per_node}); one teacher replica "
+            f"needs {smallest} (TP {smallest}) and the student at least "
+            f"{worlds[0] if worlds else '(none fits: ZeRO state exceeds device memory)'} more. Add nodes."
+        )
+    return best[1:]
+
+
+def measured_per_device(run_dir: str | Path) -> tuple[float, float]:
+    """(teacher, student) tokens/s per device from a finished run: the mean of its logged steps'
+    `teacher/tokens_per_s` and `student/tokens_per_s`, divided by the devices (or CPU actors) each group used."""
+    run_dir = Path(run_dir)
+    records = read_metrics(run_dir / "metrics.jsonl")
+    cluster = yaml.safe_load((run_dir / "config.yaml").read_text())["cluster"]
+    rows = [r for r in records if "teacher/tokens_per_s" in r and "student/tokens_per_s" in r]
+    if not rows:
+        raise TopologyError(
+            f"{run_dir}/metrics.jsonl has no teacher/student tokens_per_s records to plan from"
+        )
+    teacher = sum(r["teacher/tokens_per_s"] for r in rows) / len(rows)
+    student = sum(r["student/tokens_per_s"] for r in rows) / len(rows)
+    return teacher / (cluster["teacher_replicas"] * cluster["teacher_tp"]), student / cluster[
+        "student_world_size"
+    ]
+
+
+def overrides(plan: Plan, hw: Hardware, work: Workload) -> list[str]:
+    """The `cluster.*` overrides of the plan (GPU nodes: cuda + nccl, one device per actor)."""
+    t = _topology(
+        plan.teacher_replicas,
+        plan.teacher_tp,
+        plan.student_world_size,
+        plan.grad_accum_steps,
+        work.micro_batch,
+        hw,
+        plan.buffer_capacity,
+        plan.buffer_shards,
+    )
+    return [f"cluster.{name}={getattr(t, name)}" for name in Topology.__dataclass_fields__]
+
+
+def _topology(
+    replicas: int, tp: int, world: int, accum: int, micro: int, hw: Hardware, capacity: int, shards: int = 1
+) -> Topology:
+    cpus = max(1, hw.cpus_per_node // hw.gpus_per_node)
+    return Topology(
+        nodes=hw.nodes,
+        cpus_per_node=hw.cpus_per_node,
+        gpus_per_node=hw.gpus_per_node,
+        device="cuda",
+        backend="nccl",
+        teacher_replicas=replicas,
+        teacher_tp=tp,
+        student_world_size=world,
+        micro_batch_size=micro,
+        grad_accum_steps=accum,
+        global_batch_size=micro * accum * world,
+        buffer_shards=shards,
+        buffer_capacity=capacity,
+        cpus_per_teacher_actor=cpus,
+        cpus_per_student_actor=cpus,
+        gpus_per_teacher_actor=1,
+        gpus_per_student_actor=1,
+    )
+
+
+def _shape(facts: ModelFacts) -> ModelShape:
+    return ModelShape(
+        facts.num_attention_heads, facts.num_key_value_heads, facts.num_experts, facts.vocab_size
+    )
+
+
+def _bytes(dtype: str) -> float:
+    if dtype not in BYTES:
+        raise TopologyError(f"unknown dtype {dtype!r} for memory planning; use one of {', '.join(BYTES)}")
+    return BYTES[dtype]
+
+
+def report(teacher: ModelFacts, student: ModelFacts, plan: Plan, hw: Hardware, work: Workload) -> str:
+    t_dev, s_dev = plan.teacher_replicas * plan.teacher_tp, plan.student_world_size
+    lines = [
+        f"cluster   {hw.nodes} nodes x {hw.gpus_per_node} devices ({hw.gpu_memory_gb:g} GB each)",
+        f"teacher   {teacher.architecture} {teacher.param_count / 1e9:.1f}B ({teacher.active_param_count / 1e9:.1f}B "
+        f"active) {work.teacher_dtype}: {plan.teacher_replicas} replicas x TP {plan.teacher_tp} = {t_dev} devices, "
+        f"{plan.teacher_memory_gb:.1f} GB/device, {plan.teacher_tokens_per_s:,.0f} tokens/s",
+        f"student   {student.architecture} {student.param_count / 1e9:.2f}B ZeRO-{work.zero_stage}: "
+        f"{s_dev} ranks, {plan.student_memory_gb:.1f} GB/device, {plan.student_tokens_per_s:,.0f} tokens/s",
+        f"balance   teacher/student = {plan.balance:.2f}; end-to-end "
+        f"{min(plan.teacher_tokens_per_s, plan.student_tokens_per_s):,.0f} tokens/s; {plan.idle_devices} devices idle",
+        f"batch     micro {work.micro_batch} x accum {plan.grad_accum_steps} x {s_dev} ranks = {work.global_batch} "
+        f"sequences of {work.seq_len} tokens",
+        f"buffer    {plan.buffer_shards} shards, {plan.buffer_capacity} batches ({plan.buffer_gb:.2f} GB of top-{work.topk})",
+        "",
+        "overrides:",
+        "  " + " ".join(overrides(plan, hw, work)),
+    ]
+    return "\n".join(lines)
