@@ -45,8 +45,8 @@ echo "newest releases that differ from $LOCK:"
 echo "${moved:-  (none)}" | sed 's/^/  /'
 cp "$work/new.lock" "$LOCK.newest"
 echo "testing them in a fresh venv ($work/venv) ..."
-if DISTILL_VENV="$work/venv" DISTILL_LOCK="$LOCK.newest" bash scripts/setup.sh \
-  && "$work/venv/bin/python" -m pytest tests -q -p no:cacheprovider; then
+# The README's test command, on a venv of the newest releases (the Makefile exports the test environment).
+if DISTILL_VENV="$work/venv" DISTILL_LOCK="$LOCK.newest" make test VENV="$work/venv"; then
   mv "$LOCK.newest" "$LOCK"
   echo "lock-newest: the suite passes on the newest releases; $LOCK updated (review and commit it)"
 else

@@ -130,3 +130,28 @@ def test_reference_path_refuses_resume_instead_of_ignoring_it(tiny_teacher, base
 
     with pytest.raises(ConfigError, match=r"cluster\.mode=ray"):
         run(compose([*base_overrides, "resume=true"], run_dir=str(tmp_path)))
+
+
+def test_a_user_error_is_a_message_and_exit_code_2_not_a_traceback(tmp_path):
+    """No teacher under prepare.cache_dir: the CLI says so in a line, names the fix and exits 2; with
+    HYDRA_FULL_ERROR=1 the traceback is kept for debugging."""
+    import os
+    import subprocess
+    import sys
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "launch.cli",
+        f"prepare.cache_dir={tmp_path}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("distill: ")]
+    assert "CheckpointError: teacher checkpoint" in line and "run `distill prepare-demo` first" in line
+    full = subprocess.run(cmd, capture_output=True, text=True, env={**env, "HYDRA_FULL_ERROR": "1"})
+    assert full.returncode != 0 and "Traceback" in full.stderr
