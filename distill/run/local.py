@@ -15,7 +15,6 @@ from tqdm.auto import tqdm
 from distill.batch import BatchId
 from distill.errors import ConfigError
 from distill.models.loading import save_model
-from distill.models.lora import merge_for_export
 from distill.models.resolve import build_student
 from distill.run.cache import CachedTeacher
 from distill.teacher.build import build_teacher_engine
@@ -98,7 +97,11 @@ class LocalBackend:
             teacher_every_step=mode.needs_teacher,
         )
         bar.close()
-        student = merge_for_export(self.student)  # LoRA: adapters folded in, so student/ is a plain HF folder
+        student = self.student
+        if cfg.student.lora.enabled:  # adapters folded in, so student/ is a plain HF folder
+            from distill.models.lora import merge_for_export  # peft is an optional extra: LoRA runs only
+
+            student = merge_for_export(student)
         save_model(student, parts.tokenizer, parts.run_dir / "student")
         return Trained(student, self.engine)
 

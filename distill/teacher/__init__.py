@@ -1,7 +1,7 @@
-"""Teacher: TeacherBatch (the wire format) and TeacherEngine (forward -> TeacherBatch, no Ray).
+"""Teacher: TeacherEngine (forward -> TeacherBatch, no Ray); TeacherBatch itself lives in the leaf
+`distill.batch` and is re-exported here.
 
-TeacherEngine is imported lazily: the cache and loss code import TeacherBatch and should not pay for
-importing transformers.
+TeacherEngine is imported lazily: importing this package should not pay for importing transformers.
 """
 
 from typing import Any
