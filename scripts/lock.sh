@@ -21,9 +21,12 @@ compile() {  # compile OUT [uv options...]
   local out=$1; shift
   local torch_pin
   torch_pin=$(grep -E '^torch==' constraints.txt)
-  # The CPU torch wheel of this machine's pip configuration (find-links) satisfies the pin like the CUDA one does.
+  # The local wheel folders pip is configured with (PIP_FIND_LINKS, pip.conf): there the CPU build of torch
+  # (2.13.0+cpu) satisfies the pin, and its dependencies (no CUDA libraries) are what this machine installs.
   local find_links=()
-  for dir in $(pip config get global.find-links 2>/dev/null || true); do [ -d "$dir" ] && find_links+=(--find-links "$dir"); done
+  for dir in ${PIP_FIND_LINKS:-} $(pip config get global.find-links 2>/dev/null || true); do
+    [ -d "$dir" ] && find_links+=(--find-links "$dir")
+  done
   "$UV" pip compile pyproject.toml "${EXTRAS[@]/#/--extra=}" --universal --python-version 3.10 \
     --constraint <(echo "$torch_pin") --no-emit-package torch "${find_links[@]}" \
     --custom-compile-command "bash scripts/lock.sh" --quiet -o "$out" "$@"
