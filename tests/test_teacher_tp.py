@@ -127,24 +127,14 @@ def _tp_worker(rank: int, world: int, port: int, folders: dict[str, str], out_di
         parallel.teardown()
 
 
-def _tp3_worker(rank: int, world: int, port: int, folder: str, out_dir: str) -> None:
+def _load_worker(rank: int, world: int, port: int, folder: str, out_dir: str, replicated: str = "") -> None:
+    """Load `folder` TP-sharded and record the TopologyError message (or that it loaded). `replicated`: a rule
+    left out (handed to transformers as `replicate`) of the plan, which the check at load must name."""
     parallel = _join_world(rank, world, port)
-    try:
-        parallel.load_tp_model(folder)
-        message = "loaded without error"
-    except TopologyError as err:
-        message = str(err)
-    finally:
-        parallel.teardown()
-    Path(out_dir, f"rank{rank}.txt").write_text(message)
-
-
-def _broken_plan_worker(rank: int, world: int, port: int, folder: str, dropped: str, out_dir: str) -> None:
-    """Load with one rule left out (replicated) in the plan handed to transformers: the check must name it."""
-    parallel = _join_world(rank, world, port)
-    parallel._loader_plan = lambda plan: {
-        n: "replicate" if n.endswith(dropped) else s for n, s in plan.items()
-    }
+    if replicated:
+        parallel._loader_plan = lambda plan: {
+            n: "replicate" if n.endswith(replicated) else s for n, s in plan.items()
+        }
     try:
         parallel.load_tp_model(folder)
         message = "loaded without error"
@@ -264,7 +254,7 @@ def test_tp3_on_8_heads_fails_on_every_rank_before_loading(folders, tmp_path):
     folder.mkdir()
     shutil.copy(Path(folders["deepseek"]) / "config.json", folder)
     (folder / "model.safetensors").write_bytes(b"not a safetensors file")
-    _spawn(_tp3_worker, 3, str(folder), str(tmp_path))
+    _spawn(_load_worker, 3, str(folder), str(tmp_path))
     for rank in range(3):
         message = (tmp_path / f"rank{rank}.txt").read_text()
         assert "TP size 3 does not divide num_attention_heads=8" in message, message
@@ -273,7 +263,7 @@ def test_tp3_on_8_heads_fails_on_every_rank_before_loading(folders, tmp_path):
 
 def test_a_rule_the_loader_did_not_apply_fails_at_load_naming_the_parameter(folders, tmp_path):
     """kv_b_proj left out of the loader's plan: it loads replicated, and every rank refuses to go on."""
-    _spawn(_broken_plan_worker, 2, folders["deepseek"], "self_attn.kv_b_proj", str(tmp_path))
+    _spawn(_load_worker, 2, folders["deepseek"], str(tmp_path), "self_attn.kv_b_proj")
     for rank in range(2):
         message = (tmp_path / f"rank{rank}.txt").read_text()
         assert f"not sharded as planned on rank {rank} of TP 2 (transformers " in message, message
