@@ -61,7 +61,7 @@ def test_r1_plans_are_valid_balanced_topologies(student, nodes):
     w = plan.student_world_size
     assert w == 1 or (w // 2) * per_rank < plan.teacher_tokens_per_s
     # ... and the printed overrides build a Topology that passes the run's own checks.
-    values = dict(o.removeprefix("cluster.").split("=") for o in overrides(plan, hw, FP8))
+    values = dict(o.removeprefix("cluster.").split("=") for o in overrides(plan))
     fields = Topology.__dataclass_fields__
     topology = Topology(
         **{k: type(getattr(Topology(**_defaults()), k))(v) for k, v in values.items() if k in fields}

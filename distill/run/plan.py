@@ -55,12 +55,8 @@ class Workload:
 
 @dataclass(frozen=True)
 class Plan:
-    teacher_tp: int
-    teacher_replicas: int
-    student_world_size: int
-    grad_accum_steps: int
-    buffer_shards: int
-    buffer_capacity: int
+    topology: Topology
+    """The layout, checked as a run checks it; `overrides` prints its `cluster.*` values."""
     teacher_tokens_per_s: float
     """The whole teacher group."""
     student_tokens_per_s: float
@@ -71,6 +67,12 @@ class Plan:
     """Per student device."""
     buffer_gb: float
     idle_devices: int
+
+    def __getattr__(self, name: str):
+        # The layout's numbers read through: plan.teacher_tp is plan.topology.teacher_tp.
+        if name in Topology.__dataclass_fields__:
+            return getattr(self.topology, name)
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
     @property
     def balance(self) -> float:
@@ -137,13 +139,12 @@ def plan_layout(teacher: ModelFacts, student: ModelFacts, hw: Hardware, work: Wo
     per_batch = (
         work.micro_batch * work.seq_len * (work.topk * (4 + 4) + 4)
     )  # ids int32, logits fp32, normalizer
-    plan = Plan(
-        teacher_tp=tp,
-        teacher_replicas=replicas,
-        student_world_size=world,
-        grad_accum_steps=accum,
-        buffer_shards=shards,
-        buffer_capacity=capacity,
+    topology = _topology(replicas, tp, world, accum, work.micro_batch, hw, capacity, shards)
+    topology.check_model(_shape(teacher))
+    topology.check_fits()
+    check_capacity(capacity, shards, accum * world)
+    return Plan(
+        topology,
         teacher_tokens_per_s=replicas * tp * per_device_t,
         student_tokens_per_s=world * per_device_s,
         teacher_memory_gb=t_mem / tp,
@@ -151,11 +152,6 @@ def plan_layout(teacher: ModelFacts, student: ModelFacts, hw: Hardware, work: Wo
         buffer_gb=capacity * per_batch / 1e9,
         idle_devices=devices - replicas * tp - world,
     )
-    topology = _topology(replicas, tp, world, accum, work.micro_batch, hw, capacity, shards)
-    topology.check_model(_shape(teacher))
-    topology.check_fits()
-    check_capacity(capacity, shards, accum * world)
-    return plan
 
 
 def _teacher_tps(teacher: ModelFacts, hw: Hardware, work: Workload, t_mem: float, usable: float) -> list[int]:
@@ -219,19 +215,9 @@ def measured_per_device(run_dir: str | Path) -> tuple[float, float]:
     ]
 
 
-def overrides(plan: Plan, hw: Hardware, work: Workload) -> list[str]:
+def overrides(plan: Plan) -> list[str]:
     """The `cluster.*` overrides of the plan (GPU nodes: cuda + nccl, one device per actor)."""
-    t = _topology(
-        plan.teacher_replicas,
-        plan.teacher_tp,
-        plan.student_world_size,
-        plan.grad_accum_steps,
-        work.micro_batch,
-        hw,
-        plan.buffer_capacity,
-        plan.buffer_shards,
-    )
-    return [f"cluster.{name}={getattr(t, name)}" for name in Topology.__dataclass_fields__]
+    return [f"cluster.{name}={getattr(plan.topology, name)}" for name in Topology.__dataclass_fields__]
 
 
 def _topology(
@@ -287,6 +273,6 @@ def report(teacher: ModelFacts, student: ModelFacts, plan: Plan, hw: Hardware, w
         f"buffer    {plan.buffer_shards} shards, {plan.buffer_capacity} batches ({plan.buffer_gb:.2f} GB of top-{work.topk})",
         "",
         "overrides:",
-        "  " + " ".join(overrides(plan, hw, work)),
+        "  " + " ".join(overrides(plan)),
     ]
     return "\n".join(lines)
