@@ -217,3 +217,42 @@ def test_the_docs_name_every_package(doc):
     text = (ROOT / doc).read_text()
     missing = [pkg for pkg in ALLOWED if pkg not in LEAVES and f"distill/{pkg}" not in text]
     assert missing == []
+
+
+# ---- no unsafe deserialisation ----------------------------------------------------------------------------------
+def unsafe_loads(modules: dict[str, ast.Module]) -> list[str]:
+    """pickle / marshal loads, torch.load without weights_only=True, and trust_remote_code=True, by place."""
+    problems = []
+    for path, tree in modules.items():
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call):
+                continue
+            name = ast.unparse(node.func)
+            kwargs = {k.arg: k.value for k in node.keywords}
+            if name in ("pickle.load", "pickle.loads", "marshal.load", "marshal.loads", "dill.load"):
+                problems.append(f"{path}:{node.lineno}: {name} (use safetensors or json)")
+            elif name == "torch.load" and not _is_true(kwargs.get("weights_only")):
+                problems.append(f"{path}:{node.lineno}: torch.load without weights_only=True")
+            elif _is_true(kwargs.get("trust_remote_code")):
+                problems.append(f"{path}:{node.lineno}: trust_remote_code=True (let the config decide)")
+    return problems
+
+
+def _is_true(value: ast.expr | None) -> bool:
+    return isinstance(value, ast.Constant) and value.value is True
+
+
+def test_no_pickle_or_unsafe_torch_load_in_the_package():
+    modules = _modules() | {
+        str(p.relative_to(ROOT)): ast.parse(p.read_text()) for p in (ROOT / "launch").glob("*.py")
+    }
+    assert unsafe_loads(modules) == []
+    bad = ast.parse(
+        "import pickle, torch\npickle.loads(b'')\ntorch.load('x.pt')\ntorch.load('y.pt', weights_only=True)\n"
+        "AutoModel.from_pretrained('p', trust_remote_code=True)\n"
+    )
+    assert unsafe_loads({"distill/bad.py": bad}) == [
+        "distill/bad.py:2: pickle.loads (use safetensors or json)",
+        "distill/bad.py:3: torch.load without weights_only=True",
+        "distill/bad.py:5: trust_remote_code=True (let the config decide)",
+    ]
