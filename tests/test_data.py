@@ -295,3 +295,28 @@ def test_user_dataset_errors(tmp_path):
         )
     with pytest.raises(ConfigError, match=r"'\.csv'"):
         load_user_dataset(write_jsonl(tmp_path / "data.csv", TEXT_ROWS))
+
+
+def test_bad_jsonl_files_are_refused_with_their_place(tmp_path):
+    """An empty file, a malformed line, invalid UTF-8 and a non-object line each name the file and line."""
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    with pytest.raises(ConfigError, match=rf"dataset file {empty} is empty"):
+        load_user_dataset(empty, cache_dir=tmp_path / "cache")
+    good = '{"text": "a"}\n'
+    cases = {
+        "malformed.jsonl": (
+            (good * 2 + '{"text": "b"\n' + good).encode(),
+            r":3: not valid JSON \(Expecting ',' delimiter at column 13\)",
+        ),
+        "latin1.jsonl": (
+            good.encode() + b'{"text": "caf\xe9"}\n',
+            r":2: not valid UTF-8 \(invalid continuation byte at byte 27\); re-encode",
+        ),
+        "array.jsonl": ((good + "[1, 2]\n").encode(), r":2: a JSON list, not an object with named fields"),
+    }
+    for name, (content, message) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(content)
+        with pytest.raises(ConfigError, match=rf"{path}{message}"):
+            load_user_dataset(path, cache_dir=tmp_path / "cache")
