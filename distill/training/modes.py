@@ -95,9 +95,11 @@ class ChainedHooks(StepHooks):
         return [b for h in self.hooks for b in h.kept_batches(step)]
 
     def after_commit(self, step: int, kept: Sequence[TeacherBatch]) -> None:
-        by_id = dict(zip(self.kept_batches(step), kept, strict=True))
-        for h in self.hooks:
-            h.after_commit(step, [by_id[b] for b in h.kept_batches(step)])
+        # `kept` follows `kept_batches`: each hook's ids in hook order; hand each hook its own slice.
+        start = 0
+        for h, ids in [(h, h.kept_batches(step)) for h in self.hooks]:
+            h.after_commit(step, kept[start : start + len(ids)])
+            start += len(ids)
 
     def save(self, folder: Path) -> None:
         for h in self.hooks:
