@@ -26,6 +26,7 @@ import time
 def trl_rate(cfg, rows: list[dict], steps: int, warmup: int, batch: int, threads: int) -> float:
     """Trained tokens/s of TRL's GKDTrainer on `rows` (already encoded), `steps` timed steps after `warmup`."""
     import torch
+    from datasets import Dataset
     from transformers import TrainerCallback
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
@@ -58,9 +59,6 @@ def trl_rate(cfg, rows: list[dict], steps: int, warmup: int, batch: int, threads
             self.marks.append(time.perf_counter())
 
     clock = StepClock()
-    from datasets import Dataset
-
-    dataset = Dataset.from_list([{"input_ids": r["input_ids"], "loss_mask": r["loss_mask"]} for r in rows])
     with tempfile.TemporaryDirectory() as out:
         args = GKDConfig(
             output_dir=out,
@@ -87,7 +85,9 @@ def trl_rate(cfg, rows: list[dict], steps: int, warmup: int, batch: int, threads
             teacher_model=teacher,
             args=args,
             data_collator=collate,
-            train_dataset=dataset,
+            train_dataset=Dataset.from_list(
+                [{"input_ids": r["input_ids"], "loss_mask": r["loss_mask"]} for r in rows]
+            ),
             processing_class=tokenizer,
             callbacks=[clock],
         )

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
 
     from distill.config import compose
-    from distill.models.resolve import model_facts
+    from distill.models.resolve import model_facts, student_facts
 
     teacher_rate, student_rate = args.teacher_tokens_per_s, args.student_tokens_per_s
     if args.from_run:
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
         teacher_rate, student_rate = teacher_rate or measured[0], student_rate or measured[1]
     cfg = compose(args.overrides)
     teacher = model_facts(cfg.teacher, cfg.prepare.vocab_size)
-    student = model_facts(cfg.student, cfg.prepare.vocab_size)
+    student = student_facts(cfg, cfg.prepare.vocab_size)
     hw = Hardware(
         args.nodes, args.gpus_per_node, args.gpu_memory_gb, args.cpus_per_node, args.peak_tflops, args.mfu
     )

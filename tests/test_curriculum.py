@@ -62,8 +62,11 @@ def _composed(groups: tuple[str, ...]) -> DictConfig:
 def config(*overrides: str) -> DictConfig:
     """A root config with Hydra-style overrides. Composing costs ~0.2 s, so each choice of config groups
     (`group=option`) is composed once and `key=value` overrides are applied to a copy, as Hydra applies
-    them: the value parsed as YAML, checked against the schema, a leading `+` to add a key."""
+    them: the value parsed as YAML, checked against the schema, a leading `+` to add a key. The curriculum and
+    loss groups default to the three-stage recipe with features, whose stages these tests walk."""
     groups = tuple(o for o in overrides if o.split("=")[0] in ("curriculum", "loss"))
+    chosen = {g.split("=")[0] for g in groups}
+    groups += tuple(g for g in ("curriculum=three_stage", "loss=kd_features") if g.split("=")[0] not in chosen)
     cfg = copy.deepcopy(_composed(groups))
     for override in overrides:
         if override not in groups:
@@ -188,7 +191,7 @@ def test_features_only_stage_has_teacher_share_zero():
 
 # ---- 3. purity: a resumed run recomputes what the uninterrupted one used -------------------------------------
 def test_plans_are_a_pure_function_of_the_step():
-    overrides = ("train.steps=20",)
+    overrides = ("curriculum=three_stage", "loss=kd_features", "train.steps=20")
     walked = run_curriculum(config(*overrides))
     plans = [walked.plan(s) for s in range(20)]
     resumed = run_curriculum(compose(list(overrides)))  # a fresh object from a fresh config

@@ -141,10 +141,10 @@ def _cfg(*overrides):
 
 def test_fractions_cover_train_steps_exactly():
     for steps in (3, 8, 300, 301):
-        c = run_curriculum(_cfg(f"train.steps={steps}"))
+        c = run_curriculum(_cfg("curriculum=three_stage", f"train.steps={steps}"))
         assert c.total_steps == steps and all(s.steps >= 1 for s in c.stages)
     with pytest.raises(ConfigError, match="too short"):
-        run_curriculum(_cfg("train.steps=2"))
+        run_curriculum(_cfg("curriculum=three_stage", "train.steps=2"))
 
 
 def test_stage_lengths_in_steps_and_tokens():
@@ -195,12 +195,13 @@ def test_bad_continual_settings_fail_up_front(overrides, match):
 
 def test_unknown_datasets_fail_up_front():
     with pytest.raises(ConfigError, match="'nope'"):
-        _validate_sources(_cfg("+curriculum.stages.2.data.nope=0.5"))
+        _validate_sources(_cfg("curriculum=three_stage", "+curriculum.stages.2.data.nope=0.5"))
     with pytest.raises(ConfigError, match=r"continual\.increments names dataset 'moon'"):
         _validate_sources(
             _cfg("mode=continual", "curriculum=single_stage", "continual.increments=[shopping,moon]")
         )
-    assert data_sources(_cfg()) == ["train", "target"]
+    assert data_sources(_cfg("curriculum=three_stage")) == ["train", "target"]
+    assert data_sources(_cfg()) == ["train"]
     assert data_sources(_cfg("mode=continual")) == ["shopping", "travel", "baking", "garden"]
 
 

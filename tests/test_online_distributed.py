@@ -41,7 +41,10 @@ REL = 1e-4
 # training amplifies (see `reference`), and it is checked against the reference through its own outputs there.
 TP1_TEACHER = "cluster.teacher_tp=1"
 # 80 rows / micro-batch 8 = 10 batches per epoch; 20 steps x 2 batches = 4 epochs, each batch once per epoch.
+# The richest recipe, not the default: three stages, hidden-state and attention transfer, a cooling temperature.
 COMMON = [
+    "loss=kd_features",
+    "curriculum=three_stage",
     f"train.steps={STEPS}",
     "train.log_every=1",
     "data.num_train=80",
@@ -291,11 +294,17 @@ def baseline(ray_cluster, tiny_teacher, dist_overrides, tmp_path_factory) -> Pat
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_tp2_teacher_and_zero2_students_match_the_reference(baseline, reference):
-    """The default three-stage curriculum (hard-label warm-up; KD + hidden + attention transfer with a cooling
-    temperature; KD fine-tuning on a target-domain mix) step for step, stage for stage."""
+    """The three-stage curriculum (hard-label warm-up; KD + hidden + attention transfer with a cooling
+    temperature; KD fine-tuning on a target-domain mix) step for step, stage for stage; each term's gradient share
+    on rank 0's first micro-batch, which holds the reference step's first micro-batch."""
     got = read_metrics(baseline / "metrics.jsonl")
     assert [r["stage"] for r in got] == ["warmup"] * 2 + ["distill"] * 14 + ["finetune"] * 4
     assert_same_curve(got, reference)
+    for g, w in zip(got, reference, strict=True):
+        shares = sorted(k for k in w if k.startswith("grad_share/"))
+        assert shares and sorted(k for k in g if k.startswith("grad_share/")) == shares, g["step"]
+        for key in shares:
+            assert g[key] == pytest.approx(w[key], rel=1e-3, abs=1e-6), (g["step"], key)
     assert set(reference[-1]) <= set(
         got[-1]
     )  # the reference's keys (stage, loss terms, ...) + buffer figures

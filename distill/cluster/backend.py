@@ -39,7 +39,7 @@ from distill.models.resolve import build_student, student_tokenizer_folder
 from distill.models.tokenizer import tokenizer_hash
 from distill.student import build_ds_config
 from distill.tracking.metrics_log import MetricsLog
-from distill.training.build import build_objective, lr_schedule, run_term_specs
+from distill.training.build import build_objective, lr_schedule, run_term_specs, share_interval
 from distill.training.modes import StepHooks
 from distill.training.objective import teacher_layers
 from distill.training.parts import RunParts, Trained
@@ -294,6 +294,7 @@ def student_spec(
         backend=cfg.cluster.backend,
         threads=max(1, int(cfg.cluster.cpus_per_student_actor)),
         gradient_checkpointing=cfg.student.gradient_checkpointing,
+        share_every=share_interval(cfg),
         env=env,
     )
 

@@ -388,6 +388,7 @@ class Driver:
             seconds=seconds,
             batch_ids=d.batch_ids,
             plan=d.plan,
+            grad_shares=outs[0].get("grad_shares", {}),  # rank 0's first micro-batch, on measured steps
         )
         self.mode.after_commit(step, kept)  # continual: may evaluate the student (an increment's end)
         if d.sampled:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
-from distill.config.topology import Topology
+from distill.config.topology import Topology, TopologyFields
 from distill.errors import TopologyError
 
 
@@ -123,18 +123,23 @@ def plan_student_nodes(
     return sorted(plan, key=[n.node_id for n in nodes].index)  # ranks in node order: rank 0 on the first
 
 
+def teacher_layout(layout: TopologyFields) -> dict:
+    """The teacher replicas' placement arguments (of `TeacherGroup` and `plan_replica_nodes`) from `cluster.*` or
+    its Topology: one rule, so the plan `plan_nodes` checks is the one the group then places by."""
+    return {
+        "replicas": layout.teacher_replicas,
+        "tp": layout.teacher_tp,
+        "cpus_per_actor": layout.cpus_per_teacher_actor,
+        "gpus_per_actor": layout.gpus_per_teacher_actor,
+        "spread": layout.nodes > 1,  # replicas round-robin over the nodes; one node is packed
+    }
+
+
 def plan_nodes(topology: Topology) -> tuple[list[str], list[str]]:
     """Teacher replica nodes (the teacher group's own plan) and student rank nodes on the live Ray cluster."""
     t = topology
     nodes = alive_nodes()
-    teacher_nodes = plan_replica_nodes(
-        nodes,
-        replicas=t.teacher_replicas,
-        tp=t.teacher_tp,
-        cpus_per_actor=t.cpus_per_teacher_actor,
-        gpus_per_actor=t.gpus_per_teacher_actor,
-        spread=t.nodes > 1,  # as teacher_group_from_config
-    )
+    teacher_nodes = plan_replica_nodes(nodes, **teacher_layout(t))
     used: dict[str, tuple[float, float]] = defaultdict(lambda: (0.0, 0.0))
     for node in teacher_nodes:
         cpu, gpu = used[node]

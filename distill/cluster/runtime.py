@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import ray
 
+from distill.cluster.placement import teacher_layout
 from distill.cluster.teacher_group import TeacherGroup, TeacherSpec
 
 
@@ -58,11 +59,4 @@ def teacher_group_from_config(
         threads=max(1, int(c.cpus_per_teacher_actor)),
         token_table=token_table,
     )
-    return TeacherGroup(
-        spec,
-        replicas=c.teacher_replicas,
-        tp=c.teacher_tp,
-        cpus_per_actor=c.cpus_per_teacher_actor,
-        gpus_per_actor=c.gpus_per_teacher_actor,
-        spread=c.nodes > 1,
-    )
+    return TeacherGroup(spec, **teacher_layout(c))

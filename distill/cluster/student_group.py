@@ -67,6 +67,8 @@ class StudentSpec:
     backend: str = "gloo"
     threads: int = 1
     gradient_checkpointing: bool = False
+    share_every: int = 0
+    """Measure the terms' gradient shares on rank 0 every this many steps (the logged ones); 0: never."""
     env: dict[str, str] = field(default_factory=dict)
 
 
@@ -109,6 +111,7 @@ class StudentWorker(TorchrunWorker):
             ds_config=spec.ds_config,
             gradient_checkpointing=spec.gradient_checkpointing,
             lr_schedule=lr_schedule,
+            share_every=spec.share_every,
         )
         device = self.engine.device
         # Converted on the prefetch thread: the int64 copies of the ids leave the step's critical path too.

@@ -97,6 +97,13 @@ class StudentConfig:
     """ZeRO-Offload: keep optimizer state in CPU memory (stage >= 1)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """LoRA fine-tuning: train adapters only, merge them into the weights at export."""
+    init_from_teacher: bool = False
+    """Build the student as the teacher's architecture with fewer layers, initialised from the teacher's
+    embeddings, head and `teacher_layers` (DistilBERT's recipe); needs `arch` and `path` unset."""
+    teacher_layers: list[int] = field(default_factory=list)
+    """init_from_teacher: the teacher layers copied, in order; empty: `num_layers` evenly spaced."""
+    num_layers: int = 0
+    """init_from_teacher with no teacher_layers: how many, first and last included (0: half the teacher's)."""
 
 
 @dataclass
@@ -280,6 +287,9 @@ class TrackingConfig:
     entity: str | None = None
     run_name: str | None = None
     progress: bool = True
+    grad_shares: bool = True
+    """On logged steps, each loss term's share of the gradient norm (`grad_share/<term>` in metrics.jsonl; one
+    extra backward per active term on one micro-batch; not under ZeRO-3); warns when one term holds > 90%."""
 
 
 @dataclass

@@ -27,6 +27,11 @@ HARD, SOFT, FEATURES = "hard", "soft", "features"
 TERM_GROUPS = (HARD, SOFT, FEATURES)
 
 
+def _span_index(starts: Sequence[int], step: int) -> int:
+    """The span holding `step`, of consecutive spans given by their sorted first steps (`starts[0] <= step`)."""
+    return bisect.bisect_right(starts, step) - 1
+
+
 @dataclass(frozen=True)
 class Stage:
     """One resolved stage (its length already in optimizer steps)."""
@@ -111,7 +116,7 @@ class Curriculum:
     def stage_index(self, step: int) -> int:
         if not 0 <= step < self.total_steps:
             raise IndexError(f"step {step} is outside the curriculum's {self.total_steps} steps")
-        return bisect.bisect_right(self.starts, step) - 1
+        return _span_index(self.starts, step)
 
     def plan(self, step: int) -> StepPlan:
         i = self.stage_index(step)
@@ -147,7 +152,7 @@ class Curriculum:
         restarts = [0] + [
             s for s, st in zip(self.starts, self.stages, strict=True) if st.restart_lr and s > 0
         ]
-        i = bisect.bisect_right(restarts, step) - 1
+        i = _span_index(restarts, step)
         end = restarts[i + 1] if i + 1 < len(restarts) else self.total_steps
         return step - restarts[i], end - restarts[i]
 

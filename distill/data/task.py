@@ -26,11 +26,13 @@ is a prefix of `generate_problems(n=10)`.
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import islice
+from pathlib import Path
 
 from distill.errors import ConfigError
 
@@ -69,59 +71,12 @@ class DomainTemplates:
     ask: str  # the final question
 
 
+# The templates are data, one entry per domain (DomainTemplates' fields), kept beside this module; a new domain is
+# a new entry there.
+TEMPLATES_FILE = Path(__file__).with_name("task_templates.json")
 DOMAIN_TEMPLATES: dict[str, DomainTemplates] = {
-    "shopping": DomainTemplates(
-        items=("apples", "pens", "stickers", "oranges", "books", "candles"),
-        holders=("shop", "market", "store"),
-        start_q="{name} has {a} {item}.",
-        start_r="{name} starts with {a} {item}.",
-        product_q="{name} buys {a} bags of {item} with {b} {item} in each bag.",
-        product_r="{a} bags of {b} {item} is {a} * {b} = {d} {item}.",
-        add_q="At the {holder} {he} buys {b} more {item}.",
-        add_r="{He} buys {b} more, so {c} + {b} = {d}.",
-        sub_q="{He} gives {b} {item} to a friend.",
-        sub_r="{He} gives away {b}, so {c} - {b} = {d}.",
-        ask="How many {item} does {name} have now?",
-    ),
-    "travel": DomainTemplates(
-        items=("passengers",),
-        holders=("bus", "train", "ferry", "tram", "boat", "van"),
-        start_q="A {holder} leaves the station with {a} passengers.",
-        start_r="The {holder} starts with {a} passengers.",
-        product_q="A {holder} leaves the station with {a} rows of seats and {b} passengers in each row.",
-        product_r="{a} rows of {b} passengers is {a} * {b} = {d} passengers.",
-        add_q="At the next stop {b} passengers get on.",
-        add_r="{b} passengers get on, so {c} + {b} = {d}.",
-        sub_q="At the next stop {b} passengers get off.",
-        sub_r="{b} passengers get off, so {c} - {b} = {d}.",
-        ask="How many passengers are on the {holder} now?",
-    ),
-    "baking": DomainTemplates(
-        items=("cookies", "muffins", "cupcakes", "rolls", "pies", "buns"),
-        holders=("kitchen", "bakery"),
-        start_q="{name} bakes {a} {item}.",
-        start_r="{name} bakes {a} {item}.",
-        product_q="{name} bakes {a} trays of {item} with {b} {item} on each tray.",
-        product_r="{a} trays of {b} {item} is {a} * {b} = {d} {item}.",
-        add_q="Then {he} bakes {b} more {item} in the {holder}.",
-        add_r="{He} bakes {b} more, so {c} + {b} = {d}.",
-        sub_q="The family eats {b} of the {item}.",
-        sub_r="The family eats {b}, so {c} - {b} = {d}.",
-        ask="How many {item} are on the table now?",
-    ),
-    "garden": DomainTemplates(
-        items=("tulips", "roses", "carrots", "tomatoes", "daisies", "beans"),
-        holders=("garden", "yard"),
-        start_q="The {holder} of {name} has {a} {item}.",
-        start_r="The {holder} starts with {a} {item}.",
-        product_q="{name} plants {a} rows of {item} with {b} {item} in each row.",
-        product_r="{a} rows of {b} {item} is {a} * {b} = {d} {item}.",
-        add_q="Then {he} plants {b} more {item}.",
-        add_r="{He} plants {b} more, so {c} + {b} = {d}.",
-        sub_q="{He} picks {b} {item}.",
-        sub_r="{He} picks {b}, so {c} - {b} = {d}.",
-        ask="How many {item} are in the {holder} now?",
-    ),
+    name: DomainTemplates(**fields | {"items": tuple(fields["items"]), "holders": tuple(fields["holders"])})
+    for name, fields in json.loads(TEMPLATES_FILE.read_text()).items()
 }
 
 DOMAINS: tuple[str, ...] = tuple(DOMAIN_TEMPLATES)

@@ -78,6 +78,7 @@ def exact_match(
     model.eval()
     correct = 0
     generated_tokens = 0
+    greedy = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id, eos_token_id=eos_id)
     start = time.perf_counter()
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i : i + batch_size]
@@ -88,14 +89,7 @@ def exact_match(
         for row, p in enumerate(chunk):
             ids[row, width - len(p) :] = torch.tensor(p)
             attn[row, width - len(p) :] = 1
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=attn,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=pad_id,
-            eos_token_id=eos_id,
-        )
+        out = model.generate(input_ids=ids, attention_mask=attn, **greedy)
         for row, seq in enumerate(out[:, width:].tolist()):
             if eos_id in seq:
                 seq = seq[: seq.index(eos_id)]

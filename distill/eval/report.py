@@ -48,9 +48,11 @@ def write_report(
     spans = _stage_spans(rows, events)
     lines = [f"# {title}", ""]
     if rows:
-        lines += ["## Stages", "", "Loss columns are per-stage means of the logged rows.", ""]
+        lines += ["## Stages", "", "Loss and gradient-share columns are per-stage means of the logged rows.", ""]
         lines += [*_table(_stage_table(spans)), ""]
         lines += _image("Loss terms per stage", _plot_terms(run_dir, rows, spans, events))
+        if _keys(rows, "grad_share/"):
+            lines += _image("Each term's share of the gradient norm", _plot_shares(run_dir, rows, spans, events))
         lines += _image("Temperature, alpha and learning rate", _plot_schedules(run_dir, rows, spans, events))
         if _keys(rows, "eval/"):
             lines += ["## Held-out metrics during training", ""]
@@ -127,6 +129,7 @@ def _stage_spans(rows: list[dict], events: list[dict]) -> list[_Span]:
 def _stage_table(spans: list[_Span]) -> list[dict]:
     """One row per stage span, in order. The total `loss` is last so the per-term means sit next to the steps."""
     terms = sorted({k for s in spans for k in _keys(s.rows, "loss/")})
+    terms += sorted({k for s in spans for k in _keys(s.rows, "grad_share/")})
     out = []
     for s in spans:
         row = {"stage": s.name, "first step": s.rows[0]["step"], "last step": s.rows[-1]["step"]}
@@ -246,6 +249,20 @@ def _plot_terms(run_dir: Path, rows: list[dict], spans: list[_Span], events: lis
     if values:
         ax.legend(fontsize=8)
     return _save(fig, run_dir / "loss_terms.png")
+
+
+def _plot_shares(run_dir: Path, rows: list[dict], spans: list[_Span], events: list[dict]) -> str:
+    """Per measured step, each term's share of the gradient norm (they sum to 1): a drowning term shows."""
+    fig, (ax,) = _figure()
+    _decorate(ax, spans, events)
+    for key in _keys(rows, "grad_share/"):
+        steps, ys = _series(rows, key)
+        ax.plot(steps, ys, marker=".", label=key.removeprefix("grad_share/"))
+    ax.set_ylim(0.0, 1.0)
+    ax.set_xlabel("step")
+    ax.set_ylabel("share of the gradient norm")
+    ax.legend(fontsize=8)
+    return _save(fig, run_dir / "grad_shares.png")
 
 
 def _plot_schedules(run_dir: Path, rows: list[dict], spans: list[_Span], events: list[dict]) -> str:

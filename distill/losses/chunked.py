@@ -11,7 +11,9 @@ logits' dtype, which backward needs anyway.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -156,6 +158,20 @@ def _gathered_chunk(
     return loss.detach(), grad
 
 
+_retained = threading.local()
+
+
+@contextmanager
+def retained_backward() -> Iterator[None]:
+    """Backward passes inside keep the stored gradients (a copy per pass instead of the in-place scaling), so
+    one graph can be differentiated again: what a per-term gradient measurement before the real backward needs."""
+    _retained.on = True
+    try:
+        yield
+    finally:
+        _retained.on = False
+
+
 class _ChunkedLoss(torch.autograd.Function):
     """Forward computes loss and gradient chunk by chunk; backward only scales the stored gradient."""
 
@@ -169,6 +185,8 @@ class _ChunkedLoss(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output: Tensor):
+        if getattr(_retained, "on", False) and ctx.grad_buf is not None:
+            return ctx.grad_buf * grad_output, None, None, None
         grad, ctx.grad_buf = ctx.grad_buf, None
         if grad is None:
             raise RuntimeError(

@@ -25,7 +25,8 @@ Both classes give the same three things to a loss: `log_probs(T)` (teacher log-p
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -56,8 +57,24 @@ def _tempered(x: Tensor, temperature: float) -> Tensor:
     return x if temperature == 1.0 else x / temperature
 
 
+_Rows = TypeVar("_Rows", bound="_PerRowTensors")
+
+
+class _PerRowTensors:
+    """What every teacher dataclass shares: each of its fields holds one row per token ([N, ...]), so the teacher
+    restricted to some rows is every field indexed by them (one rule, so no subclass can drop or retype a field)."""
+
+    @property
+    def num_rows(self) -> int:
+        return getattr(self, fields(self)[0].name).shape[0]
+
+    def select(self: _Rows, rows: Tensor | slice) -> _Rows:
+        """The same teacher restricted to `rows` (a LongTensor of row indices or a slice)."""
+        return type(self)(*(getattr(self, f.name)[rows] for f in fields(self)))
+
+
 @dataclass
-class TopKTeacher:
+class TopKTeacher(_PerRowTensors):
     """Teacher top-k per token, with the full-vocab normaliser so the tail mass is known.
 
     ids            [N, k] integer  the teacher's k most likely next-token ids (int32 on the wire is fine)
@@ -82,16 +99,8 @@ class TopKTeacher:
             )
 
     @property
-    def num_rows(self) -> int:
-        return self.ids.shape[0]
-
-    @property
     def k(self) -> int:
         return self.ids.shape[1]
-
-    def select(self, rows: Tensor | slice) -> TopKTeacher:
-        """The same teacher restricted to `rows` (a LongTensor of row indices or a slice)."""
-        return TopKTeacher(self.ids[rows], self.logits[rows], self.log_normalizer[rows])
 
     def tail(self) -> tuple[Tensor, Tensor]:
         """(log tail mass at T=1 [N] fp32, -inf where negligible; negligible [N] bool)."""
@@ -134,7 +143,7 @@ class TopKTeacher:
 
 
 @dataclass
-class DenseTeacher:
+class DenseTeacher(_PerRowTensors):
     """Full teacher logits per token: logits [N, V] (any float dtype; upcast per chunk)."""
 
     logits: Tensor
@@ -147,16 +156,8 @@ class DenseTeacher:
             )
 
     @property
-    def num_rows(self) -> int:
-        return self.logits.shape[0]
-
-    @property
     def vocab_size(self) -> int:
         return self.logits.shape[1]
-
-    def select(self, rows: Tensor | slice) -> DenseTeacher:
-        """The same teacher restricted to `rows` (a LongTensor of row indices or a slice)."""
-        return DenseTeacher(self.logits[rows])
 
     def log_probs(self, temperature: float = 1.0) -> Tensor:
         """Teacher log-probs over the vocabulary at temperature T: [N, V] fp32."""
@@ -192,9 +193,6 @@ class MappedTopKTeacher(TopKTeacher):
     def mapped(self) -> Tensor:
         """[N, k] bool: the entry has a student id."""
         return self.ids >= 0
-
-    def select(self, rows: Tensor | slice) -> MappedTopKTeacher:
-        return MappedTopKTeacher(self.ids[rows], self.logits[rows], self.log_normalizer[rows])
 
     def _mapped_logits(self) -> Tensor:
         return self.logits.float().masked_fill(~self.mapped, -torch.inf)

@@ -14,7 +14,8 @@ from omegaconf import OmegaConf
 
 from distill.config.topology import ModelShape, PairFacts
 from distill.errors import CheckpointError, ConfigError
-from distill.models.facts import ModelFacts, arch_config_path
+from distill.models.facts import ModelFacts, arch_config_path, load_config
+from distill.models.from_teacher import copy_of_teacher, evenly_spaced_layers, student_config
 from distill.models.loading import load_causal_lm, load_tokenizer, load_tokenizer_folder, resolve_dtype
 from distill.models.tiny import TINY_ARCHS, build_model, tiny_config
 from distill.models.tokenizer import tokenizer_hash
@@ -64,6 +65,10 @@ def require_teacher(cfg) -> Path:
 # ---- architecture facts (config.json only) -----------------------------------------------------------
 def model_facts(model_cfg, vocab_size: int) -> ModelFacts:
     """Facts of a teacher/student config: its folder, a tiny arch, or a shipped production arch config."""
+    if getattr(model_cfg, "init_from_teacher", False):
+        raise ConfigError(
+            "a student initialised from the teacher has no facts of its own: use student_facts."
+        )
     if model_cfg.path:
         return ModelFacts.from_path(model_cfg.path)
     if model_cfg.arch in TINY_ARCHS:
@@ -82,7 +87,7 @@ def pair_facts(cfg, tokenizer=None) -> PairFacts:
     own = load_tokenizer_folder(cfg.student.tokenizer) if cfg.student.tokenizer else None
     if own is not None and cfg.student.arch in TINY_ARCHS and not cfg.student.path:
         s_vocab = len(own)  # a tiny student built on its own tokenizer
-    s = model_facts(cfg.student, s_vocab or vocab)
+    s = student_facts(cfg, s_vocab or vocab)
     same = t.vocab_size == s.vocab_size
     if own is not None:
         same = tokenizer is not None and tokenizer_hash(tokenizer) == tokenizer_hash(own)
@@ -96,6 +101,28 @@ def pair_facts(cfg, tokenizer=None) -> PairFacts:
         teacher_shape=ModelShape(t.num_attention_heads, t.num_key_value_heads, t.num_experts, t.vocab_size),
         same_tokenizer=same,
     )
+
+
+def student_facts(cfg, vocab_size: int) -> ModelFacts:
+    """The student's facts; one initialised from the teacher is the teacher's config with its picked layers."""
+    if not cfg.student.init_from_teacher:
+        return model_facts(cfg.student, vocab_size)
+    teacher = load_config(require_teacher(cfg))
+    return ModelFacts.from_config(student_config(teacher, teacher_layers_for_student(cfg, teacher)))
+
+
+def teacher_layers_for_student(cfg, teacher_config) -> list[int]:
+    """student.teacher_layers, or student.num_layers (0: half the teacher's) evenly spaced."""
+    s = cfg.student
+    if s.path or s.arch:
+        raise ConfigError(
+            "student.init_from_teacher=true builds the student from the teacher's layers; unset student.path "
+            f"and student.arch (got path={s.path!r}, arch={s.arch!r}), or set init_from_teacher=false."
+        )
+    if s.teacher_layers:
+        return [int(i) for i in s.teacher_layers]
+    depth = teacher_config.num_hidden_layers
+    return evenly_spaced_layers(depth, int(s.num_layers) or max(1, depth // 2))
 
 
 def _tokenizers_match(teacher: Path, student: Path, fallback: bool) -> bool:
@@ -137,6 +164,9 @@ def _base_student(cfg, tokenizer):
     """A student from a checkpoint folder, or a fresh tiny architecture on the teacher's vocabulary."""
     s = cfg.student
     attn = "eager" if _needs_attention(cfg) else None
+    if s.init_from_teacher:
+        teacher = load_causal_lm(require_teacher(cfg), dtype=s.dtype, attn_implementation=attn)
+        return copy_of_teacher(teacher, teacher_layers_for_student(cfg, teacher.config))
     if s.path:
         return load_causal_lm(s.path, dtype=s.dtype, attn_implementation=attn)
     if s.arch in TINY_ARCHS:

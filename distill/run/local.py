@@ -20,7 +20,7 @@ from distill.run.cache import CachedTeacher
 from distill.teacher.build import build_teacher_engine
 from distill.tracking.metrics_log import MetricsLog
 from distill.tracking.rates import RateMeter
-from distill.training.build import build_objective, build_reference_trainer, lr_schedule
+from distill.training.build import build_objective, build_reference_trainer, lr_schedule, share_interval
 from distill.training.modes import StepHooks
 from distill.training.parts import RunParts, Trained
 from distill.training.reference import run_steps
@@ -63,6 +63,7 @@ class LocalBackend:
             cfg.optim,
             cfg.train.steps,
             schedule=lr_schedule(cfg, parts.curriculum),
+            share_every=share_interval(cfg),
         )
         scored: dict[BatchId, object] = {}  # this step's TeacherBatches, for the ones the mode keeps
         teacher_rate = RateMeter()

@@ -41,16 +41,27 @@ class Hardware:
 
 @dataclass(frozen=True)
 class Workload:
+    """What runs on the layout: the two models (their dtypes and measured rates), then the student's step."""
+
     teacher_dtype: str = "bfloat16"
     student_dtype: str = "bfloat16"
+    teacher_tokens_per_s: float | None = None
+    """Per device; None estimates it from FLOPs."""
+    student_tokens_per_s: float | None = None
     zero_stage: int = 2
     seq_len: int = 4096
     micro_batch: int = 4
     global_batch: int = 256
     topk: int = 64
-    teacher_tokens_per_s: float | None = None
-    """Per device; None estimates it from FLOPs."""
-    student_tokens_per_s: float | None = None
+
+    @property
+    def micro_batches(self) -> int:
+        """Micro-batches per optimizer step, to split between the student ranks and their accumulation steps."""
+        if self.global_batch % self.micro_batch:
+            raise TopologyError(
+                f"global batch {self.global_batch} is not a multiple of the micro-batch {self.micro_batch}."
+            )
+        return self.global_batch // self.micro_batch
 
 
 @dataclass(frozen=True)
@@ -122,18 +133,15 @@ def plan_layout(teacher: ModelFacts, student: ModelFacts, hw: Hardware, work: Wo
     tps = _teacher_tps(teacher, hw, work, t_mem, usable)
     per_device_t = work.teacher_tokens_per_s or estimated_tokens_per_s(2 * teacher.active_param_count, hw)
     per_device_s = work.student_tokens_per_s or estimated_tokens_per_s(6 * student.param_count, hw)
-    if work.global_batch % work.micro_batch:
-        raise TopologyError(
-            f"global batch {work.global_batch} is not a multiple of the micro-batch {work.micro_batch}."
-        )
-    sequences = work.global_batch // work.micro_batch
+    micro_batches = work.micro_batches
     worlds = [
         w
-        for w in range(1, sequences + 1)
-        if sequences % w == 0 and student_memory_gb(student, work.student_dtype, work.zero_stage, w) <= usable
+        for w in range(1, micro_batches + 1)
+        if micro_batches % w == 0
+        and student_memory_gb(student, work.student_dtype, work.zero_stage, w) <= usable
     ]
     tp, replicas, world = _best_layout(tps, worlds, hw, per_device_t, per_device_s)
-    accum = sequences // world
+    accum = micro_batches // world
     shards = min(hw.nodes, world * accum)
     capacity = math.ceil(2 * accum * world / shards) * shards  # the teacher may run one step ahead
     per_batch = (

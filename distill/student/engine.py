@@ -36,8 +36,9 @@ from distill.config.schema import OptimizerConfig
 from distill.curriculum.stages import StepPlan
 from distill.errors import CheckpointError, ConfigError, TopologyError
 from distill.models.loading import save_model
+from distill.training.grad_shares import measure_shares
 from distill.training.objective import Objective
-from distill.training.reference import MicroBatch, build_optimizer, student_forward
+from distill.training.reference import MicroBatch, build_optimizer, measures_shares, student_forward
 from distill.training.schedule import optim_lr
 
 # deepspeed.initialize reads LOCAL_RANK itself (device choice), so it is required even on CPU.
@@ -117,6 +118,7 @@ class StudentEngine:
         ds_config: dict[str, Any],
         gradient_checkpointing: bool = False,
         lr_schedule: Callable[[int], float] | None = None,
+        share_every: int = 0,
     ) -> None:
         if not dist.is_initialized():
             raise TopologyError(
@@ -145,6 +147,8 @@ class StudentEngine:
         )
         self.objective = objective
         self.zero_stage = self.engine.zero_optimization_stage()
+        # ZeRO-3 partitions the parameters, so a per-term autograd.grad has no full gradient to measure.
+        self.share_every = share_every if self.zero_stage < 3 else 0
         self.world_size = dist.get_world_size()
         self.rank = dist.get_rank()
         # ZeRO and the bf16 optimizer report the pre-clip global norm; plain fp32 data parallel does not.
@@ -180,26 +184,22 @@ class StudentEngine:
         this rank's trained tokens, "grad_norm" (global, before clipping), "lr" (used by this step)}.
         Summed over ranks and divided by global_tokens, terms and loss_sum give the reference trainer's numbers.
         """
-        accum = self.grad_accum_steps
-        if len(micro_batches) != accum:
-            raise ConfigError(
-                f"train_step got {len(micro_batches)} micro-batches but the engine accumulates "
-                f"gradient_accumulation_steps={accum} per optimizer step; pass exactly {accum}"
-            )
-        tokens = sum(int(mb["loss_mask"].sum()) for mb in micro_batches)
-        if global_tokens < tokens:
-            raise ValueError(
-                f"global_tokens={global_tokens} is less than this rank's own {tokens} trained tokens"
-            )
+        tokens = self._rank_tokens(micro_batches, global_tokens)
         scale = self.world_size / max(global_tokens, 1)  # see the module docstring
         self.engine.train()
         lr = float(self.engine.get_lr()[0])
         steps_before = self.engine.global_steps
         grad_norm = None
         term_sums: dict[str, torch.Tensor] = {}
-        for mb in micro_batches:
+        shares: dict[str, float] = {}
+        measure = self.rank == 0 and measures_shares(step, self.share_every)
+        for i, mb in enumerate(micro_batches):
             mb = {k: (v.to(self.device) if v is not None else None) for k, v in mb.items()}
             sums = self.engine(mb, plan)
+            if i == 0 and measure:  # before DeepSpeed's backward: autograd.grad runs none of its grad hooks
+                shares = measure_shares(
+                    self.objective.weighted_terms(sums, plan), list(self.engine.module.parameters())
+                )
             self.engine.backward(self.objective.weighted_total(sums, plan) * scale, scale_wrt_gas=False)
             if self._own_grad_norm and self.engine.is_gradient_accumulation_boundary():
                 grad_norm = _global_norm(self.engine.module.parameters())  # grads already all-reduced
@@ -219,7 +219,23 @@ class StudentEngine:
             "tokens": tokens,
             "grad_norm": float(grad_norm),
             "lr": lr,
+            "grad_shares": shares,
         }
+
+    def _rank_tokens(self, micro_batches: Sequence[MicroBatch], global_tokens: int) -> int:
+        """This rank's trained tokens, after checking the step's micro-batch count and global token count."""
+        accum = self.grad_accum_steps
+        if len(micro_batches) != accum:
+            raise ConfigError(
+                f"train_step got {len(micro_batches)} micro-batches but the engine accumulates "
+                f"gradient_accumulation_steps={accum} per optimizer step; pass exactly {accum}"
+            )
+        tokens = sum(int(mb["loss_mask"].sum()) for mb in micro_batches)
+        if global_tokens < tokens:
+            raise ValueError(
+                f"global_tokens={global_tokens} is less than this rank's own {tokens} trained tokens"
+            )
+        return tokens
 
     @torch.no_grad()
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

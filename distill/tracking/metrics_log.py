@@ -8,19 +8,28 @@ from pathlib import Path
 from typing import Any
 
 from distill.io import atomic_write_text
+from distill.tracking.dominance import DominanceWatch
 
 
 class MetricsLog:
-    """`mirror` also receives every record (e.g. `WandbLog.log`, which only queues it)."""
+    """`mirror` also receives every record (e.g. `WandbLog.log`, which only queues it); the `watch` reads each
+    record's gradient shares and warns once when one term drowns the others."""
 
-    def __init__(self, path: str | Path, mirror: Callable[[dict[str, Any]], None] | None = None) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        mirror: Callable[[dict[str, Any]], None] | None = None,
+        watch: DominanceWatch | None = None,
+    ) -> None:
         self.path, self.mirror = Path(path), mirror
+        self.watch = watch or DominanceWatch()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = self.path.open("a", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(record, sort_keys=True) + "\n")
         self._file.flush()
+        self.watch.observe(record)
         if self.mirror is not None:
             self.mirror(record)
 

@@ -110,16 +110,29 @@ def lr_schedule(cfg, curriculum: Curriculum):
 
 
 def build_reference_trainer(
-    model, objective: Objective, optim, steps: int, lr: float | None = None, schedule=None
+    model,
+    objective: Objective,
+    optim,
+    steps: int,
+    lr: float | None = None,
+    schedule=None,
+    share_every: int = 0,
 ) -> ReferenceTrainer:
     """AdamW over the student and the objective's projections, with the configured warm-up + decay (or the
-    given `schedule`, step -> multiplier)."""
+    given `schedule`, step -> multiplier); gradient shares measured every `share_every` steps (0: never)."""
     params = [*model.parameters(), *objective.parameters()]
     optimizer = build_optimizer(
         params, lr=lr or optim.lr, weight_decay=optim.weight_decay, betas=optim.betas, eps=optim.eps
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule or optim_lr(optim, steps))
-    return ReferenceTrainer(model, objective, optimizer, scheduler, grad_clip=optim.grad_clip)
+    return ReferenceTrainer(
+        model, objective, optimizer, scheduler, grad_clip=optim.grad_clip, share_every=share_every
+    )
+
+
+def share_interval(cfg) -> int:
+    """Steps between gradient-share measurements: the logged steps with `tracking.grad_shares`, else 0."""
+    return int(cfg.train.log_every) if cfg.tracking.grad_shares else 0
 
 
 # ---- continual mode ---------------------------------------------------------------------------------------

@@ -193,8 +193,13 @@ class Objective(nn.Module):
             return plan.weights.get(label, 0.0)
         return next(t.weight for t in self.terms if t.label == label)
 
+    def weighted_terms(
+        self, sums: Mapping[str, torch.Tensor], plan: StepPlan | None = None
+    ) -> dict[str, torch.Tensor]:
+        return {label: self.weight(label, plan) * s for label, s in sums.items()}
+
     def weighted_total(self, sums: Mapping[str, torch.Tensor], plan: StepPlan | None = None) -> torch.Tensor:
-        return sum(self.weight(label, plan) * s for label, s in sums.items())  # type: ignore[return-value]
+        return sum(self.weighted_terms(sums, plan).values())  # type: ignore[return-value]
 
     def _teacher(self, batch):
         if batch.get("topk_ids") is None:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from distill.curriculum.stages import StepPlan
+from distill.training.grad_shares import measure_shares
 from distill.training.objective import Objective
 
 MicroBatch = dict[str, torch.Tensor | None]
@@ -29,6 +30,8 @@ class StepMetrics:
     seconds: float
     batch_ids: list[tuple[int, int]] = field(default_factory=list)
     plan: StepPlan | None = None
+    grad_shares: dict[str, float] = field(default_factory=dict)
+    """Each active term's share of the gradient norm (measured steps only; distill.training.grad_shares)."""
 
     def as_record(self) -> dict:
         """The metrics.jsonl row; with a curriculum plan, also its stage, temperature and alpha."""
@@ -46,6 +49,7 @@ class StepMetrics:
             "step": self.step,
             "loss": self.loss,
             **{f"loss/{k}": v for k, v in self.terms.items()},
+            **{f"grad_share/{k}": v for k, v in self.grad_shares.items()},
             "tokens": self.tokens,
             "lr": self.lr,
             "grad_norm": self.grad_norm,
@@ -76,8 +80,12 @@ class ReferenceTrainer:
         *,
         grad_clip: float,
         device: torch.device | str = "cpu",
+        share_every: int = 0,
     ) -> None:
+        """share_every: measure the terms' gradient shares on steps with (step + 1) % share_every == 0 (the
+        logged steps); 0: never."""
         self.student = student
+        self.share_every = share_every
         self.objective = objective
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -99,10 +107,13 @@ class ReferenceTrainer:
         denom = max(num_tokens, 1)
         self.optimizer.zero_grad(set_to_none=True)
         term_sums: dict[str, torch.Tensor] = {}
-        for mb in micro_batches:
+        shares: dict[str, float] = {}
+        for i, mb in enumerate(micro_batches):
             mb = {k: (v.to(self.device) if v is not None else None) for k, v in mb.items()}
             out = student_forward(self.student, self.objective, mb, plan)
             sums = self.objective(out, mb, plan)
+            if i == 0 and measures_shares(step, self.share_every):
+                shares = measure_shares(self.objective.weighted_terms(sums, plan), self.parameters())
             (self.objective.weighted_total(sums, plan) / denom).backward()
             for label, s in sums.items():
                 term_sums[label] = term_sums.get(label, 0.0) + s.detach()
@@ -113,7 +124,14 @@ class ReferenceTrainer:
         terms = {label: float(s) / denom for label, s in term_sums.items()}  # one sync point per step
         total = sum(self.objective.weight(label, plan) * v for label, v in terms.items())
         seconds = time.perf_counter() - start
-        return StepMetrics(step, total, terms, num_tokens, lr, float(grad_norm), seconds, plan=plan)
+        return StepMetrics(
+            step, total, terms, num_tokens, lr, float(grad_norm), seconds, plan=plan, grad_shares=shares
+        )
+
+
+def measures_shares(step: int, every: int) -> bool:
+    """Whether `step` measures the gradient shares: the logged steps, when shares are on."""
+    return every > 0 and (step + 1) % every == 0
 
 
 def build_optimizer(params, *, lr: float, weight_decay: float, betas: Sequence[float], eps: float):
