@@ -72,6 +72,7 @@ def run_overrides(
         f"train.steps={budget}",
         f"train.seed={seed}",
         f"student.init_seed={seed}",
+        f"data.seed={seed}",  # the batch order: a student copied from the teacher has no random init
         "eval.generate_examples=0",
         "eval.max_batches=2",
         "tracking.progress=false",

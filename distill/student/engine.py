@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ from distill.config.schema import OptimizerConfig
 from distill.curriculum.stages import StepPlan
 from distill.errors import CheckpointError, ConfigError, TopologyError
 from distill.models.loading import save_model
-from distill.training.grad_shares import measure_shares
+from distill.training.grad_shares import measure_shares_on_aliases
 from distill.training.objective import Objective
 from distill.training.reference import MicroBatch, build_optimizer, measures_shares, student_forward
 from distill.training.schedule import optim_lr
@@ -196,10 +197,8 @@ class StudentEngine:
         for i, mb in enumerate(micro_batches):
             mb = {k: (v.to(self.device) if v is not None else None) for k, v in mb.items()}
             sums = self.engine(mb, plan)
-            if i == 0 and measure:  # before DeepSpeed's backward: autograd.grad runs none of its grad hooks
-                shares = measure_shares(
-                    self.objective.weighted_terms(sums, plan), list(self.engine.module.parameters())
-                )
+            if i == 0 and measure:
+                shares = measure_shares_on_aliases(self.engine.module, partial(self._weighted, mb, plan))
             self.engine.backward(self.objective.weighted_total(sums, plan) * scale, scale_wrt_gas=False)
             if self._own_grad_norm and self.engine.is_gradient_accumulation_boundary():
                 grad_norm = _global_norm(self.engine.module.parameters())  # grads already all-reduced
@@ -221,6 +220,10 @@ class StudentEngine:
             "lr": lr,
             "grad_shares": shares,
         }
+
+    def _weighted(self, mb: MicroBatch, plan: StepPlan | None, module: nn.Module, params: dict) -> dict:
+        """The micro-batch's weighted terms through `module` with `params` in place of its own."""
+        return self.objective.weighted_terms(torch.func.functional_call(module, params, (mb, plan)), plan)
 
     def _rank_tokens(self, micro_batches: Sequence[MicroBatch], global_tokens: int) -> int:
         """This rank's trained tokens, after checking the step's micro-batch count and global token count."""

@@ -13,7 +13,7 @@ with `tracking.grad_shares`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -48,3 +48,17 @@ def shares_of(norms: Mapping[str, float]) -> dict[str, float]:
 def measure_shares(weighted: Mapping[str, Tensor], params: Sequence[nn.Parameter]) -> dict[str, float]:
     """Each term's share of the gradient norm on this micro-batch (see the module docstring)."""
     return shares_of(term_grad_norms(weighted, params))
+
+
+def measure_shares_on_aliases(
+    module: nn.Module, weighted_terms: Callable[[nn.Module, dict[str, Tensor]], Mapping[str, Tensor]]
+) -> dict[str, float]:
+    """The shares through a second forward of `module` on parameter aliases (`p.detach()`: the same storage, no
+    copy, but none of the hooks a wrapper put on `p`). For an engine that reduces gradients from parameter
+    hooks (DeepSpeed ZeRO-1/2), where a per-term autograd.grad on the parameters themselves would feed its
+    buckets. weighted_terms(module, aliases) -> {label: weighted term} runs that forward (functional_call).
+    The RNG is forked, so the training forward after it draws what it would have drawn (dropout)."""
+    aliases = {name: p.detach().requires_grad_(p.requires_grad) for name, p in module.named_parameters()}
+    devices = sorted({p.device.index or 0 for p in aliases.values() if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices):
+        return measure_shares(weighted_terms(module, aliases), list(aliases.values()))
