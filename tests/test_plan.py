@@ -105,8 +105,14 @@ def test_fewer_devices_than_the_teacher_needs_is_a_clear_error():
     q = ModelFacts.from_arch("qwen2_5_3b")
     with pytest.raises(
         TopologyError, match=r"needs 805 GB .* at least 12 devices of 80 GB .* one node of 8 devices"
-    ):
+    ) as err:
         plan_layout(R1, q, Hardware(nodes=4, gpus_per_node=8, gpu_memory_gb=80), FP8)
+    # The user already passed float8: the hint names the next smaller dtype, not the one given.
+    assert "--teacher-dtype float8" not in str(err.value) and "--teacher-dtype int4" in str(err.value)
+    with pytest.raises(TopologyError, match=r"--teacher-dtype float8\)"):
+        plan_layout(
+            R1, q, Hardware(nodes=4, gpus_per_node=8, gpu_memory_gb=80), Workload(teacher_dtype="bfloat16")
+        )
     with pytest.raises(TopologyError, match=r"one node of 4 devices"):
         plan_layout(R1, q, Hardware(nodes=4, gpus_per_node=4, gpu_memory_gb=141), FP8)
     # The teacher fits but nothing is left for a student rank.

@@ -71,6 +71,11 @@ class StudentSpec:
     """Measure the terms' gradient shares on rank 0 every this many steps (the logged ones); 0: never."""
     env: dict[str, str] = field(default_factory=dict)
 
+    def engine_options(self) -> dict[str, Any]:
+        """The StudentEngine keyword arguments the spec fixes (the LR schedule comes from `build`)."""
+        names = ("optim", "total_steps", "ds_config", "gradient_checkpointing", "share_every")
+        return {name: getattr(self, name) for name in names}
+
 
 class StudentWorker(TorchrunWorker):
     """One data-parallel rank. Made a Ray actor by StudentGroup (resources via .options())."""
@@ -103,16 +108,7 @@ class StudentWorker(TorchrunWorker):
         )
         init_distributed_from_env(spec.backend)
         model, objective, lr_schedule = spec.build()
-        self.engine = StudentEngine(
-            model,
-            objective,
-            optim=spec.optim,
-            total_steps=spec.total_steps,
-            ds_config=spec.ds_config,
-            gradient_checkpointing=spec.gradient_checkpointing,
-            lr_schedule=lr_schedule,
-            share_every=spec.share_every,
-        )
+        self.engine = StudentEngine(model, objective, lr_schedule=lr_schedule, **spec.engine_options())
         device = self.engine.device
         # Converted on the prefetch thread: the int64 copies of the ids leave the step's critical path too.
         self.batches = Prefetcher(

@@ -172,10 +172,16 @@ def _teacher_tps(teacher: ModelFacts, hw: Hardware, work: Workload, t_mem: float
             f"{TEACHER_HEADROOM} headroom), i.e. at least {need} devices of {hw.gpu_memory_gb:g} GB ({usable:.0f} GB "
             f"usable) in one TP group, but a TP group lives on one node of {hw.gpus_per_node} devices "
             f"(cluster: {hw.nodes} nodes x {hw.gpus_per_node} = {hw.nodes * hw.gpus_per_node} devices). Use "
-            "devices with more memory (--gpu-memory-gb), a smaller teacher dtype (--teacher-dtype float8), or "
-            "more devices per node."
+            f"devices with more memory (--gpu-memory-gb), {_smaller_dtype_hint(work.teacher_dtype)}more devices "
+            "per node."
         )
     return tps
+
+
+def _smaller_dtype_hint(dtype: str) -> str:
+    """The next smaller teacher dtype to suggest, if there is one (never the dtype the user already passed)."""
+    smaller = [d for d in ("bfloat16", "float8", "int4") if BYTES[d] < BYTES.get(dtype, 4)]
+    return f"a smaller teacher dtype (--teacher-dtype {smaller[0]}), or " if smaller else ""
 
 
 def _best_layout(

@@ -84,13 +84,9 @@ class ReferenceTrainer:
     ) -> None:
         """share_every: measure the terms' gradient shares on steps with (step + 1) % share_every == 0 (the
         logged steps); 0: never."""
-        self.student = student
-        self.share_every = share_every
-        self.objective = objective
-        self.optimizer = optimizer
-        self.scheduler = scheduler
-        self.grad_clip = grad_clip
-        self.device = torch.device(device)
+        self.student, self.objective = student, objective
+        self.optimizer, self.scheduler, self.grad_clip = optimizer, scheduler, grad_clip
+        self.device, self.share_every = torch.device(device), share_every
 
     def parameters(self) -> list[nn.Parameter]:
         return [*self.student.parameters(), *self.objective.parameters()]
