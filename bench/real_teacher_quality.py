@@ -46,8 +46,13 @@ RECIPES = {
     "KD one-stage": ["loss=kd", "curriculum=single_stage"],
     # What `distill` ran before this bench existed: three stages, raw hidden-state MSE, attention transfer, T 3 -> 2.
     "old default": ["loss=kd_features", "curriculum=three_stage", "loss.terms.hidden.name=hidden_mse"],
-    # The same three stages with the scale-free hidden term the kd_features config now ships.
-    "three-stage, features": ["loss=kd_features", "curriculum=three_stage"],
+    # The same three stages with the scale-free hidden term the kd_features config now ships, its layers mapped
+    # at proportional depths (both bench students have 4 layers, the teacher 18).
+    "three-stage + features": [
+        "loss=kd_features",
+        "curriculum=three_stage",
+        "loss.terms.hidden.layer_map=[[2,9],[4,18]]",
+    ],
 }
 STUDENTS = {
     "scratch": ["student=tiny_qwen2"],

@@ -288,8 +288,10 @@ class TrackingConfig:
     run_name: str | None = None
     progress: bool = True
     grad_shares: bool = True
-    """On logged steps, each loss term's share of the gradient norm (`grad_share/<term>` in metrics.jsonl; one
-    extra backward per active term on one micro-batch; not under ZeRO-3); warns when one term holds > 90%."""
+    """On logged steps, each loss term's share of the gradient norm (`grad_share/<term>` in metrics.jsonl); warns
+    when one term holds > 90%. Costs one extra backward per active term on one micro-batch, and one parameter-sized
+    gradient at a time (DeepSpeed ranks: also a second forward of that micro-batch); not under ZeRO-3. Turn off
+    for runs at the edge of memory."""
 
 
 @dataclass
