@@ -453,3 +453,27 @@ def test_ds_config_module_does_not_import_deepspeed():
     code = "import sys, distill.student; distill.student.build_ds_config; print('deepspeed' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+class _Os:
+    """Pickles as a call of os.getcwd: what a hostile checkpoint file would carry."""
+
+    def __reduce__(self):
+        return (os.getcwd, ())
+
+
+def test_deepspeed_checkpoint_loads_refuse_arbitrary_objects(tmp_path):
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    from distill.student.engine import _load_weights_only
+
+    class Engine:  # the one attribute of a DeepSpeedEngine the wrapper replaces a method of
+        checkpoint_engine = TorchCheckpointEngine()
+
+    engine = Engine()
+    _load_weights_only(engine)
+    torch.save({"w": torch.ones(2), "step": 3}, tmp_path / "ok.pt")
+    assert engine.checkpoint_engine.load(str(tmp_path / "ok.pt"))["step"] == 3
+    torch.save({"evil": _Os()}, tmp_path / "evil.pt")
+    with pytest.raises(Exception, match="Weights only load failed"):
+        engine.checkpoint_engine.load(str(tmp_path / "evil.pt"))

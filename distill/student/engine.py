@@ -146,6 +146,7 @@ class StudentEngine:
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, multiplier),
             config=ds_config,
         )
+        _load_weights_only(self.engine)
         self.objective = objective
         self.zero_stage = self.engine.zero_optimization_stage()
         # ZeRO-3 partitions the parameters, so a per-term autograd.grad has no full gradient to measure.
@@ -298,6 +299,26 @@ class StudentEngine:
             save_model(self.student, tokenizer, out_dir)
         dist.barrier()  # nobody reads the folder before rank 0 has renamed it into place
         return out_dir
+
+
+def _load_weights_only(engine) -> None:
+    """Every checkpoint file DeepSpeed reads goes through torch.load(weights_only=True): its TorchCheckpointEngine
+    passes weights_only=False, which unpickles arbitrary objects from a file someone else may have written. Our
+    checkpoints hold tensors, containers and numbers only (the client state is plain data)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    # DeepSpeed's own plain-data classes in its optimizer state (a loss scaler even without fp16, the ZeRO stage,
+    # the flat-buffer addresses of parameter fragments).
+    allowed = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+    checkpoint_engine = engine.checkpoint_engine
+
+    def load(path: str, map_location=None):
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+    checkpoint_engine.load = load
 
 
 def enable_activation_checkpointing(model: PreTrainedModel) -> None:
