@@ -66,7 +66,9 @@ def config(*overrides: str) -> DictConfig:
     loss groups default to the three-stage recipe with features, whose stages these tests walk."""
     groups = tuple(o for o in overrides if o.split("=")[0] in ("curriculum", "loss"))
     chosen = {g.split("=")[0] for g in groups}
-    groups += tuple(g for g in ("curriculum=three_stage", "loss=kd_features") if g.split("=")[0] not in chosen)
+    groups += tuple(
+        g for g in ("curriculum=three_stage", "loss=kd_features") if g.split("=")[0] not in chosen
+    )
     cfg = copy.deepcopy(_composed(groups))
     for override in overrides:
         if override not in groups:

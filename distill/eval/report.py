@@ -48,11 +48,18 @@ def write_report(
     spans = _stage_spans(rows, events)
     lines = [f"# {title}", ""]
     if rows:
-        lines += ["## Stages", "", "Loss and gradient-share columns are per-stage means of the logged rows.", ""]
+        lines += [
+            "## Stages",
+            "",
+            "Loss and gradient-share columns are per-stage means of the logged rows.",
+            "",
+        ]
         lines += [*_table(_stage_table(spans)), ""]
         lines += _image("Loss terms per stage", _plot_terms(run_dir, rows, spans, events))
         if _keys(rows, "grad_share/"):
-            lines += _image("Each term's share of the gradient norm", _plot_shares(run_dir, rows, spans, events))
+            lines += _image(
+                "Each term's share of the gradient norm", _plot_shares(run_dir, rows, spans, events)
+            )
         lines += _image("Temperature, alpha and learning rate", _plot_schedules(run_dir, rows, spans, events))
         if _keys(rows, "eval/"):
             lines += ["## Held-out metrics during training", ""]
