@@ -41,16 +41,15 @@ REL = 1e-4
 # training amplifies (see `reference`), and it is checked against the reference through its own outputs there.
 TP1_TEACHER = "cluster.teacher_tp=1"
 # 80 rows / micro-batch 8 = 10 batches per epoch; 20 steps x 2 batches = 4 epochs, each batch once per epoch.
-# The richest recipe, not the default: three stages, hidden-state and attention transfer, a cooling temperature.
-COMMON = [
-    "loss=kd_features",
-    "curriculum=three_stage",
+RUN = [
     f"train.steps={STEPS}",
     "train.log_every=1",
     "data.num_train=80",
     "eval.generate_examples=0",
     "eval.max_batches=1",
 ]
+# The richest recipe, not the default: three stages, hidden-state and attention transfer, a cooling temperature.
+COMMON = ["loss=kd_features", "curriculum=three_stage", *RUN]
 
 
 # ------------------------------------------------------------------------------------------- pure: assignment

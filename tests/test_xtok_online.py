@@ -10,7 +10,7 @@ import pytest
 
 from distill.config import compose
 from launch.prepare_demo import prepare_student_tokenizer
-from tests.test_online_distributed import COMMON, TP1_TEACHER, _run, assert_exactly_once, assert_same_curve
+from tests.test_online_distributed import RUN, TP1_TEACHER, _run, assert_exactly_once, assert_same_curve
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -20,7 +20,7 @@ XTOK = ["experiment=xtok_demo", "prepare.student_vocab_size=320", "curriculum=si
 def test_xtok_online_matches_the_reference_and_exports_the_student_tokenizer(
     ray_cluster, tiny_teacher, base_overrides, tmp_path
 ):
-    common = [*base_overrides, *COMMON, *XTOK]
+    common = [*base_overrides, *RUN, *XTOK]
     student_tok = prepare_student_tokenizer(compose(common))
     want = _run(
         [*common, "cluster=local_single", "cluster.micro_batch_size=8", "cluster.grad_accum_steps=2"],
