@@ -222,8 +222,8 @@ def trim_teacher(full: Path, out: Path, texts: list[str]) -> Path:
     log(f"trimming the vocabulary: {len(kept)} of {len(j['model']['vocab'])} tokens kept")
     tmp = out.with_name(out.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
-    for name in ("tokenizer_config.json",):
-        (tmp / name).write_text((full / name).read_text(encoding="utf-8"), encoding="utf-8")
+    config = "tokenizer_config.json"
+    (tmp / config).write_text((full / config).read_text(encoding="utf-8"), encoding="utf-8")
     (tmp / "tokenizer.json").write_text(json.dumps(trimmed_tokenizer_json(j, kept)), encoding="utf-8")
     tok = AutoTokenizer.from_pretrained(tmp)
     new_id = {old: new for new, old in enumerate(kept)}

@@ -37,9 +37,9 @@ from distill.config.schema import OptimizerConfig
 from distill.curriculum.stages import StepPlan
 from distill.errors import CheckpointError, ConfigError, TopologyError
 from distill.models.loading import save_model
-from distill.training.grad_shares import measure_shares_on_aliases
+from distill.training.grad_shares import measure_shares_on_aliases, measures_shares
 from distill.training.objective import Objective
-from distill.training.reference import MicroBatch, build_optimizer, measures_shares, student_forward
+from distill.training.reference import MicroBatch, build_optimizer, student_forward
 from distill.training.schedule import optim_lr
 
 # deepspeed.initialize reads LOCAL_RANK itself (device choice), so it is required even on CPU.

@@ -37,6 +37,11 @@ def term_grad_norms(weighted: Mapping[str, Tensor], params: Sequence[nn.Paramete
     return norms
 
 
+def measures_shares(step: int, every: int) -> bool:
+    """Whether `step` measures the gradient shares: the logged steps, when shares are on (`every` > 0)."""
+    return every > 0 and (step + 1) % every == 0
+
+
 def shares_of(norms: Mapping[str, float]) -> dict[str, float]:
     """Norms -> shares summing to 1 (all zero: equal shares)."""
     total = sum(norms.values())

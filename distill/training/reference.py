@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from distill.curriculum.stages import StepPlan
-from distill.training.grad_shares import measure_shares
+from distill.training.grad_shares import measure_shares, measures_shares
 from distill.training.objective import Objective
 
 MicroBatch = dict[str, torch.Tensor | None]
@@ -123,11 +123,6 @@ class ReferenceTrainer:
         return StepMetrics(
             step, total, terms, num_tokens, lr, float(grad_norm), seconds, plan=plan, grad_shares=shares
         )
-
-
-def measures_shares(step: int, every: int) -> bool:
-    """Whether `step` measures the gradient shares: the logged steps, when shares are on."""
-    return every > 0 and (step + 1) % every == 0
 
 
 def build_optimizer(params, *, lr: float, weight_decay: float, betas: Sequence[float], eps: float):
