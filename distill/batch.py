@@ -8,6 +8,7 @@ stored as their raw uint16 bit pattern and tagged in `float_dtypes`; `to_torch()
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 
 import numpy as np
@@ -17,6 +18,7 @@ BatchId = tuple[int, int]  # (epoch, index): global order; decides which rank an
 
 _TORCH_FLOAT = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _FLOAT_FIELDS = ("topk_logits", "hidden", "attention")
+_ID_FIELDS = ("input_ids", "topk_ids", "position_ids")  # int32 on the wire, int64 in torch
 
 
 def tensor_to_numpy(t: torch.Tensor) -> tuple[np.ndarray, str]:
@@ -57,6 +59,9 @@ class TeacherBatch:
     log_normalizer [B, T] fp32    full-vocab logsumexp at T=1, so the tail mass outside top-k is known
     hidden         [B, T, L_sel, H_t] optional teacher hidden states of the configured layers
     attention      [B, L_sel, T, T] optional head-averaged attention maps of the configured layers
+    position_ids   [B, T] int32   optional, packed rows only: positions restarting at 0 at every document;
+                                  the student's forward needs them for the per-document mask the teacher used
+                                  (`model_inputs`). None on unpacked batches (and on batches from before the field).
     """
 
     batch_id: BatchId
@@ -69,6 +74,9 @@ class TeacherBatch:
     hidden: np.ndarray | None = None
     attention: np.ndarray | None = None
     float_dtypes: dict[str, str] = field(default_factory=dict)
+    # Last, so positional construction keeps its meaning; a class-level default, so a TeacherBatch pickled
+    # before this field existed unpickles with None.
+    position_ids: np.ndarray | None = None
 
     @property
     def k(self) -> int:
@@ -116,7 +124,7 @@ class TeacherBatch:
             if f.name in ("batch_id", "float_dtypes"):
                 continue
             t = self.tensor(f.name)
-            if t is not None and f.name in ("input_ids", "topk_ids"):
+            if t is not None and f.name in _ID_FIELDS:
                 t = t.long()
             out[f.name] = None if t is None else t.to(device)
         return out
@@ -127,3 +135,16 @@ def next_token_labels(input_ids: torch.Tensor) -> torch.Tensor:
     labels = torch.zeros_like(input_ids)
     labels[:, :-1] = input_ids[:, 1:]
     return labels
+
+
+def model_inputs(batch: Mapping[str, torch.Tensor | None]) -> dict[str, torch.Tensor | None]:
+    """The attention inputs of a forward (teacher or student) over `batch`.
+
+    Packed rows carry `position_ids` [B, T] that restart at 0 at every document (and at the filler tail).
+    transformers builds a per-document causal mask from them (block-diagonal; varlen under flash-attention)
+    only when no 2-D attention mask is passed, so a packed batch goes in as position_ids alone; an unpacked
+    one as its padding mask.
+    """
+    if batch.get("position_ids") is not None:
+        return {"attention_mask": None, "position_ids": batch["position_ids"]}
+    return {"attention_mask": batch["attention_mask"].long(), "position_ids": None}

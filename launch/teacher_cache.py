@@ -92,7 +92,7 @@ def _score(cfg, teacher_path: Path, identity: dict, batches) -> Iterator[Teacher
         attention_layers=identity["attention_layers"],
     )
     for bid, b in batches:
-        yield engine.score(bid, b["input_ids"], b["attention_mask"], b["loss_mask"])
+        yield engine.score_batch(bid, b)
 
 
 @hydra_app

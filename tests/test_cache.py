@@ -236,6 +236,36 @@ def test_write_across_shards_and_read_back(tmp_path):
         reader.read((0, 10))
 
 
+def with_packed_positions(batch: TeacherBatch) -> TeacherBatch:
+    """`batch` as a packed run's: position_ids [B, T] int32 restarting at 0 per document (documents of 5, 7, 4)."""
+    positions = np.concatenate([np.arange(5), np.arange(7), np.arange(4)]).astype(np.int32)
+    batch.position_ids = np.ascontiguousarray(np.broadcast_to(positions, batch.input_ids.shape))
+    return batch
+
+
+@pytest.mark.parametrize("logits", ["fp32", "gap7"])
+def test_packed_batches_keep_their_position_ids_through_the_cache(tmp_path, logits):
+    """A run reading the cache gets the packed rows' position_ids back exactly (the student needs the mask the
+    teacher scored with); an unpacked cache has none."""
+    batches = [with_packed_positions(make_batch(i)) for i in range(5)]
+    write_cache(tmp_path / "packed", batches, shard_batches=2, logits_encoding=logits)
+    manifest = json.loads((tmp_path / "packed" / "manifest.json").read_text())
+    assert manifest["dtypes"]["position_ids"] == "int32"
+    reader = CacheReader(tmp_path / "packed")
+    for original, stored in zip(batches, reader.iter_batches(), strict=True):
+        assert stored.position_ids.dtype == np.int32
+        assert np.array_equal(stored.position_ids, original.position_ids)
+        assert torch.equal(stored.to_torch()["position_ids"], torch.from_numpy(original.position_ids).long())
+    assert np.array_equal(reader.read((0, 3)).position_ids, batches[3].position_ids)
+
+    write_cache(tmp_path / "plain", [make_batch(0)])
+    plain = CacheReader(tmp_path / "plain").read((0, 0))
+    assert plain.position_ids is None and plain.to_torch()["position_ids"] is None
+    # A cache keeps one set of fields: a packed batch cannot join an unpacked cache.
+    with pytest.raises(ConfigError, match="same fields"):
+        write_cache(tmp_path / "mixed", [make_batch(0), with_packed_positions(make_batch(1))])
+
+
 def test_compact_cache_reads_back_within_the_encoding(tmp_path):
     batches = [make_batch(i) for i in range(3)]
     write_cache(tmp_path, batches, logits_encoding="gap7")

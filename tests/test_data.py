@@ -191,8 +191,10 @@ def test_pack_rows_masks_boundaries_and_filler():
     assert [row["input_ids"] for row in packed] == [[5, 6, 7, 8, 9, 0], [10, 11, 12, 13, 0, 0]]
     assert packed[0]["loss_mask"] == [False, True, False, True, False, False]  # position 2 -> 8 untrained
     assert packed[1]["attention_mask"] == [True] * 4 + [False] * 2
+    # Positions restart at every document and at the filler (tests/test_packing.py: the attention they give).
+    assert [row["position_ids"] for row in packed] == [[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 0, 1]]
     batch = pad_batch(packed, pad_id=0)
-    assert batch["input_ids"].shape == (2, 6)
+    assert batch["input_ids"].shape == (2, 6) and batch["position_ids"].shape == (2, 6)
     assert not (batch["loss_mask"] & ~batch["attention_mask"]).any()
 
 

@@ -304,9 +304,10 @@ def test_tp2_teacher_and_zero2_students_match_the_reference(baseline, reference)
         assert shares and sorted(k for k in g if k.startswith("grad_share/")) == shares, g["step"]
         for key in shares:
             assert g[key] == pytest.approx(w[key], rel=1e-3, abs=1e-6), (g["step"], key)
-    assert set(reference[-1]) <= set(
-        got[-1]
-    )  # the reference's keys (stage, loss terms, ...) + buffer figures
+    # The reference's keys (stage, loss terms, ...) + buffer figures; memory comes per role (the reference's
+    # one process is `trainer`, see below).
+    assert {k for k in reference[-1] if not k.startswith("mem/")} <= set(got[-1])
+    assert "mem/trainer/peak_rss_mib" in reference[-1]
     assert {
         "buffer/depth",
         "buffer/producer_wait_s",
@@ -325,6 +326,18 @@ def test_tp2_teacher_and_zero2_students_match_the_reference(baseline, reference)
         f"step-{STEPS}",
     ]
     assert (baseline / "eval.json").is_file()
+    # Every process's peak memory on every logged step: each role's max, and each process of a role with several.
+    roles = ["driver", "student", "student/0", "student/1", "teacher", "teacher/0.0", "teacher/0.1"]
+    roles += ["buffer", "buffer/0", "buffer/1"]
+    for row in got:
+        assert all(row[f"mem/{role}/peak_rss_mib"] > 0 for role in roles), row["step"]
+        assert not [k for k in row if k.startswith("mem/trainer/")]
+    assert got[-1]["mem/student/peak_rss_mib"] == max(
+        got[-1][f"mem/student/{r}/peak_rss_mib"] for r in (0, 1)
+    )
+    peaks = json.loads((baseline / "eval.json").read_text())
+    assert {f"mem/{role}/peak_rss_mib" for role in roles} <= set(peaks)
+    assert (baseline / "memory.png").is_file()
 
 
 @pytest.mark.distributed

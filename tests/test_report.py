@@ -348,3 +348,55 @@ def test_rerun_replaces_files_atomically(tmp_path, monkeypatch):
     assert (tmp_path / "report.md").read_text().startswith("# second\n")
     assert all(imread(tmp_path / n).std() > 0.01 for n in before if n.endswith(".png"))
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def _memory_rows() -> list[dict]:
+    """A Ray run's logged steps: students on CUDA (two ranks), two buffer shards and a driver on the CPU."""
+    rows = []
+    for step in range(0, 10, 2):
+        row = {"step": step, "stage": "main", "loss": 1.0}
+        for rank in range(2):
+            figures = {
+                "peak_rss": 900 + 10 * step + rank,
+                "cuda_max_allocated": 300 + step,
+                "cuda_max_reserved": 512,
+            }
+            row.update({f"mem/student/{rank}/{k}_mib": float(v) for k, v in figures.items()})
+            row[f"mem/buffer/{rank}/peak_rss_mib"] = 80.0 + rank
+        row.update(
+            {
+                "mem/student/peak_rss_mib": 901.0 + 10 * step,
+                "mem/student/cuda_max_allocated_mib": 300.0 + step,
+            }
+        )
+        row.update({"mem/student/cuda_max_reserved_mib": 512.0, "mem/student/rss_mib": 850.0})
+        row.update({"mem/buffer/peak_rss_mib": 81.0, "mem/driver/peak_rss_mib": 700.0 + step})
+        rows.append(row)
+    return rows
+
+
+def test_report_plots_and_tabulates_peak_memory_per_role(tmp_path):
+    summary = {"ce": 1.0, "mem/student/peak_rss_mib": 981.0}  # eval.json carries the peaks too
+    text = write_report(tmp_path, metrics=_memory_rows(), eval_summary=summary).read_text()
+    table = _section_table(text, "## Peak memory per role")
+    assert [r["role"] for r in table] == [
+        "buffer",
+        "buffer/0",
+        "buffer/1",
+        "driver",
+        "student",
+        "student/0",
+        "student/1",
+    ]
+    student = next(r for r in table if r["role"] == "student")
+    assert student == {
+        "role": "student",
+        "peak RSS (MiB)": "981",  # the last row's: peaks since start only grow
+        "CUDA max allocated (MiB)": "308",
+        "CUDA max reserved (MiB)": "512",
+    }
+    assert next(r for r in table if r["role"] == "buffer")["CUDA max allocated (MiB)"] == "-"  # CPU only
+    assert _section_table(text, "## Held-out evaluation") == [{"metric": "ce", "value": "1"}]
+    image = imread(tmp_path / "memory.png")
+    assert image.shape[0] > 500 and image.std() > 0.01  # two panels (RSS, CUDA), drawn
+    assert "memory.png" not in write_report(tmp_path / "none", metrics=[{"step": 0, "loss": 1.0}]).read_text()

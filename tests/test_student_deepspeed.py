@@ -6,9 +6,11 @@ test process on the same global batches, model init, objective (CE + forward KL 
 hidden-state MSE through a trained projector) and AdamW settings.
 
 - world size 1: ZeRO-0 (+ the engine's error messages), ZeRO-2 with CPU optimizer offload (checkpointed, resumed
-  by a fresh engine, exported to HF), ZeRO-1 with activation checkpointing, and ZeRO-2 in bf16.
+  by a fresh engine, exported to HF), ZeRO-1 with activation checkpointing and the fused head, and ZeRO-2 in bf16.
 - world size 2: ZeRO-1, 2 and 3, one after the other, each rank fed half the rows of every micro-batch (and so
-  a different number of trained tokens); the ZeRO-3 run is checkpointed, resumed and exported (gathered).
+  a different number of trained tokens); the ZeRO-3 run is checkpointed, resumed and exported (gathered); ZeRO-3
+  again with the fused head (distill.losses.fused: the head weight gathered inside the loss), against the
+  same unfused reference.
 
 The first run on a machine JIT-builds DeepSpeed's CPU comm op (~40-100 s) into TORCH_EXTENSIONS_DIR; later runs
 load it in well under a second.
@@ -53,13 +55,14 @@ RUNS = {
     1: {
         "z0": {"zero_stage": 0, "errors": True},
         "z2_offload": {"zero_stage": 2, "offload_optimizer": True, "checkpoint": True, "export": True},
-        "z1_act_ckpt": {"zero_stage": 1, "gradient_checkpointing": True},
+        "z1_act_ckpt": {"zero_stage": 1, "gradient_checkpointing": True, "fused": True},
         "z2_bf16": {"zero_stage": 2, "precision": "bf16", "hidden": False},
     },
     2: {
         "z1": {"zero_stage": 1},
         "z2": {"zero_stage": 2},
         "z3": {"zero_stage": 3, "checkpoint": True, "export": True},
+        "z3_fused": {"zero_stage": 3, "fused": True},
     },
 }
 
@@ -69,14 +72,19 @@ def student_config():
     return tiny_config("tiny_qwen2", vocab_size=VOCAB, pad_token_id=0, eos_token_id=0)
 
 
-def make_objective(hidden: bool = True) -> Objective:
+def make_objective(hidden: bool = True, fused: bool = False) -> Objective:
     terms = [TermSpec("ce", "ce", 0.5), TermSpec("kd", "forward_kl", 1.0)]
     if hidden:
         terms.append(TermSpec("feat", "hidden_mse", 0.1, layer_map=[(2, 1)]))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(1)  # the projector's init
         return Objective(
-            terms, temperature=2.0, chunk_size=16, student_hidden_size=96, teacher_hidden_size=TEACHER_HIDDEN
+            terms,
+            temperature=2.0,
+            chunk_size=16,
+            student_hidden_size=96,
+            teacher_hidden_size=TEACHER_HIDDEN,
+            fused_head=fused,
         )
 
 
@@ -167,7 +175,7 @@ def _run(StudentEngine, name: str, opts: dict, rank: int, world: int, run_dir: P
     def new_engine():
         return StudentEngine(
             build_model(student_config(), seed=0),
-            make_objective(opts.get("hidden", True)),
+            make_objective(opts.get("hidden", True), opts.get("fused", False)),
             optim=OPTIM,
             total_steps=STEPS,
             ds_config=ds_config,
@@ -278,7 +286,7 @@ def assert_close(got, want, rel=REL):
 
 
 # ------------------------------------------------------------------------------------- against reference
-@pytest.mark.parametrize("run", ["z0", "z2_offload", "z1_act_ckpt", "z1", "z2", "z3"])
+@pytest.mark.parametrize("run", ["z0", "z2_offload", "z1_act_ckpt", "z1", "z2", "z3", "z3_fused"])
 def test_loss_curve_matches_reference(records, reference, run):
     ref = reference[True]
     ranks = records[run]

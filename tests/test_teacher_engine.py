@@ -154,6 +154,22 @@ def test_teacher_batch_is_the_wire_type(teacher, inputs):
         "topk_logits",
         "log_normalizer",
     }
+    assert batch.position_ids is None  # unpacked: no position_ids on the wire
+
+
+def test_score_batch_scores_a_stream_batch_like_score(teacher, inputs):
+    """`score_batch` reads the stream micro-batch's fields; an unpacked one scores exactly as `score` (packed ones:
+    tests/test_packing.py)."""
+    ids, mask, loss_mask = inputs
+    engine = TeacherEngine(teacher, K)
+    by_fields = engine.score((0, 3), ids, mask, loss_mask).to_torch()
+    stream_batch = {"input_ids": ids, "attention_mask": mask.bool(), "loss_mask": loss_mask}
+    by_batch = engine.score_batch((0, 3), stream_batch).to_torch()
+    for name, value in by_fields.items():
+        if value is None:
+            assert by_batch[name] is None, name
+        else:
+            assert torch.equal(by_batch[name], value), name
 
 
 def test_mla_teacher_on_padded_sdpa_equals_eager_attention(inputs):

@@ -98,8 +98,12 @@ def test_offline_wandb_run_holds_every_metric_and_the_config(
         assert set(got) >= STEP_KEYS
         for key in STEP_KEYS:
             assert got[key] == (pytest.approx(want[key]) if isinstance(want[key], float) else want[key]), key
+        # The single process's peak memory (the Ray roles: test_online_distributed's baseline).
+        assert want["mem/trainer/peak_rss_mib"] > 0
+        assert got["mem/trainer/peak_rss_mib"] == pytest.approx(want["mem/trainer/peak_rss_mib"])
     final = wandb_summary(records)
     assert final["eval/agreement"] == pytest.approx(summary["agreement"])
+    assert final["eval/mem/trainer/peak_rss_mib"] == summary["mem/trainer/peak_rss_mib"]  # eval.json's peak
     assert final["eval/ce"] == pytest.approx(summary["ce"])
     (run_record,) = [r["run"] for r in records if r["type"] == "run"]
     config = run_record["config"]["update"]

@@ -2,9 +2,9 @@
 
     with CacheWriter(root, manifest_meta={...}, shard_batches=8) as writer:
         done = set(writer.done_batches())          # resume: skip what a previous run stored
-        for batch_id, tokens in batches:
+        for batch_id, batch in batches:               # stream micro-batches (packed: with position_ids)
             if batch_id not in done:
-                writer.write(engine.score(batch_id, *tokens))
+                writer.write(engine.score_batch(batch_id, batch))
     for batch in CacheReader(root, expect={"teacher_hash": ...}).iter_batches(): ...
 
 Encodings of the top-k part are chosen by name (see encoding.py): ids "int32" | "packed<bits>" (packed17 for

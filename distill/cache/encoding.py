@@ -53,7 +53,9 @@ PLAIN_LOGITS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 LOGITS_ENCODINGS = (*PLAIN_LOGITS, *GAP_CODES)
 IDS_ENCODINGS = (IDS_INT32, "packed<bits>")  # for messages; packed17 is the 129,280-token vocab's choice
 
-_PASSTHROUGH = ("input_ids", "attention_mask", "loss_mask", "hidden", "attention")
+# Stored as they are. position_ids (packed rows) travel with the inputs: a student reading the cache needs the
+# per-document mask the teacher scored with.
+_PASSTHROUGH = ("input_ids", "attention_mask", "loss_mask", "position_ids", "hidden", "attention")
 _FLOAT_NAMES = ("float32", "float16", "bfloat16")
 
 
@@ -224,8 +226,8 @@ def encode(batch: TeacherBatch, ids: str, logits: str) -> dict[str, np.ndarray]:
     """The arrays stored for `batch`: top-k part encoded, everything else as it is (bf16 as uint16 bits).
 
     Keys: input_ids, attention_mask, loss_mask, topk_ids ([B, T, k] int32 or [B, T, ceil(k*b/8)] uint8),
-    topk_logits, log_normalizer [B, T] fp32, log_topk_mass [B, T] fp16 (gap encodings only), hidden, attention
-    (when present). Decode with `decode(arrays, decode_meta(batch, ids, logits))`.
+    topk_logits, log_normalizer [B, T] fp32, log_topk_mass [B, T] fp16 (gap encodings only), position_ids,
+    hidden, attention (when present). Decode with `decode(arrays, decode_meta(batch, ids, logits))`.
     """
     encoding = Encoding(ids, logits)
     out = {name: getattr(batch, name) for name in _PASSTHROUGH if getattr(batch, name) is not None}
@@ -286,6 +288,7 @@ def decode(arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> TeacherBatch:
         hidden=arrays.get("hidden"),
         attention=arrays.get("attention"),
         float_dtypes=float_dtypes,
+        position_ids=arrays.get("position_ids"),  # None in unpacked caches and caches from before the field
     )
 
 

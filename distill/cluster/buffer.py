@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import ray
 
 from distill.config.topology import check_capacity  # noqa: F401  (re-exported: the buffer's capacity rule)
+from distill.tracking.memory import MemoryPeaks, measure
 
 # (epoch, index), as distill.batch.BatchId; not imported from there so the shard processes never load
 # torch or transformers (a shard only moves references).
@@ -273,7 +274,8 @@ class BufferShard:
         """Committed consumption count per acked batch id."""
         return dict(self._commits)
 
-    async def stats(self) -> dict[str, float]:
+    async def stats(self) -> dict:
+        """The shard's counters and figures (numbers), and its process's `memory` (a `MemoryPeaks`)."""
         leased = sum(e.consumer is not None for e in self._entries.values())
         elapsed = max(time.perf_counter() - self._started, 1e-9)
         return {
@@ -284,6 +286,7 @@ class BufferShard:
             "put_bytes_per_s": self._stats["bytes_put"] / elapsed,
             "lease_bytes_per_s": self._stats["bytes_leased"] / elapsed,
             "cpu_s": _process_cpu_seconds(),
+            "memory": measure(),
         }
 
 
@@ -418,19 +421,27 @@ class Buffer:
 
     def stats(self) -> dict[str, float]:
         """Sums over shards (depth, waits, bytes, counters)."""
-        return self.total_stats(self.stats_async())
+        return self.total_stats(ray.get(self.stats_async()))
 
     def stats_async(self) -> list[ray.ObjectRef]:
-        """`stats` without waiting: refs to the shards' figures, for `total_stats` (sampled when they run)."""
+        """`stats` without waiting: refs to the shards' figures (sampled when they run); fetched, they give
+        `total_stats` and `shard_memory`."""
         return [s.stats.remote() for s in self.shards]
 
     @staticmethod
-    def total_stats(parts: list[ray.ObjectRef]) -> dict[str, float]:
+    def total_stats(parts: list[dict]) -> dict[str, float]:
+        """The shards' figures (`BufferShard.stats`), summed; memory is not a sum (see `shard_memory`)."""
         total: dict[str, float] = defaultdict(float)
-        for part in ray.get(parts):
+        for part in parts:
             for k, v in part.items():
-                total[k] += v
+                if k != "memory":
+                    total[k] += v
         return dict(total)
+
+    @staticmethod
+    def shard_memory(parts: list[dict]) -> dict[str, MemoryPeaks]:
+        """Shard index -> its process's memory, from the shards' figures (`BufferShard.stats`)."""
+        return {str(i): part["memory"] for i, part in enumerate(parts)}
 
     def shutdown(self) -> None:
         for s in self.shards:

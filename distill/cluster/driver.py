@@ -39,6 +39,7 @@ from distill.cluster.buffer import PUT_FULL, Buffer
 from distill.cluster.student_group import StudentFailure, StudentGroup
 from distill.errors import CheckpointError
 from distill.io import atomic_write_json, atomic_write_text
+from distill.tracking.memory import MemoryPeaks, measure, role_metrics
 from distill.training.modes import StepHooks
 from distill.training.reference import StepMetrics
 
@@ -233,6 +234,7 @@ class _Dispatched:
 class Driver:
     """Runs optimizer steps [start, total_steps) over the groups it is given; owns no configuration.
 
+    teachers: a `TeacherGroup` (its `score_stream` feeds the buffer; `memory_peaks` is read on logged steps).
     inputs(position): (batch_id, arrays) from stream position `position` on (a fresh iterator each call).
     tokens(batch_id): trained tokens (loss_mask.sum()) of a batch.
     plans(step): the curriculum's StepPlan of a step, handed to every rank (None: the objective as configured).
@@ -392,15 +394,27 @@ class Driver:
         )
         self.mode.after_commit(step, kept)  # continual: may evaluate the student (an increment's end)
         if d.sampled:
-            stats = Buffer.total_stats(d.sampled)
+            shards = ray.get(d.sampled)
+            stats = Buffer.total_stats(shards)
             extras = {
                 "buffer/depth": stats["depth"],
                 "buffer/producer_wait_s": stats["producer_wait_s"],
                 "buffer/consumer_wait_s": stats["consumer_wait_s"],
                 "buffer/lease_bytes_per_s": stats["lease_bytes_per_s"],
                 "student/fetch_s": max(o["fetch_s"] for o in outs),
+                **self._memory_metrics(outs, Buffer.shard_memory(shards)),
             }
             self.sink.write(metrics, extras)
+
+    def _memory_metrics(self, outs: list[dict], shards: dict[str, MemoryPeaks]) -> dict[str, float]:
+        """`mem/<role>/...` of every process (see `distill.tracking.memory`), from replies the driver has anyway:
+        the ranks' step answers, the teacher actors' scoring replies, the shards' sampled figures."""
+        return {
+            **measure().metrics("driver"),
+            **role_metrics("student", {str(rank): o["memory"] for rank, o in enumerate(outs)}),
+            **role_metrics("teacher", self.teachers.memory_peaks()),
+            **role_metrics("buffer", shards),
+        }
 
     def stop_after(self) -> tuple[int, Path]:
         """Commit the step already sent ahead (if any), checkpoint the committed steps (unless that checkpoint

@@ -34,6 +34,7 @@ from distill.batch import BatchId
 from distill.cluster.buffer import Buffer
 from distill.cluster.prefetch import Prefetcher
 from distill.cluster.worker import TorchrunWorker
+from distill.tracking.memory import measure
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +130,7 @@ class StudentWorker(TorchrunWorker):
         next_ids: this rank's batches of the next step, leased and fetched while this one trains (None: the
         last step). The batches stay leased, not acked: the driver acks a step's batches once it commits.
         Returns StudentEngine.train_step's dict (this rank's term sums) plus `fetch_s` (the time this step
-        waited for its batches).
+        waited for its batches) and `memory` (this process's `MemoryPeaks`: microseconds, no device sync).
         """
         start = time.perf_counter()
         fetched = self.batches.take(batch_ids)
@@ -137,7 +138,8 @@ class StudentWorker(TorchrunWorker):
             self.batches.prefetch(next_ids)
         fetch_s = time.perf_counter() - start
         out = self.engine.train_step(step, [micro for _, micro in fetched], global_tokens, plan)
-        return {**out, "fetch_s": fetch_s, "batch_ids": [batch_id for batch_id, _ in fetched]}
+        batch_ids = [batch_id for batch_id, _ in fetched]
+        return {**out, "fetch_s": fetch_s, "batch_ids": batch_ids, "memory": measure()}
 
     def save(self, directory: str, client_state: dict) -> None:
         """DeepSpeed checkpoint (all ranks) + this rank's torch RNG state."""

@@ -27,6 +27,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from distill.batch import BatchId, TeacherBatch, readonly_tensor
 from distill.cluster.placement import alive_nodes, plan_replica_nodes, replica_placement_group
 from distill.cluster.worker import TorchrunWorker
+from distill.tracking.memory import MemoryPeaks, measure
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,8 @@ class BatchMeta:
     nbytes: int
     replica: int
     pid: int
+    memory: MemoryPeaks | None = None
+    """The scoring actor's memory after this batch (TP rank 0's; the other ranks send theirs beside it)."""
 
 
 class TeacherWorker(TorchrunWorker):
@@ -107,16 +110,17 @@ class TeacherWorker(TorchrunWorker):
 
     def score(
         self, batch_id: BatchId, inputs: dict[str, np.ndarray]
-    ) -> tuple[BatchMeta | None, TeacherBatch | None]:
-        """All TP ranks run the forward; rank 0 returns (metadata, TeacherBatch), the others (None, None)."""
+    ) -> tuple[BatchMeta | MemoryPeaks, TeacherBatch | None]:
+        """All TP ranks run the forward; rank 0 returns (metadata, TeacherBatch), the others (their memory
+        figures, None): the group reads every actor's memory from replies it waits for anyway."""
         t = {k: readonly_tensor(v) for k, v in inputs.items()}
         if self.cross is not None:
             out = self.cross.score(batch_id, t)  # every TP rank runs the teacher forward on teacher tokens
         else:
-            out = self.engine.score(batch_id, t["input_ids"], t["attention_mask"], t["loss_mask"])
+            out = self.engine.score_batch(batch_id, t)
         if self.rank != 0:
-            return None, None
-        meta = BatchMeta(tuple(batch_id), out.num_tokens, out.nbytes(), self.replica, os.getpid())
+            return measure(), None
+        meta = BatchMeta(tuple(batch_id), out.num_tokens, out.nbytes(), self.replica, os.getpid(), measure())
         return meta, out
 
     def sample(self, prompts: list[list[int]], params, first_index: int) -> list | None:
@@ -150,7 +154,7 @@ class _InFlight:
     replica: int
     meta: ray.ObjectRef
     payload: ray.ObjectRef
-    others: list[ray.ObjectRef]
+    others: list[ray.ObjectRef]  # TP ranks 1.. : their memory figures (resolved once their forward is done)
 
 
 class TeacherGroup:
@@ -183,6 +187,7 @@ class TeacherGroup:
             reserve_cpus=reserve_cpus,
         )
         self.replicas = [self._place(r, node) for r, node in enumerate(nodes)]
+        self._memory: dict[str, MemoryPeaks] = {}  # "<replica>.<tp rank>" -> its latest figures
         ray.get(
             [ref for rep in self.replicas for ref in self._start_actors(rep)]
         )  # all replicas load at once
@@ -242,7 +247,7 @@ class TeacherGroup:
             replica, self._next = self._next, (self._next + 1) % len(self.replicas)
         rep = self.replicas[replica]
         refs = [a.score.options(num_returns=2).remote(batch_id, inputs) for a in rep.actors]
-        (meta, payload), others = refs[0], [r for pair in refs[1:] for r in pair]
+        (meta, payload), others = refs[0], [memory for memory, _ in refs[1:]]
         return _InFlight(tuple(batch_id), inputs, replica, meta, payload, others)
 
     def score_stream(
@@ -268,11 +273,14 @@ class TeacherGroup:
             head = pending[0]
             try:
                 meta = ray.get(head.meta)
-                ray.get(head.others)  # the other TP ranks must have finished too (they hold no payload)
+                # The other TP ranks must have finished too; they hold no payload, only their memory figures.
+                others = ray.get(head.others)
             except (RayActorError, RayTaskError) as err:
                 self._recover(pending, head.replica, err)
                 continue
             pending.popleft()
+            for rank, memory in enumerate([meta.memory, *others]):
+                self._memory[f"{head.replica}.{rank}"] = memory
             yield meta, head.payload
 
     def _recover(self, pending: deque[_InFlight], replica: int, err: Exception) -> None:
@@ -297,6 +305,11 @@ class TeacherGroup:
         return ray.get(ref)
 
     # ---- introspection and shutdown ---------------------------------------------------------------------
+    def memory_peaks(self) -> dict[str, MemoryPeaks]:
+        """Each actor's memory ("<replica>.<tp rank>" -> figures) as of the last batch it scored in
+        `score_stream`. A copy, safe to read from another thread than the one streaming (dict.copy holds the GIL)."""
+        return self._memory.copy()
+
     def actor_nodes(self) -> list[list[str]]:
         return [ray.get([a.node_id.remote() for a in rep.actors]) for rep in self.replicas]
 

@@ -167,6 +167,10 @@ class LossConfig:
     max(16, CHUNK_ELEMENTS // V) rows, i.e. ~4 MiB of fp32 per working array whatever the vocabulary."""
     terms: dict[str, LossTermConfig] = field(default_factory=dict)
     """Terms by label; weights 0 disable a term."""
+    fused_head: bool = True
+    """Compute the student's output head inside the loss, chunk by chunk, with one gradient for every logit term
+    (no [B, T, V] logits or per-term [N, V] gradients: what long traces at a 152k vocabulary need). False: the
+    unfused reference path over materialised logits."""
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Padding, packing and the deterministic numbered batch stream.
 
 Rows are encoded examples: `{"input_ids": list[int], "loss_mask": list[bool]}` (see `formatting`), plus an
-optional `attention_mask` (packed rows carry one for their filler tail). Every batch has a global id
+optional `attention_mask` (packed rows carry one for their filler tail) and, on packed rows only,
+`position_ids` (restarting at 0 at every document; see `pack_rows`). Every batch has a global id
 `(epoch, index)`; the same id is always the same batch, which is what lets the teacher, the buffer and a
 resumed student agree on the data without shipping it around.
 """
@@ -26,7 +27,7 @@ def pad_batch(rows: Sequence[dict], pad_id: int, pad_to: int | None = None) -> d
     """Right-pad `rows` into tensors of shape [B, T], T = `pad_to` or the longest row.
 
     Returns `input_ids` int64 [B, T], `attention_mask` bool [B, T] (False on padding) and `loss_mask`
-    bool [B, T] (always False on padding).
+    bool [B, T] (always False on padding); packed rows add `position_ids` int64 [B, T] (see `pack_rows`).
     """
     longest = max(len(row["input_ids"]) for row in rows)
     width = longest if pad_to is None else pad_to
@@ -41,9 +42,26 @@ def pad_batch(rows: Sequence[dict], pad_id: int, pad_to: int | None = None) -> d
         attention_mask[i, :n] = torch.tensor(_attention(row), dtype=torch.bool)
         loss_mask[i, :n] = torch.tensor(row["loss_mask"], dtype=torch.bool)
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+    if "position_ids" in rows[0]:
+        batch["position_ids"] = _pad_positions(rows, width)
     if "align" in rows[0]:
         batch |= _pad_cross_tokenizer(rows, width)
     return batch
+
+
+def _pad_positions(rows: Sequence[dict], width: int) -> torch.Tensor:
+    """position_ids int64 [B, width] of packed rows; padding (packed rows are full-width, so only a wider
+    `pad_to`) is one more segment restarting at 0, like the filler, so it never joins a document's attention."""
+    if not all("position_ids" in row for row in rows):
+        raise ConfigError(
+            "a batch mixes packed rows (with position_ids) and unpacked ones; pack every source of a run or none"
+        )
+    positions = torch.zeros((len(rows), width), dtype=torch.int64)
+    for i, row in enumerate(rows):
+        n = len(row["position_ids"])
+        positions[i, :n] = torch.tensor(row["position_ids"], dtype=torch.int64)
+        positions[i, n:] = torch.arange(width - n)
+    return positions
 
 
 def _pad_cross_tokenizer(rows: Sequence[dict], width: int) -> dict[str, torch.Tensor]:
@@ -73,13 +91,15 @@ def _pad_cross_tokenizer(rows: Sequence[dict], width: int) -> dict[str, torch.Te
 
 
 def _fill(row: dict, seq_len: int, eos_id: int) -> dict:
-    """Complete a packed row to exactly seq_len tokens with untrained, unattended eos filler."""
+    """Complete a packed row to exactly seq_len tokens with untrained eos filler; the filler is a segment of
+    its own (positions restart at 0), so no document attends to it."""
     n = len(row["input_ids"])
     filler = seq_len - n
     return {
         "input_ids": row["input_ids"] + [eos_id] * filler,
         "loss_mask": row["loss_mask"] + [False] * filler,
         "attention_mask": [True] * n + [False] * filler,
+        "position_ids": row["position_ids"] + list(range(filler)),
     }
 
 
@@ -90,23 +110,26 @@ def pack_rows(rows: Sequence[dict], seq_len: int, eos_id: int) -> list[dict]:
     so a prompt is never separated from its reply); the unused tail of a row is eos filler with
     attention_mask and loss_mask False. An example longer than seq_len is truncated to it.
 
-    No loss crosses a document boundary: each example's last position is already masked (the prediction
-    of the next document's first token is never trained). Attention does cross boundaries, as in standard
-    packed pretraining; teacher and student see the same packed rows, so distillation stays consistent.
+    Each row carries `position_ids` that restart at 0 at every document and at the filler. Neither loss nor
+    attention crosses a document boundary: each example's last position is already masked (the prediction
+    of the next document's first token is never trained), and teacher and student forwards turn the
+    position_ids into a per-document causal mask (`distill.batch.model_inputs`), so every document is scored
+    exactly as if it were alone (its positions included).
     """
     if seq_len < 2:
         raise ConfigError(f"seq_len={seq_len} leaves nothing to predict; use at least 2")
     packed: list[dict] = []
-    current: dict = {"input_ids": [], "loss_mask": []}
+    current: dict = {"input_ids": [], "loss_mask": [], "position_ids": []}
     for row in rows:
         ids, mask = row["input_ids"][:seq_len], row["loss_mask"][:seq_len]
         if mask:
             mask = [*mask[:-1], False]  # truncation made a new last position
         if current["input_ids"] and len(current["input_ids"]) + len(ids) > seq_len:
             packed.append(_fill(current, seq_len, eos_id))
-            current = {"input_ids": [], "loss_mask": []}
+            current = {"input_ids": [], "loss_mask": [], "position_ids": []}
         current["input_ids"] += ids
         current["loss_mask"] += mask
+        current["position_ids"] += range(len(ids))
     if current["input_ids"]:
         packed.append(_fill(current, seq_len, eos_id))
     return packed
@@ -123,8 +146,9 @@ class BatchStream:
     which keeps the split across student ranks and micro-steps exact and the loss normalization uniform.
 
     With `packing`, rows are packed once (after a seeded shuffle, so packs mix examples) into rows of
-    exactly `seq_len` tokens, and batches are drawn from the packed rows. Without packing, batches are
-    padded to `seq_len` when given (fixed shapes), else to their longest row.
+    exactly `seq_len` tokens, and batches are drawn from the packed rows (with `position_ids` [B, T], one
+    segment per document). Without packing, batches are padded to `seq_len` when given (fixed shapes), else
+    to their longest row, and carry no position_ids.
     """
 
     def __init__(
@@ -170,7 +194,7 @@ class BatchStream:
         return self._cached_perm[1]
 
     def batch(self, epoch: int, index: int) -> dict[str, torch.Tensor]:
-        """The batch with id `(epoch, index)`; see `pad_batch` for the tensors."""
+        """The batch with id `(epoch, index)`; see `pad_batch` for the tensors (packed: + position_ids)."""
         if not 0 <= index < self.num_batches:
             raise IndexError(f"batch index {index} out of range: an epoch has {self.num_batches} batches")
         picked = self._permutation(epoch)[index * self.batch_size : (index + 1) * self.batch_size]

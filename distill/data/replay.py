@@ -42,6 +42,7 @@ _ROW_FIELDS = (
     "topk_logits",
     "log_normalizer",
     "hidden",
+    "position_ids",  # packed rows: a replayed row keeps its per-document attention
 )
 # Keys the replay-batch generators apart from the reservoir's `[seed, increment, n]`: no increment gets here.
 _REPLAY_TAG = 2**32 - 1
@@ -117,7 +118,8 @@ class ReplaySnapshot:
 
     def batch(self, batch_id: BatchId, position: int, batch_size: int, *, pad_id: int) -> TeacherBatch:
         """The replay batch of stream `position`: `batch_size` samples (without replacement when there are
-        enough), right-padded to the longest T: input_ids with pad_id, masks False, everything else 0.
+        enough), right-padded to the longest T: input_ids with pad_id, masks False, everything else 0 (position_ids
+        0 too: each padding token is then a segment of its own, which no real token attends to).
 
         Returns a TeacherBatch [batch_size, T, ...] with the offered batches' fields, dtypes and float_dtypes.
         """

@@ -22,6 +22,7 @@ from matplotlib.figure import Figure
 
 from distill.eval.continual import ContinualMatrix
 from distill.io import atomic_write_bytes, atomic_write_text
+from distill.tracking.memory import MEMORY_PREFIX, final_peaks, memory_key, split_key
 
 _DEFAULT_STAGE = "main"  # runs without a curriculum log no stage name
 
@@ -39,8 +40,10 @@ def write_report(
 
     metrics: metrics.jsonl rows. Rows with an `event` key (e.g. stage_transition) are annotations drawn as
         vertical lines; every other row with a `step` is a training row (`stage`, `temperature`, `alpha`,
-        `loss`, `lr`, `loss/<term>`, optionally `eval/<metric>`).
-    Plots: loss_terms.png, schedules.png, heldout.png (only with eval/* columns), continual_<metric>.png.
+        `loss`, `lr`, `loss/<term>`, optionally `eval/<metric>` and `mem/<role>/<figure>_mib`).
+    eval_summary: eval.json; its `mem/` keys are left to the peak-memory table (built from the rows).
+    Plots: loss_terms.png, schedules.png, heldout.png (only with eval/* columns), memory.png (only with mem/*
+    columns), continual_<metric>.png.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -64,9 +67,9 @@ def write_report(
         if _keys(rows, "eval/"):
             lines += ["## Held-out metrics during training", ""]
             lines += _image("Held-out metrics", _plot_heldout(run_dir, rows, spans, events))
-    if eval_summary:
-        lines += ["## Held-out evaluation (end of run)", ""]
-        lines += [*_table([{"metric": k, "value": v} for k, v in sorted(eval_summary.items())]), ""]
+        if _keys(rows, MEMORY_PREFIX):
+            lines += _memory_section(run_dir, rows, spans, events)
+    lines += _heldout_section(eval_summary or {})
     for m in continual or []:
         lines += [f"## Continual: {m.metric} (rows: after increment i; columns: increment j)", ""]
         table = [
@@ -163,6 +166,80 @@ def _range(values: list[float]) -> str | None:
     if values[0] == values[-1]:
         return _fmt(values[0])
     return f"{_fmt(values[0])} -> {_fmt(values[-1])}"  # start -> end shows which way the schedule moves
+
+
+def _heldout_section(eval_summary: dict) -> list[str]:
+    """The end-of-run evaluation table; eval.json's `mem/` keys are in the peak-memory section instead."""
+    heldout = {k: v for k, v in eval_summary.items() if not k.startswith(MEMORY_PREFIX)}
+    if not heldout:
+        return []
+    table = _table([{"metric": k, "value": v} for k, v in sorted(heldout.items())])
+    return ["## Held-out evaluation (end of run)", "", *table, ""]
+
+
+# ---- memory ------------------------------------------------------------------------------------------------
+_MEMORY_COLUMNS = {
+    "peak_rss": "peak RSS (MiB)",
+    "cuda_max_allocated": "CUDA max allocated (MiB)",
+    "cuda_max_reserved": "CUDA max reserved (MiB)",
+}
+
+
+def _memory_section(run_dir: Path, rows: list[dict], spans: list[_Span], events: list[dict]) -> list[str]:
+    lines = [
+        "## Peak memory per role",
+        "",
+        "Peaks since each process started (see distill/tracking/memory.py); a role played by several processes "
+        "shows their maximum, and the table lists each process too.",
+        "",
+    ]
+    lines += _image("Peak memory per role", _plot_memory(run_dir, rows, spans, events))
+    return [*lines, *_table(_memory_table(final_peaks(rows))), ""]
+
+
+def _memory_table(peaks: dict[str, float]) -> list[dict]:
+    """One row per role (`trainer`, `student`, `student/0`, ...) with its peaks, whole MiB."""
+    table: dict[str, dict] = {}
+    for key, value in peaks.items():
+        role, figure = split_key(key)
+        table.setdefault(role, {"role": role})[_MEMORY_COLUMNS[figure]] = f"{value:.0f}"
+    return [table[role] for role in sorted(table, key=_role_order)]
+
+
+def _role_order(role: str) -> list[tuple[int, str]]:
+    """`student` before `student/0`, `student/2` before `student/10`, `teacher/1.2` before `teacher/1.10`."""
+    return [(int(p), "") if p.isdigit() else (-1, p) for p in re.split(r"[/.]", role)]
+
+
+def _memory_roles(rows: list[dict]) -> list[str]:
+    """The roles drawn: each role's maximum only (one line per role, not one per process of a 64-actor group)."""
+    roles = {split_key(k)[0] for k in _keys(rows, MEMORY_PREFIX)}
+    return sorted(r for r in roles if "/" not in r)
+
+
+def _plot_memory(run_dir: Path, rows: list[dict], spans: list[_Span], events: list[dict]) -> str:
+    """Peak RSS per role over the steps; below it, with CUDA figures, max allocated (solid) and reserved (dashed)."""
+    roles = _memory_roles(rows)
+    cuda = any(split_key(k)[1].startswith("cuda_") for k in _keys(rows, MEMORY_PREFIX))
+    fig, axes = _figure(2 if cuda else 1, height=5.5 if cuda else 4.0)
+    for ax in axes:
+        _decorate(ax, spans, events)
+    for i, role in enumerate(roles):
+        color = f"C{i % 10}"  # a role keeps its colour in both panels
+        axes[0].plot(*_series(rows, memory_key(role, "peak_rss")), marker=".", color=color, label=role)
+        allocated = _series(rows, memory_key(role, "cuda_max_allocated"))
+        if cuda and allocated[0]:  # roles on the CPU only (the buffer shards, a driver) stay out of it
+            axes[1].plot(*allocated, marker=".", color=color, label=role)
+            axes[1].plot(*_series(rows, memory_key(role, "cuda_max_reserved")), color=color, linestyle="--")
+    axes[0].set_ylabel("peak RSS (MiB)")
+    if cuda:
+        axes[1].set_ylabel("CUDA max allocated,\nreserved dashed (MiB)")
+    for ax in axes:
+        ax.set_ylim(bottom=0)  # from zero: the roles' sizes compare honestly
+        if ax.get_legend_handles_labels()[0]:  # not `ax.lines`: the stage lines of _decorate are lines too
+            ax.legend(fontsize=8)
+    axes[-1].set_xlabel("step")
+    return _save(fig, run_dir / "memory.png")
 
 
 # ---- markdown ----------------------------------------------------------------------------------------------

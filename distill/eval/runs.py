@@ -9,6 +9,7 @@ from pathlib import Path
 from distill.eval.evaluate import evaluate_model
 from distill.eval.report import write_report
 from distill.io import atomic_write_json
+from distill.tracking.memory import final_peaks
 from distill.tracking.metrics_log import read_metrics
 from distill.xtok.metrics import bits_per_char
 
@@ -58,9 +59,15 @@ def evaluate_increments(cfg, model, tokenizer, data, increments) -> dict[str, di
     }
 
 
+def run_memory_peaks(run_dir: str | Path) -> dict[str, float]:
+    """Each role's peak memory over the run (`mem/<role>/<figure>_mib` from metrics.jsonl), for eval.json."""
+    path = Path(run_dir) / "metrics.jsonl"
+    return final_peaks(read_metrics(path)) if path.is_file() else {}
+
+
 def write_run_report(cfg, summary: dict, continual_matrices=None) -> Path:
-    """report.md + PNG plots in the run folder: loss terms per stage, schedules, held-out eval, and for
-    continual runs the accuracy matrices with forgetting."""
+    """report.md + PNG plots in the run folder: loss terms per stage, schedules, held-out eval, each role's peak
+    memory, and for continual runs the accuracy matrices with forgetting."""
     run_dir = Path(cfg.run_dir)
     title = f"Distillation report: {cfg.teacher.name} -> {cfg.student.name}, {cfg.curriculum.name}, mode={cfg.mode}"
     return write_report(

@@ -10,7 +10,8 @@ count. See terms.py for the table of terms, teachers.py for the top-k-with-tail 
 """
 
 from distill.losses import divergences
-from distill.losses.chunked import chunked_loss_sum
+from distill.losses.chunked import RowTerm, chunked_loss_sum
+from distill.losses.fused import fused_head_loss_sums
 from distill.losses.projection import HiddenProjector
 from distill.losses.registry import LossTerm, get, names, register
 from distill.losses.selection import select_tokens, teacher_statistic
@@ -23,6 +24,7 @@ __all__ = [
     "HiddenProjector",
     "LossTerm",
     "MappedTopKTeacher",
+    "RowTerm",
     "Teacher",
     "TopKTeacher",
     "attention_transfer",
@@ -31,6 +33,7 @@ __all__ = [
     "check_temperature",
     "chunked_loss_sum",
     "divergences",
+    "fused_head_loss_sums",
     "get",
     "hidden_cosine",
     "hidden_mse",

@@ -36,6 +36,9 @@ class LossTerm:
     fn: Callable[..., Any] = field(repr=False)
     params: Mapping[str, Any]  # tunable parameters this term accepts -> default
     accepted: frozenset[str] = field(repr=False)  # every keyword the call accepts
+    rows: Callable[..., Any] | None = field(default=None, repr=False)
+    """Logit terms: (teacher, mask, *, vocab_size, temperature, labels, **params) -> (RowTerm, num_tokens), the
+    term without the student's logits, for the fused head (distill.losses.fused)."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         unknown = sorted(set(kwargs) - self.accepted)
@@ -46,6 +49,21 @@ class LossTerm:
             )
         self.check_params({k: v for k, v in kwargs.items() if k in self.params})
         return self.fn(*args, **{**self.params, **kwargs})
+
+    def row_term(self, teacher: Any, mask: Any, **kwargs: Any) -> Any:
+        """(RowTerm, num_tokens) of a logit term: what the call computes, before any student logits exist.
+        kwargs as for the call, with `vocab_size` (the student's) in place of the logits."""
+        if self.rows is None:
+            raise ConfigError(f"loss term {self.name!r} ({self.kind}) has no row form; only logit terms do.")
+        params = {k: v for k, v in kwargs.items() if k not in ("chunk_size",)}
+        unknown = sorted(set(params) - self.accepted - {"vocab_size"})
+        if unknown:
+            raise ConfigError(
+                f"loss term {self.name!r} got unknown argument(s) {unknown}; it accepts "
+                f"{sorted(self.accepted)}. Fix the spelling or remove them from the loss config."
+            )
+        self.check_params({k: v for k, v in params.items() if k in self.params})
+        return self.rows(teacher, mask, **{**self.params, **params})
 
     def check_params(self, params: Mapping[str, Any]) -> None:
         """Raise ConfigError for a parameter this term does not have or a value out of range."""
@@ -58,8 +76,11 @@ class LossTerm:
         check_param_values(self.name, {**self.params, **params})
 
 
-def register(name: str, kind: str, params: Mapping[str, Any] | None = None) -> Callable:
-    """Decorator: register `fn` as loss term `name` of `kind`; returns the LossTerm.
+def register(
+    name: str, kind: str, params: Mapping[str, Any] | None = None, rows: Callable[..., Any] | None = None
+) -> Callable:
+    """Decorator: register `fn` as loss term `name` of `kind`; returns the LossTerm. `rows`: a logit term's
+    row form (LossTerm.rows).
 
     The term's parameters are its keyword-only arguments with defaults (minus the shared temperature,
     labels, chunk_size) plus `params` (for arguments the function takes through **kwargs).
@@ -76,7 +97,8 @@ def register(name: str, kind: str, params: Mapping[str, Any] | None = None) -> C
         }
         all_params = {**declared, **(params or {})}
         named = {p.name for p in sig if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
-        term = LossTerm(name, kind, fn, MappingProxyType(all_params), frozenset(named | set(all_params)))
+        accepted = frozenset(named | set(all_params))
+        term = LossTerm(name, kind, fn, MappingProxyType(all_params), accepted, rows)
         _REGISTRY[name] = term
         return term
 

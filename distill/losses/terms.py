@@ -31,8 +31,10 @@ Feature terms (kind "hidden") and the attention term (kind "attention") are docu
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -40,8 +42,8 @@ from torch import Tensor
 
 from distill.errors import ConfigError
 from distill.losses import divergences
-from distill.losses.chunked import DEFAULT_CHUNK_SIZE, GatheredRowLoss, chunked_loss_sum
-from distill.losses.registry import register
+from distill.losses.chunked import DEFAULT_CHUNK_SIZE, GatheredRowLoss, RowTerm, chunked_loss_sum
+from distill.losses.registry import get, register
 from distill.losses.selection import select_tokens
 from distill.losses.teachers import DenseTeacher, MappedTopKTeacher, Teacher, TopKTeacher
 from distill.losses.validation import check_temperature
@@ -49,23 +51,33 @@ from distill.losses.validation import check_temperature
 # ---------------------------------------------------------------------------------------------- logit terms
 
 
-def _check_logit_inputs(name: str, student_logits: Tensor, teacher: Teacher | None, mask: Tensor) -> None:
-    """Shape and type checks (host-side only, no device sync)."""
+def _logits_shape(name: str, student_logits: Tensor, mask: Tensor) -> int:
+    """The vocabulary size of [N, V] logits, after checking them against the [N] mask (host-side, no sync)."""
     if student_logits.dim() != 2:
         raise ConfigError(
             f"{name}: student_logits must be [N, V]; got {tuple(student_logits.shape)}. "
             "Flatten [B, T, V] to [B*T, V] (and the mask to [B*T])."
         )
-    n, vocab = student_logits.shape
-    if mask.shape != (n,) or mask.dtype != torch.bool:
+    if mask.shape != student_logits.shape[:1]:
         raise ConfigError(
-            f"{name}: mask must be a bool tensor of shape [{n}]; got {mask.dtype} {tuple(mask.shape)}."
+            f"{name}: mask must be a bool tensor of shape [{student_logits.shape[0]}] (one per logits row); "
+            f"got {mask.dtype} {tuple(mask.shape)}."
         )
+    return student_logits.shape[1]
+
+
+def _check_logit_inputs(name: str, mask: Tensor, vocab: int, teacher: Teacher | None) -> None:
+    """Shape and type checks of a logit term's inputs (host-side only, no device sync)."""
+    if mask.dim() != 1 or mask.dtype != torch.bool:
+        raise ConfigError(
+            f"{name}: mask must be a 1-D bool tensor [N]; got {mask.dtype} {tuple(mask.shape)}."
+        )
+    n = mask.shape[0]
     if teacher is None:
         return
     if teacher.num_rows != n:
         raise ConfigError(
-            f"{name}: teacher has {teacher.num_rows} rows but student_logits has {n}; flatten both the same way."
+            f"{name}: teacher has {teacher.num_rows} rows but the student has {n}; flatten both the same way."
         )
     if isinstance(teacher, DenseTeacher) and teacher.vocab_size != vocab:
         raise ConfigError(
@@ -76,10 +88,13 @@ def _check_logit_inputs(name: str, student_logits: Tensor, teacher: Teacher | No
         raise ConfigError(f"{name}: teacher top-k k={teacher.k} exceeds the student vocabulary {vocab}.")
 
 
-def _register_teacher_term(
-    name: str, divergence: Callable[..., Tensor], *, hinton: bool, **own_params
-) -> None:
-    """Register a logit term that compares the student with the teacher through `divergence`."""
+_SHARED_ROW_ARGS = ("vocab_size", "temperature", "labels")
+
+
+def _register_logit_term(name: str, rows: Callable[..., tuple[RowTerm, Tensor]], **own_params) -> None:
+    """Register logit term `name` from its row form `rows(teacher, mask, *, vocab_size, temperature, labels,
+    **params) -> (RowTerm, num_tokens)`: the call on materialised logits chunks them (chunked_loss_sum); the
+    fused head (distill.losses.fused) runs the same RowTerm from the hidden states."""
 
     def term(
         student_logits: Tensor,
@@ -89,13 +104,41 @@ def _register_teacher_term(
         temperature: float = 1.0,
         labels: Tensor | None = None,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
+        **params,
+    ) -> tuple[Tensor, Tensor]:
+        vocab = _logits_shape(name, student_logits, mask)
+        row_term, num_tokens = rows(
+            teacher, mask, vocab_size=vocab, temperature=temperature, labels=labels, **params
+        )
+        return chunked_loss_sum(student_logits, row_term.mask, row_term.row_loss, chunk_size), num_tokens
+
+    declared = {
+        p.name: p.default
+        for p in inspect.signature(rows).parameters.values()
+        if p.kind is p.KEYWORD_ONLY and p.default is not p.empty and p.name not in _SHARED_ROW_ARGS
+    }
+    term.__name__ = term.__qualname__ = name
+    term.__doc__ = f"Logit term {name!r}: see the table in distill.losses.terms."
+    register(name, "logits", params={**declared, **own_params}, rows=rows)(term)
+
+
+def _teacher_rows(name: str, divergence: Callable[..., Tensor], *, hinton: bool) -> Callable[..., Any]:
+    """The row form of a term that compares the student with the teacher through `divergence`."""
+
+    def rows(
+        teacher: Teacher | None,
+        mask: Tensor,
+        *,
+        vocab_size: int,
+        temperature: float = 1.0,
+        labels: Tensor | None = None,
         select_by: str | None = None,
         select_threshold: float | None = None,
         select_keep: str = "above",
         **div_params: float,
-    ) -> tuple[Tensor, Tensor]:
+    ) -> tuple[RowTerm, Tensor]:
         check_temperature(temperature)
-        _check_logit_inputs(name, student_logits, teacher, mask)
+        _check_logit_inputs(name, mask, vocab_size, teacher)
         if teacher is None:
             raise ConfigError(f"loss term {name!r} needs a teacher (TopKTeacher or DenseTeacher); got None.")
         if select_by is not None:
@@ -110,80 +153,72 @@ def _register_teacher_term(
                 t = teacher.select(rows)
                 return scale * div(t.log_probs(temperature), t.student_buckets(gathered))
 
-            row_loss = GatheredRowLoss(temperature, ids=ids.__getitem__, fn=bucket_loss)
-            return chunked_loss_sum(student_logits, mask, row_loss, chunk_size), mask.sum()
+            return RowTerm(
+                mask, GatheredRowLoss(temperature, ids=ids.__getitem__, fn=bucket_loss)
+            ), mask.sum()
 
         def dense_loss(x: Tensor, rows: Tensor) -> Tensor:  # x: fp32 student logits [c, V] of `rows`
             t = teacher.select(rows)
             return scale * div(t.log_probs(temperature), t.student_log_probs(x, temperature))
 
-        return chunked_loss_sum(student_logits, mask, dense_loss, chunk_size), mask.sum()
+        return RowTerm(mask, dense_loss), mask.sum()
 
-    term.__name__ = term.__qualname__ = name
-    term.__doc__ = f"Logit term {name!r}: see the table in distill.losses.terms."
-    register(name, "logits", params=own_params)(term)
+    return rows
 
 
-_register_teacher_term("forward_kl", divergences.forward_kl, hinton=True)
-_register_teacher_term("reverse_kl", divergences.reverse_kl, hinton=True)
-_register_teacher_term("jsd", divergences.generalized_jsd, hinton=True, beta=0.5)
-_register_teacher_term("skew_forward_kl", divergences.skew_forward_kl, hinton=True, alpha=0.1)
-_register_teacher_term("skew_reverse_kl", divergences.skew_reverse_kl, hinton=True, alpha=0.1)
-_register_teacher_term("tv", divergences.total_variation, hinton=False)
+_register_logit_term("forward_kl", _teacher_rows("forward_kl", divergences.forward_kl, hinton=True))
+_register_logit_term("reverse_kl", _teacher_rows("reverse_kl", divergences.reverse_kl, hinton=True))
+_register_logit_term("jsd", _teacher_rows("jsd", divergences.generalized_jsd, hinton=True), beta=0.5)
+_register_logit_term(
+    "skew_forward_kl", _teacher_rows("skew_forward_kl", divergences.skew_forward_kl, hinton=True), alpha=0.1
+)
+_register_logit_term(
+    "skew_reverse_kl", _teacher_rows("skew_reverse_kl", divergences.skew_reverse_kl, hinton=True), alpha=0.1
+)
+_register_logit_term("tv", _teacher_rows("tv", divergences.total_variation, hinton=False))
 
 
-@register("ce", "logits")
-def ce(
-    student_logits: Tensor,
+def _ce_rows(
     teacher: Teacher | None,
     mask: Tensor,
     *,
+    vocab_size: int,
     temperature: float = 1.0,
     labels: Tensor | None = None,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[RowTerm, Tensor]:
     """Hard-label cross-entropy -log softmax(z)[label], summed over masked rows.
 
     `labels` [N] long is required; teacher and temperature are ignored (the data term stays at T=1).
     """
-    _check_logit_inputs("ce", student_logits, None, mask)
+    _check_logit_inputs("ce", mask, vocab_size, None)
     if labels is None or labels.shape != mask.shape:
         got = None if labels is None else tuple(labels.shape)
         raise ConfigError(f"loss term 'ce' needs labels of shape [{mask.shape[0]}]; got {got}.")
-
     # -log softmax(z)[label]: the student's log-prob gathered at one id per row.
     row_loss = GatheredRowLoss(
         1.0, ids=labels[:, None].__getitem__, fn=lambda gathered, _rows: -gathered[:, 0]
     )
-    return chunked_loss_sum(student_logits, mask, row_loss, chunk_size), mask.sum()
+    return RowTerm(mask, row_loss), mask.sum()
 
 
-@register("uld", "logits")
-def uld(
-    student_logits: Tensor,
+def _uld_rows(
     teacher: Teacher | None,
     mask: Tensor,
     *,
+    vocab_size: int,
     temperature: float = 1.0,
     labels: Tensor | None = None,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[RowTerm, Tensor]:
     """Universal logit distillation on the teacher mass that has no student token (see the table).
 
     Reads a `MappedTopKTeacher`; a row whose top-k is fully mapped contributes 0 (identical tokenizers give
-    0 everywhere, and so does a plain TopKTeacher or DenseTeacher, which are in the student's vocabulary). Both sides at temperature T; an L1 distance, so no T^2 factor.
+    0 everywhere, and so does a plain TopKTeacher or DenseTeacher, which are in the student's vocabulary). Both
+    sides at temperature T; an L1 distance, so no T^2 factor.
     """
     check_temperature(temperature)
-    _check_logit_inputs("uld", student_logits, teacher, mask)
+    _check_logit_inputs("uld", mask, vocab_size, teacher)
     if teacher is None:
         raise ConfigError("loss term 'uld' needs a teacher (a MappedTopKTeacher from a cross-tokenizer run).")
-    if not isinstance(teacher, MappedTopKTeacher):
-        # A teacher already in the student's vocabulary has no unmapped mass: the term is exactly 0 (config
-        # validation refuses a weighted uld term without teacher.token_map.enabled, so this is not silent).
-        return student_logits.float().narrow(0, 0, 0).sum(), mask.sum()
-    # Rows whose top-k is fully mapped contribute exactly 0: skip their [V]-wide softmax and top-k (with a good
-    # token map that is nearly every row).
-    has_unmapped = (teacher.unmapped_probs(temperature) > 0).any(dim=-1)
 
     def row_loss(x: Tensor, rows: Tensor) -> Tensor:
         t = teacher.select(rows)
@@ -195,7 +230,20 @@ def uld(
         place = torch.arange(t.k, device=x.device)[None, :]
         return torch.where(place < n_unmapped, (p_t - q_top).abs(), 0.0).sum(dim=-1)
 
-    return chunked_loss_sum(student_logits, mask & has_unmapped, row_loss, chunk_size), mask.sum()
+    if not isinstance(teacher, MappedTopKTeacher):
+        # A teacher already in the student's vocabulary has no unmapped mass: the term is exactly 0 (config
+        # validation refuses a weighted uld term without teacher.token_map.enabled, so this is not silent).
+        return RowTerm(torch.zeros_like(mask), row_loss), mask.sum()
+    # Rows whose top-k is fully mapped contribute exactly 0: skip their [V]-wide softmax and top-k (with a good
+    # token map that is nearly every row).
+    has_unmapped = (teacher.unmapped_probs(temperature) > 0).any(dim=-1)
+    return RowTerm(mask & has_unmapped, row_loss), mask.sum()
+
+
+_register_logit_term("ce", _ce_rows)
+_register_logit_term("uld", _uld_rows)
+ce = get("ce")
+uld = get("uld")
 
 
 def _tempered_logits(x: Tensor, temperature: float) -> Tensor:

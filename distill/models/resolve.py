@@ -21,7 +21,7 @@ from distill.models.tiny import TINY_ARCHS, build_model, tiny_config
 from distill.models.tokenizer import tokenizer_hash
 
 # Bump when the demo teacher's training recipe changes so stale caches are not reused.
-DEMO_RECIPE_VERSION = 1
+DEMO_RECIPE_VERSION = 2  # 2: the tiny teacher declares 8,192 positions (packed 8k runs)
 
 
 # ---- where the teacher lives ---------------------------------------------------------------------------

@@ -57,6 +57,10 @@ _TINY_DEFAULTS: dict[str, tuple[type[PretrainedConfig], dict[str, Any]]] = {
             "topk_group": 1,
             "first_k_dense_replace": 1,
             "num_mtp_layers": 0,  # no multi-token-prediction head: the distilled signal is next-token only
+            # Declared positions only (default RoPE computes any position, so the weights and outputs are the
+            # same as at 512): lets the prepared demo teacher score 8k-token packed rows (experiment=packed_8k).
+            # The tiny students declare theirs in hydra_configs/student/tiny_*.yaml.
+            "max_position_embeddings": 8192,
         },
     ),
     # Student, ~0.6M params: GQA (4 query heads share 2 KV heads) as in Qwen2.5.

@@ -56,6 +56,15 @@ class CachedTeacher:
                 f"teacher cache batch {batch_id} holds different tokens than the run's batch {batch_id}: the "
                 "cache was built from other data or batching. Rebuild it with the run's data settings."
             )
+        positions = batch.get("position_ids")
+        if (cached.position_ids is None) != (positions is None) or (
+            positions is not None and not np.array_equal(cached.position_ids, positions.numpy())
+        ):
+            raise CheckpointError(
+                f"teacher cache batch {batch_id} was scored with other document boundaries than the run's batch "
+                "(data.packing differs, or the cache predates per-document attention); rebuild the cache with "
+                "the run's data settings."
+            )
         return cached.to_torch()
 
 

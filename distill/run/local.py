@@ -18,6 +18,7 @@ from distill.models.loading import save_model
 from distill.models.resolve import build_student
 from distill.run.cache import CachedTeacher
 from distill.teacher.build import build_teacher_engine
+from distill.tracking.memory import measure
 from distill.tracking.metrics_log import MetricsLog
 from distill.tracking.rates import RateMeter
 from distill.training.build import build_objective, build_reference_trainer, lr_schedule, share_interval
@@ -84,6 +85,7 @@ class LocalBackend:
                 record["student/tokens_per_s"] = record["tokens_per_s"]
                 record["teacher/tokens_per_s"] = teacher_rate.take()
                 record["buffer/depth"] = 0  # no buffer: the teacher scores each batch just before its step
+                record.update(measure().metrics("trainer"))  # one process: student, teacher and data
                 metrics.write(record)
 
         run_steps(

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 from distill.config import resolved_yaml
 from distill.data.build import build_data
 from distill.errors import ConfigError
-from distill.eval.runs import evaluate, evaluate_increments, write_run_report, write_stages
+from distill.eval.runs import evaluate, evaluate_increments, run_memory_peaks, write_run_report, write_stages
 from distill.io import atomic_write_json, atomic_write_text
 from distill.models.loading import load_tokenizer
 from distill.models.resolve import model_facts, pair_facts, require_teacher, student_tokenizer
@@ -86,6 +86,7 @@ def run(cfg, *, hooks=None) -> dict:
         mode = mode_hooks(parts, backend, metrics)
         trained = backend.train(mode, metrics)
     summary = evaluate(cfg, trained.student, parts.tokenizer, parts.data, _teacher_logits(parts, trained))
+    summary.update(run_memory_peaks(parts.run_dir))  # mem/<role>/..._mib: each process's peak while training
     atomic_write_json(parts.run_dir / "eval.json", summary)
     write_run_report(cfg, summary, mode.matrices())
     wandb.finish({f"eval/{k}": v for k, v in summary.items() if isinstance(v, int | float)})

@@ -10,6 +10,9 @@ from distill.data.sources import validate_sources
 from distill.errors import ConfigError
 from distill.losses import get as get_term
 from distill.losses.validation import validate_layer_map, validate_term
+from distill.models.facts import ModelFacts
+from distill.models.resolve import demo_teacher_dir, model_facts, student_facts
+from distill.models.tiny import TINY_ARCHS
 from distill.teacher.engine import check_length_groups
 from distill.training.build import run_curriculum
 from distill.training.objective import term_params
@@ -24,6 +27,7 @@ def validate_run(cfg, facts: PairFacts) -> Topology:
     elif cfg.cluster.mode != "local":
         raise ConfigError(f"cluster.mode={cfg.cluster.mode!r}: use 'local' (reference) or 'ray'.")
     check_length_groups(cfg.teacher.length_groups)
+    _validate_max_length(cfg, facts)
     _validate_terms(cfg, facts)
     run_curriculum(cfg)
     validate_sources(cfg)
@@ -47,6 +51,39 @@ def validate_run(cfg, facts: PairFacts) -> Topology:
             "student that shares the teacher's tokenizer (a tiny `student.arch` without student.tokenizer)."
         )
     return topology
+
+
+# How to get a model with more positions, by role.
+_MORE_POSITIONS = {
+    "teacher": "a teacher that allows more (a tiny demo teacher prepared when tiny teachers allowed fewer: "
+    "`distill prepare-demo prepare.force=true` rebuilds it)",
+    "student": "a student that allows more (a tiny student: student.overrides.max_position_embeddings)",
+}
+
+
+def _validate_max_length(cfg, facts: PairFacts) -> None:
+    """data.max_length tokens (every packed row has exactly that many) must fit both models' positions."""
+    limits = {
+        "teacher": _teacher_facts(cfg, facts.teacher_vocab).max_position_embeddings,
+        "student": student_facts(cfg, facts.student_vocab).max_position_embeddings,
+    }
+    for role, limit in limits.items():
+        if cfg.data.max_length > limit:
+            raise ConfigError(
+                f"data.max_length={cfg.data.max_length} exceeds the {role}'s max_position_embeddings={limit}: "
+                f"a row would use positions the {role} was not built for. Lower data.max_length to at most "
+                f"{limit}, or use {_MORE_POSITIONS[role]}."
+            )
+
+
+def _teacher_facts(cfg, vocab_size: int) -> ModelFacts:
+    """The teacher's facts; a prepared demo teacher is read from its folder (it keeps the config it was
+    trained with), a demo teacher not prepared yet from its tiny architecture."""
+    if not cfg.teacher.path and cfg.teacher.arch in TINY_ARCHS:
+        folder = demo_teacher_dir(cfg)
+        if (folder / "config.json").is_file():
+            return ModelFacts.from_path(folder)
+    return model_facts(cfg.teacher, vocab_size)
 
 
 def _validate_cross_tokenizer(cfg) -> None:

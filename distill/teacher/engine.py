@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import PreTrainedModel
 
-from distill.batch import BatchId, TeacherBatch
+from distill.batch import BatchId, TeacherBatch, model_inputs
 from distill.errors import ConfigError
 from distill.models.loading import load_causal_lm
 from distill.teacher.attention import use_padded_sdpa
@@ -49,11 +49,16 @@ def length_groups(attention_mask: torch.Tensor, groups: int) -> list[tuple[torch
     lengths = attention_mask.sum(dim=1)
     width = attention_mask.shape[1]
     if not torch.equal(attention_mask.bool(), torch.arange(width, device=lengths.device) < lengths[:, None]):
-        return None  # left padding or holes (packing): only a prefix mask can be cut at a width
+        return None  # left padding or holes: only a prefix mask can be cut (a packed row's filler is a tail)
     order = torch.argsort(lengths, stable=True)
     split = [rows for rows in torch.tensor_split(order, min(groups, len(order))) if len(rows)]
     out = [(rows, max(int(lengths[rows].max()), 1)) for rows in split]
     return out if any(w < width for _, w in out) else None
+
+
+def _cut(rows: torch.Tensor, width: int, *tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """`rows` of each [B, T] tensor, cut to their first `width` positions (None stays None)."""
+    return [None if t is None else t[rows, :width] for t in tensors]
 
 
 def fill_padding(parts: list[tuple[torch.Tensor, tuple]], shape: tuple[int, int], k: int) -> tuple:
@@ -227,18 +232,21 @@ class TeacherEngine:
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         loss_mask: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
     ) -> TeacherBatch:
         """One teacher forward. input_ids, attention_mask, loss_mask [B, T] -> TeacherBatch.
 
+        position_ids [B, T]: packed rows (restarting at 0 per document); the forward then attends within each
+        document only (`distill.batch.model_inputs`) and the TeacherBatch carries them on to the student.
         Position t of topk_* / log_normalizer is the distribution of token t+1 (HF logits are not shifted).
         Hidden states come out as [B, T, L_sel, H]; attention maps as [B, L_sel, T, T] (mean over heads).
         """
         groups = length_groups(attention_mask, self.length_groups)
         if groups is None:
-            outputs = self._forward(input_ids, attention_mask)
+            outputs = self._forward(input_ids, attention_mask, position_ids)
         else:
             parts = [
-                (rows, self._forward(input_ids[rows, :width], attention_mask[rows, :width]))
+                (rows, self._forward(*_cut(rows, width, input_ids, attention_mask, position_ids)))
                 for rows, width in groups
             ]
             outputs = fill_padding(parts, attention_mask.shape, self.topk)
@@ -253,13 +261,29 @@ class TeacherEngine:
             log_normalizer=lse,
             hidden=hidden,
             attention=attention,
+            position_ids=None if position_ids is None else position_ids.to(torch.int32),
         )
 
-    def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple:
+    def score_batch(self, batch_id: BatchId, batch: Mapping[str, torch.Tensor | None]) -> TeacherBatch:
+        """`score` over a stream micro-batch (`BatchStream.batch`): its input_ids, attention_mask, loss_mask and,
+        for packed rows, position_ids. Callers that pass the batch whole never drop a field a packed run needs."""
+        return self.score(
+            batch_id,
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["loss_mask"],
+            position_ids=batch.get("position_ids"),
+        )
+
+    def _forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None
+    ) -> tuple:
         """One model forward -> (top-k ids, top-k logits, log-normaliser, hidden or None, attention or None)."""
+        positions = None if position_ids is None else position_ids.long()
+        attend = model_inputs({"attention_mask": attention_mask, "position_ids": positions})
         out = self.model(
             input_ids=input_ids.to(self.device),
-            attention_mask=attention_mask.to(self.device),
+            **{name: None if t is None else t.to(self.device) for name, t in attend.items()},
             output_hidden_states=bool(self.hidden_layers),
             output_attentions=bool(self.attention_layers),
             use_cache=False,

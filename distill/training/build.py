@@ -14,6 +14,7 @@ from distill.data.build import RunData, batch_stream
 from distill.data.mixing import MixedStream, Segment
 from distill.data.replay import ReplayBuffer
 from distill.errors import ConfigError
+from distill.models.head import check_fusable
 from distill.training.continual import ContinualRun
 from distill.training.objective import Objective, TermSpec, term_group, term_specs_from_config
 from distill.training.reference import ReferenceTrainer, build_optimizer
@@ -98,7 +99,15 @@ def build_objective(cfg, student, teacher_hidden_size: int) -> Objective:
         student_hidden_size=student.config.hidden_size,
         teacher_hidden_size=teacher_hidden_size,
         cross_tokenizer=cfg.teacher.token_map.enabled,
+        fused_head=fused_head(cfg, student),
     )
+
+
+def fused_head(cfg, student) -> bool:
+    """loss.fused_head, after checking that the fused head computes this student's logits exactly."""
+    if cfg.loss.fused_head:
+        check_fusable(student)
+    return bool(cfg.loss.fused_head)
 
 
 def lr_schedule(cfg, curriculum: Curriculum):

@@ -18,6 +18,7 @@ from distill import losses
 from distill.batch import next_token_labels
 from distill.curriculum.stages import FEATURES, HARD, SOFT, StepPlan
 from distill.losses.projection import HiddenProjector
+from distill.models.head import HeadlessOutput
 
 # Auto chunk size: a working set of ~1M logits (4 MiB fp32 per working array, which stays in cache) for any
 # vocabulary, at least 16 rows (fewer would pay per-chunk overhead). CE + top-k KL fwd+bwd over 768 rows, CPU, 1
@@ -85,8 +86,14 @@ class Objective(nn.Module):
         student_hidden_size: int = 0,
         teacher_hidden_size: int = 0,
         cross_tokenizer: bool = False,
+        fused_head: bool = False,
     ) -> None:
+        """fused_head: the student forward stops before its output head (distill.models.head) and every logit
+        term is computed from the last hidden states through the head, chunk by chunk, with one gradient
+        (distill.losses.fused): no [N, V] logits or gradients. False: the reference path over materialised
+        logits, which the fused one is tested against."""
         super().__init__()
+        self.fused_head = fused_head
         self.terms = [t for t in terms if t.weight != 0.0]
         # Cross-tokenizer TeacherBatches carry student ids with -1 for unmapped teacher tokens (distill.xtok).
         self.cross_tokenizer = cross_tokenizer
@@ -137,31 +144,35 @@ class Objective(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """Per-term loss sums for one micro-batch.
 
-        student_out: HF CausalLMOutput with `logits` [B, T, V] (+ `hidden_states`, `attentions` if asked).
+        student_out: HF CausalLMOutput with `logits` [B, T, V] (+ `hidden_states`, `attentions` if asked), or
+            with the fused head a `HeadlessOutput` (last hidden states and the head instead of logits).
         batch: `TeacherBatch.to_torch()` tensors, or just input_ids/attention_mask/loss_mask without a teacher.
         plan: the curriculum's step plan (temperature, weights, threshold); None: the configured ones.
         Returns {label: loss_sum} of the step's active terms (unweighted sums; the caller weights and normalises).
         """
-        logits = student_out.logits
-        b, t, v = logits.shape
         mask = batch["loss_mask"].reshape(-1).bool()
         labels = next_token_labels(batch["input_ids"]).reshape(-1)
         teacher = self._teacher(batch)
         temperature = plan.temperature if plan is not None else self.temperature
+        active = self.active_terms(plan)
+        logit_args = {"temperature": temperature, "labels": labels}
         sums: dict[str, torch.Tensor] = {}
-        for spec in self.active_terms(plan):
+        if isinstance(student_out, HeadlessOutput):
+            sums |= self._fused_logit_sums(student_out, active, teacher, mask, logit_args, plan)
+        for spec in active:
             fn = losses.get(spec.name)
-            params = dict(spec.params)
-            if plan is not None and plan.select_threshold is not None and params.get("select_by"):
-                params["select_threshold"] = plan.select_threshold
+            params = self._params(spec, plan)
             if spec.kind == "logits":
+                if spec.label in sums:
+                    continue
+                logits = student_out.logits
+                v = logits.shape[-1]
                 loss_sum, _ = fn(
-                    logits.reshape(b * t, v),
+                    logits.reshape(-1, v),
                     teacher,
                     mask,
-                    temperature=temperature,
-                    labels=labels,
                     chunk_size=chunk_rows(self.chunk_size, v),
+                    **logit_args,
                     **params,
                 )
             elif spec.kind == "hidden":
@@ -171,10 +182,52 @@ class Objective(nn.Module):
                 s_attn, t_attn = self._attention_pairs(spec, student_out, batch)
                 loss_sum, _ = fn(s_attn, t_attn, batch["loss_mask"].bool(), **params)
             sums[spec.label] = loss_sum
+        sums = {spec.label: sums[spec.label] for spec in active}  # the configured order, whichever path
         if sums:
             first = next(iter(sums))
-            sums[first] = sums[first] + self._idle_projectors(sums, logits)
+            sums[first] = sums[first] + self._idle_projectors(sums, sums[first])
         return sums
+
+    @staticmethod
+    def _params(spec: TermSpec, plan: StepPlan | None) -> dict:
+        """The term's parameters, with the curriculum's selection threshold where the plan sets one."""
+        params = dict(spec.params)
+        if plan is not None and plan.select_threshold is not None and params.get("select_by"):
+            params["select_threshold"] = plan.select_threshold
+        return params
+
+    def _fused_logit_sums(
+        self,
+        out: HeadlessOutput,
+        active: list[TermSpec],
+        teacher,
+        mask: torch.Tensor,
+        logit_args: dict,
+        plan: StepPlan | None,
+    ) -> dict[str, torch.Tensor]:
+        """Every logit term's loss sum through the fused head, differentiable for this step's weighted sum."""
+        specs = [s for s in active if s.kind == "logits"]
+        if not specs:
+            return {}
+        hidden = out.last_hidden_state
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        vocab = out.head.weight.shape[0]
+        row_terms = [
+            losses.get(s.name).row_term(
+                teacher, mask, vocab_size=vocab, **logit_args, **self._params(s, plan)
+            )[0]
+            for s in specs
+        ]
+        sums = losses.fused_head_loss_sums(
+            hidden,
+            out.head.weight,
+            out.head.bias,
+            row_terms,
+            [self.weight(s.label, plan) for s in specs],
+            chunk_size=chunk_rows(self.chunk_size, vocab),
+            softcap=out.head.softcap,
+        )
+        return {s.label: sums[i] for i, s in enumerate(specs)}
 
     def _idle_projectors(self, sums: Mapping[str, torch.Tensor], like: torch.Tensor) -> torch.Tensor:
         """0 x the output of every projector whose term is off this step: an exact zero gradient instead of none,

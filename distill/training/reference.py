@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from distill.batch import model_inputs
 from distill.curriculum.stages import StepPlan
+from distill.models.head import headless_forward
 from distill.training.grad_shares import measure_shares, measures_shares
 from distill.training.objective import Objective
 
@@ -58,14 +60,21 @@ class StepMetrics:
 
 
 def student_forward(model: nn.Module, objective: Objective, batch: MicroBatch, plan: StepPlan | None = None):
-    """The student forward with exactly the extra outputs the step's terms need."""
-    return model(
+    """The student forward with exactly the extra outputs the step's terms need; with the objective's fused head,
+    the decoder only (the head is applied inside the loss, chunk by chunk)."""
+    forward = headless_forward if objective.fused_head else model_output
+    return forward(
+        model,
         input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"].long(),
+        **model_inputs(batch),
         output_hidden_states=objective.wants("hidden", plan),
         output_attentions=objective.wants("attention", plan),
-        use_cache=False,
     )
+
+
+def model_output(model: nn.Module, **inputs):
+    """The causal LM's own forward: CausalLMOutput with logits [B, T, V]."""
+    return model(**inputs, use_cache=False)
 
 
 class ReferenceTrainer:

@@ -31,7 +31,7 @@ def batch_scorer(cfg, engine: TeacherEngine, teacher_tokenizer, tokenizer):
     token map the cross-tokenizer teacher (map built once per tokenizer pair, cached on disk)."""
     table = token_table(cfg, teacher_tokenizer, tokenizer)
     if table is None:
-        return lambda batch_id, b: engine.score(batch_id, b["input_ids"], b["attention_mask"], b["loss_mask"])
+        return engine.score_batch
     return CrossTokenizerTeacher(engine, table).score
 
 
