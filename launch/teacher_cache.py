@@ -18,6 +18,7 @@ from distill.cache.encoding import packed_ids_name
 from distill.data.build import build_data
 from distill.data.mixing import DATA
 from distill.errors import ConfigError
+from distill.eval.runs import run_heldout_batches
 from distill.models.loading import load_tokenizer
 from distill.models.resolve import model_facts, pair_facts, require_teacher
 from distill.run.cache import cache_identity, stream_mixes
@@ -50,7 +51,10 @@ def build_cache(cfg: DictConfig) -> Path:
     # run's end the last stage's mix continues (longer runs with the same stages read the same batches).
     end = c.epochs * stream.num_batches
     stream = stream.extended(end)
-    order = [stream.batch_id(g) for g in range(end) if stream.locate(g).source == DATA]
+    # First the held-out batches of the run's eval.* settings, as (HELDOUT_EPOCH = -1, i): the evaluation reads
+    # the teacher's side from here too, so a run trained from the cache never needs the teacher model.
+    heldout = dict(run_heldout_batches(cfg, tokenizer, data))
+    order = [*heldout, *(stream.batch_id(g) for g in range(end) if stream.locate(g).source == DATA)]
     with CacheWriter(
         c.dir, manifest_meta=meta, shard_batches=c.shard_batches, overwrite=c.overwrite
     ) as writer:
@@ -62,11 +66,12 @@ def build_cache(cfg: DictConfig) -> Path:
             dynamic_ncols=True,
             disable=not cfg.tracking.progress,
         )
-        for batch in _score(cfg, teacher_path, identity, ((bid, stream.batch(*bid)) for bid in todo)):
+        inputs = ((bid, heldout[bid] if bid in heldout else stream.batch(*bid)) for bid in todo)
+        for batch in _score(cfg, teacher_path, identity, inputs):
             writer.write(batch)
             bar.update(1)
         bar.close()
-    print(f"teacher cache complete: {c.dir} ({len(order)} batches)")
+    print(f"teacher cache complete: {c.dir} ({len(order) - len(heldout)} batches + {len(heldout)} held-out)")
     return Path(c.dir)
 
 

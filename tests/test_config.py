@@ -155,3 +155,24 @@ def test_a_user_error_is_a_message_and_exit_code_2_not_a_traceback(tmp_path):
     assert "CheckpointError: teacher checkpoint" in line and "run `distill prepare-demo` first" in line
     full = subprocess.run(cmd, capture_output=True, text=True, env={**env, "HYDRA_FULL_ERROR": "1"})
     assert full.returncode != 0 and "Traceback" in full.stderr
+
+
+def test_a_student_whose_head_the_fused_loss_cannot_reproduce_fails_at_start(tmp_path):
+    """Granite divides its logits by config.logits_scaling: the fused head would train other logits than the
+    model computes, so a Granite student is refused before any model loads, unless the head is unfused."""
+    from transformers import GraniteConfig
+
+    vocab = facts(compose()).teacher_vocab
+    GraniteConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    ).save_pretrained(tmp_path)
+    cfg = compose(["student=hf", f"student.path={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"'granite' architecture .* loss.fused_head=false"):
+        validate_run(cfg, facts(cfg))
+    unfused = compose(["student=hf", f"student.path={tmp_path}", "loss.fused_head=false"])
+    validate_run(unfused, facts(unfused))

@@ -23,7 +23,7 @@ import distill.losses as L
 from distill.batch import TeacherBatch
 from distill.errors import ConfigError
 from distill.losses.fused import fused_block_rows
-from distill.models.head import check_fusable, headless_forward
+from distill.models.head import check_fusable, check_fusable_type, headless_forward
 from distill.models.tiny import build_model, tiny_config
 from distill.teacher.topk import topk_with_normalizer
 from distill.training.objective import Objective, TermSpec
@@ -242,6 +242,10 @@ def test_headless_forward_and_head_give_the_models_own_logits(name):
 def test_unknown_architectures_and_lora_heads_are_refused():
     with pytest.raises(ConfigError, match=r"'gpt2' architecture .* loss.fused_head=false"):
         check_fusable(_arch("gpt2"))
+    with pytest.raises(
+        ConfigError, match=r"'granite' architecture"
+    ):  # from config.json, before any model exists
+        check_fusable_type("granite")
     from peft import LoraConfig, get_peft_model
 
     lora = get_peft_model(_arch("tiny_qwen2"), LoraConfig(r=2, target_modules=["q_proj", "lm_head"]))

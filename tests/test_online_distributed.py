@@ -245,19 +245,9 @@ def dist_overrides(base_overrides) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def reference(ray_cluster, tiny_teacher, base_overrides, dist_overrides, tmp_path_factory) -> list[dict]:
-    """The single-process run with micro 8 and accumulation 2 = W 2 x accum 1 of sim_2node, fed the outputs the
-    TP-2 teacher actors wrote (an exact fp32 teacher cache of the run's batches).
-
-    So it differs from the distributed runs only by the student side's fp32 rounding (gradient all-reduce
-    order, ZeRO partitioning): REL holds with margin. Against a TP-1 teacher it would not: a TP-2 teacher's
-    outputs differ from TP-1's by fp32 rounding of the all-reduced partial sums (test_teacher_tp bounds the
-    logits at 1e-4 absolute), and Adam turns such differences in near-zero gradient coordinates into
-    full-size updates, so the loss curves drift apart by an amount that depends on the trained teacher
-    (1.04e-4 relative at step 5 in one CI run). Whether a test passes must not depend on which teacher it trained.
-    """
-    out = tmp_path_factory.mktemp("online-ref")
-    cache = out / "tp2_teacher_cache"
+def tp2_cache(ray_cluster, tiny_teacher, dist_overrides, tmp_path_factory) -> Path:
+    """An exact fp32 cache of the TP-2 teacher actors' outputs over the run's batches (`distill teacher-cache`)."""
+    cache = tmp_path_factory.mktemp("tp2-cache") / "tp2_teacher_cache"
     epochs = STEPS * 2 // 10  # 2 batches a step, 10 batches an epoch
     build_cache(
         compose(
@@ -269,6 +259,22 @@ def reference(ray_cluster, tiny_teacher, base_overrides, dist_overrides, tmp_pat
             ]
         )
     )
+    return cache
+
+
+@pytest.fixture(scope="module")
+def reference(tp2_cache, base_overrides, tmp_path_factory) -> list[dict]:
+    """The single-process run with micro 8 and accumulation 2 = W 2 x accum 1 of sim_2node, fed the outputs the
+    TP-2 teacher actors wrote (an exact fp32 teacher cache of the run's batches).
+
+    So it differs from the distributed runs only by the student side's fp32 rounding (gradient all-reduce
+    order, ZeRO partitioning): REL holds with margin. Against a TP-1 teacher it would not: a TP-2 teacher's
+    outputs differ from TP-1's by fp32 rounding of the all-reduced partial sums (test_teacher_tp bounds the
+    logits at 1e-4 absolute), and Adam turns such differences in near-zero gradient coordinates into
+    full-size updates, so the loss curves drift apart by an amount that depends on the trained teacher
+    (1.04e-4 relative at step 5 in one CI run). Whether a test passes must not depend on which teacher it trained.
+    """
+    out = tmp_path_factory.mktemp("online-ref")
     return _run(
         [
             *base_overrides,
@@ -276,17 +282,28 @@ def reference(ray_cluster, tiny_teacher, base_overrides, dist_overrides, tmp_pat
             "cluster=local_single",
             "cluster.micro_batch_size=8",
             "cluster.grad_accum_steps=2",
-            f"teacher.cache={cache}",
+            f"teacher.cache={tp2_cache}",
         ],
         out,
     )
 
 
+def no_teacher_model_here(*args, **kwargs):
+    raise AssertionError("a teacher model was built in the driver process of a Ray run")
+
+
 @pytest.fixture(scope="module")
 def baseline(ray_cluster, tiny_teacher, dist_overrides, tmp_path_factory) -> Path:
-    """TP 2 x 1 teacher replica + W 2 ZeRO-2 students, checkpointing every 2 steps, uninterrupted."""
+    """TP 2 x 1 teacher replica + W 2 ZeRO-2 students, checkpointing every 2 steps, uninterrupted. The driver
+    (this process) must never build the teacher model, the end-of-run evaluation included: its teacher side comes
+    from the teacher actors."""
+    from distill.teacher.engine import TeacherEngine
+
     out = tmp_path_factory.mktemp("online-z2")
-    _run([*dist_overrides, "student.zero_stage=2", "checkpoint.every_steps=2"], out)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(TeacherEngine, "from_pretrained", no_teacher_model_here)
+        patch.setattr(TeacherEngine, "tensor_parallel", no_teacher_model_here)
+        _run([*dist_overrides, "student.zero_stage=2", "checkpoint.every_steps=2"], out)
     return out
 
 
@@ -325,7 +342,8 @@ def test_tp2_teacher_and_zero2_students_match_the_reference(baseline, reference)
         f"step-{STEPS - 2}",
         f"step-{STEPS}",
     ]
-    assert (baseline / "eval.json").is_file()
+    evaluation = json.loads((baseline / "eval.json").read_text())
+    assert evaluation["kl_to_teacher"] > 0 and 0 < evaluation["agreement"] <= 1  # from the teacher actors
     # Every process's peak memory on every logged step: each role's max, and each process of a role with several.
     roles = ["driver", "student", "student/0", "student/1", "teacher", "teacher/0.0", "teacher/0.1"]
     roles += ["buffer", "buffer/0", "buffer/1"]
@@ -338,6 +356,27 @@ def test_tp2_teacher_and_zero2_students_match_the_reference(baseline, reference)
     peaks = json.loads((baseline / "eval.json").read_text())
     assert {f"mem/{role}/peak_rss_mib" for role in roles} <= set(peaks)
     assert (baseline / "memory.png").is_file()
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_students_trained_from_the_teacher_cache_equal_the_online_run(
+    ray_cluster, dist_overrides, tp2_cache, baseline, tmp_path, monkeypatch
+):
+    """Score once, train many: the cache's readers stand in for the teacher actors (distill.cluster.cache_source)
+    and the DeepSpeed ranks train exactly the online run's steps, with no teacher model built anywhere."""
+    from distill.teacher.engine import TeacherEngine
+
+    monkeypatch.setattr(TeacherEngine, "from_pretrained", no_teacher_model_here)
+    monkeypatch.setattr(TeacherEngine, "tensor_parallel", no_teacher_model_here)
+    got = _run([*dist_overrides, "student.zero_stage=2", f"teacher.cache={tp2_cache}"], tmp_path)
+    assert_same_curve(got, read_metrics(baseline / "metrics.jsonl"), rel=1e-5)
+    assert_exactly_once(tmp_path)
+    assert _stats(tmp_path)["teacher_restarts"] == 0
+    # The evaluation's teacher side comes from the cache's held-out batches: the online run's figures.
+    online, cached = (json.loads((d / "eval.json").read_text()) for d in (baseline, tmp_path))
+    for key in ("ce", "kl_to_teacher", "agreement"):
+        assert cached[key] == pytest.approx(online[key], rel=1e-5), key
 
 
 @pytest.mark.distributed

@@ -180,6 +180,10 @@ def test_eval_command_scores_an_exported_student(tiny_teacher, base_overrides, t
     for key in ("ce", "ppl", "kl_to_teacher", "agreement", "exact_match", "tokens_per_s"):
         assert key in saved and saved[key] == pytest.approx(result[key])
     assert saved["kl_to_teacher"] > 0 and 0 <= saved["agreement"] <= 1
+    # The same student, data and teacher as the run's own end-of-run evaluation: the same figures.
+    at_run_end = json.loads((tmp_path / "run" / "eval.json").read_text())
+    for key in ("ce", "kl_to_teacher", "agreement", "exact_match"):
+        assert saved[key] == pytest.approx(at_run_end[key], rel=1e-5), key
 
 
 def test_demo_prints_teacher_kd_and_ce_rows(tiny_teacher, base_overrides, tmp_path, capsys):

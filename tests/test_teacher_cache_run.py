@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -55,7 +57,9 @@ def test_killed_cache_run_resumes_without_recomputing(tiny_teacher, base_overrid
     tc.build_cache(cfg)
     reader = CacheReader(cfg.teacher_cache.dir)
     assert reader.complete
-    assert scored[0] == (0, 5) and len(scored) == len(reader) - 5  # nothing finished was computed again
+    assert reader.batch_ids()[0] == (-1, 0)  # the held-out batch first (eval.max_batches=1), then training's
+    assert scored[0] == reader.batch_ids()[5] == (0, 4)
+    assert len(scored) == len(reader) - 5  # nothing finished was computed again
 
     # The resumed cache equals an uninterrupted one.
     fresh = compose(overrides(base_overrides, tmp_path / "fresh"))
@@ -83,6 +87,10 @@ def test_training_from_cache_equals_online_teacher(tiny_teacher, base_overrides,
     for a, b in zip(online, cached, strict=True):
         assert a["loss/forward_kl"] == pytest.approx(b["loss/forward_kl"], rel=1e-5, abs=1e-7)
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7)
+    # The evaluation's teacher side (agreement, KL) comes from the cache's held-out batches.
+    online_eval, cached_eval = (json.loads((tmp_path / r / "eval.json").read_text()) for r in ("online", "c"))
+    for key in ("agreement", "kl_to_teacher", "ce"):
+        assert cached_eval[key] == pytest.approx(online_eval[key], rel=1e-5), key
 
     # A cache built for other settings is refused before training, naming what differs.
     with pytest.raises(CheckpointError, match="k"):

@@ -82,6 +82,30 @@ class CacheReader:
             self._open = (shard, self._load_shard(shard))
         return self._decode(self._open[1], position, key)
 
+    def has(self, batch_id: BatchId) -> bool:
+        return (int(batch_id[0]), int(batch_id[1])) in self._where
+
+    def read_matching(
+        self, batch_id: BatchId, input_ids: np.ndarray, position_ids: np.ndarray | None
+    ) -> TeacherBatch:
+        """`read`, after checking that the cached batch was scored on exactly these inputs (the run's batch of
+        the same id): the same tokens and the same document boundaries (packing)."""
+        cached = self.read(batch_id)
+        if not np.array_equal(cached.input_ids, np.asarray(input_ids).astype(cached.input_ids.dtype)):
+            raise CheckpointError(
+                f"teacher cache batch {batch_id} holds different tokens than the run's batch {batch_id}: the "
+                "cache was built from other data or batching. Rebuild it with the run's data settings."
+            )
+        if (cached.position_ids is None) != (position_ids is None) or (
+            position_ids is not None and not np.array_equal(cached.position_ids, position_ids)
+        ):
+            raise CheckpointError(
+                f"teacher cache batch {batch_id} was scored with other document boundaries than the run's batch "
+                "(data.packing differs, or the cache predates per-document attention); rebuild the cache with "
+                "the run's data settings."
+            )
+        return cached
+
     def iter_batches(self) -> Iterator[TeacherBatch]:
         """Every batch in batch-id order, one shard in memory at a time."""
         for s, shard in enumerate(self.manifest["shards"]):

@@ -23,15 +23,21 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from ray.exceptions import RayTaskError
 
 from distill.cluster.buffer import Buffer
 from distill.cluster.driver import Assignment, CheckpointStore, Driver, Hooks
 from distill.cluster.placement import plan_nodes
-from distill.cluster.runtime import connect, teacher_group_from_config
+from distill.cluster.runtime import (
+    cache_group_from_config,
+    connect,
+    fetched_outputs,
+    teacher_group_from_config,
+)
 from distill.cluster.student_group import FORWARDED_ENV, StudentGroup, StudentSpec
 from distill.config import resolved_yaml
 from distill.config.topology import check_capacity
-from distill.errors import ConfigError
+from distill.eval.runs import run_heldout_batches, scored_outputs
 from distill.io import atomic_write_json
 from distill.models.fingerprint import model_fingerprint
 from distill.models.loading import load_causal_lm, load_tokenizer_folder
@@ -101,11 +107,6 @@ class RayBackend:
 
     def __init__(self, parts: RunParts, *, hooks: Hooks | None = None) -> None:
         cfg, t = parts.cfg, parts.topology
-        if cfg.teacher.cache:
-            raise ConfigError(
-                "teacher.cache is for the single-process path; the online distributed run scores with the teacher "
-                "actors. Unset teacher.cache or use cluster=local_single."
-            )
         self.parts, self.cfg, self.hooks = parts, cfg, hooks
         self.per_shard = check_capacity(
             cfg.cluster.buffer_capacity, cfg.cluster.buffer_shards, t.batches_per_step
@@ -132,6 +133,7 @@ class RayBackend:
         if cfg.resume and self.start is None:
             log.warning("resume=true but %s holds no checkpoint; starting from step 0", self.checkpoints.root)
         self.students: StudentGroup | None = None
+        self.heldout_teacher = None  # the teacher's outputs for the held-out batches, scored before it stops
 
     def snapshot(self, name: str):
         """The ranks export the current weights to run_dir/<name>; this process loads them."""
@@ -141,7 +143,7 @@ class RayBackend:
     def train(self, mode: StepHooks, metrics: MetricsLog) -> Trained:
         with StopOnSignal(self.hooks) as hooks:
             self._train(mode, metrics, hooks)
-        return Trained(load_causal_lm(self.parts.run_dir / "student", dtype="float32"))
+        return Trained(load_causal_lm(self.parts.run_dir / "student", dtype="float32"), self.heldout_teacher)
 
     def _train(self, mode: StepHooks, metrics: MetricsLog, hooks: Hooks) -> None:
         parts, cfg, c = self.parts, self.cfg, self.cfg.cluster
@@ -171,6 +173,7 @@ class RayBackend:
                 time.perf_counter() - clock,
             )
             self.students.export(parts.run_dir / "student")
+            self.heldout_teacher = self._score_heldout(teachers)
             placement = {
                 "teacher_nodes": teachers.actor_nodes(),
                 "student_nodes": self.students.actor_nodes(),
@@ -180,6 +183,22 @@ class RayBackend:
             for group in (teachers, self.students, buffer):
                 if group is not None:
                     group.shutdown()
+
+    def _score_heldout(self, teachers):
+        """The teacher's side of the evaluation, scored by its actors (or the cache's readers) before they stop,
+        so the driver never loads the teacher: the held-out batches' TeacherBatches (top-k only, small)."""
+        p, cfg = self.parts, self.cfg
+        if cfg.teacher.token_map.enabled:
+            return None  # another vocabulary: no agreement or KL against the student's
+        heldout = run_heldout_batches(cfg, p.tokenizer, p.data)
+        arrays = ((batch_id, {k: v.numpy() for k, v in b.items()}) for batch_id, b in heldout)
+        try:
+            return scored_outputs(fetched_outputs(teachers, arrays))
+        except RayTaskError as err:  # a cache written before it scored held-out batches, or for other eval.*
+            log.warning(
+                "no teacher outputs for the held-out batches (%s): eval.json has no agreement or KL", err
+            )
+            return None
 
     def _student_group(self, buffer: Buffer, nodes: list[str]) -> StudentGroup:
         p, c = self.parts, self.cfg.cluster
@@ -199,7 +218,10 @@ class RayBackend:
         )
 
     def _teacher_group(self):
+        """The teacher replicas, or with `teacher.cache` the cache's readers (score once, train many)."""
         p = self.parts
+        if p.cache_identity is not None:
+            return cache_group_from_config(self.cfg, p.cache_identity)
         terms = run_term_specs(self.cfg)
         return teacher_group_from_config(
             self.cfg,

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import ray
 
+from distill.cluster.cache_source import CacheSpec, CacheWorker
 from distill.cluster.placement import teacher_layout
 from distill.cluster.teacher_group import TeacherGroup, TeacherSpec
 
@@ -60,3 +61,12 @@ def teacher_group_from_config(
         token_table=token_table,
     )
     return TeacherGroup(spec, **teacher_layout(c))
+
+
+def cache_group_from_config(cfg, identity: dict) -> TeacherGroup:
+    """Readers of the run's offline teacher cache in place of the teacher replicas: as many as
+    cluster.teacher_replicas, one CPU actor each (no TP, no GPU), placed where the teachers would be."""
+    c = cfg.cluster
+    layout = {**teacher_layout(c), "tp": 1, "gpus_per_actor": 0.0}
+    spec = CacheSpec(path=str(cfg.teacher.cache), expect=identity, threads=1)
+    return TeacherGroup(spec, worker=CacheWorker, **layout)

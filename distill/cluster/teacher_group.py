@@ -158,12 +158,18 @@ class _InFlight:
 
 
 class TeacherGroup:
-    """Places and addresses the teacher actors; dispatches batches round-robin with bounded in-flight work."""
+    """Places and addresses the teacher actors; dispatches batches round-robin with bounded in-flight work.
+
+    worker: the actor class, TeacherWorker (a model) by default; any class with its protocol (`setup(address)`,
+    `score(batch_id, inputs) -> (BatchMeta, TeacherBatch)` on rank 0, `pid`, `node_id`) streams the same way,
+    e.g. the offline cache's readers (distill.cluster.cache_source.CacheWorker).
+    """
 
     def __init__(
         self,
-        spec: TeacherSpec,
+        spec,
         *,
+        worker: type = TeacherWorker,
         replicas: int,
         tp: int,
         cpus_per_actor: float = 1.0,
@@ -173,7 +179,7 @@ class TeacherGroup:
         max_replica_restarts: int = 3,
         reserve_cpus: dict[str, float] | None = None,
     ) -> None:
-        self.spec, self.tp = spec, tp
+        self.spec, self.tp, self.worker = spec, tp, worker
         self.cpus_per_actor, self.gpus_per_actor = cpus_per_actor, gpus_per_actor
         self.max_in_flight = max_in_flight_per_replica * replicas
         self.max_replica_restarts = max_replica_restarts
@@ -206,7 +212,7 @@ class TeacherGroup:
 
     def _start_actors(self, rep: _Replica) -> list[ray.ObjectRef]:
         """Create the replica's TP actors in its placement group; returns refs that resolve once all loaded."""
-        worker = ray.remote(TeacherWorker)
+        worker = ray.remote(self.worker)
         rep.actors = [
             worker.options(
                 num_cpus=self.cpus_per_actor,

@@ -122,6 +122,8 @@ class SubsetConfig:
 @dataclass
 class DataConfig:
     name: str = "gsm_synth"
+    """The embedded task when `path` is None: `gsm_synth` (`#### N` answers) or `gsm_synth_reasoning` (R1-shaped
+    `<think>` traces + `\\boxed{N}`, see distill/data/task.py)."""
     path: str | None = None
     """None: the embedded task. Else a jsonl / parquet / `datasets` folder with a text or messages field."""
     text_field: str = "text"
@@ -135,6 +137,9 @@ class DataConfig:
     max_length: int = 128
     packing: bool = False
     seed: int = 0
+    trace_tokens: list[int] | None = None
+    """gsm_synth_reasoning only: [low, high] length of each `<think>` section in demo-tokenizer tokens (drawn per
+    problem); e.g. [1024, 4096]. None for every other dataset."""
     subsets: dict[str, SubsetConfig] = field(default_factory=dict)
     """Named slices for curriculum data mixes and continual increments; `train` always means the whole split."""
 

@@ -7,9 +7,12 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import datasets
+
 from distill.data.batching import BatchStream
 from distill.data.dataset import build_task_dataset, load_user_dataset
 from distill.data.sources import data_sources
+from distill.data.task import check_trace_tokens, reasoning_reply
 from distill.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -33,11 +36,51 @@ class RunData(DataSlice):
 
 
 def raw_dataset(cfg):
-    """The run's raw train/eval splits: `data.path` (a user dataset) or the embedded task."""
+    """The run's raw train/eval splits: `data.path` (a user dataset) or the embedded task `data.name`."""
     d = cfg.data
     if d.path:
         return _user_dataset(d, d.path)
+    if d.name not in EMBEDDED_TASKS:
+        raise ConfigError(
+            f"unknown embedded task data.name={d.name!r}; valid names are {sorted(EMBEDDED_TASKS)} "
+            "(or set data.path to a dataset)"
+        )
+    if d.trace_tokens is not None and d.name != "gsm_synth_reasoning":
+        raise ConfigError(
+            f"data.trace_tokens={list(d.trace_tokens)} only shapes the reasoning traces of "
+            f"data.name=gsm_synth_reasoning, not {d.name!r}; remove it or pick that task"
+        )
+    return EMBEDDED_TASKS[d.name](d)
+
+
+def _gsm_synth(d):
     return build_task_dataset(list(d.domains), list(d.levels), d.num_train, d.num_eval, d.seed)
+
+
+def _gsm_synth_reasoning(d):
+    """The same problems and split as gsm_synth, each reply an R1-shaped `<think>` trace + `\\boxed{answer}`."""
+    if d.trace_tokens is None:
+        raise ConfigError(
+            "data.name=gsm_synth_reasoning needs data.trace_tokens=[low,high], e.g. [1024,4096]"
+        )
+    trace_tokens = list(d.trace_tokens)
+    check_trace_tokens(trace_tokens)  # fail before any problem is drawn
+    return datasets.DatasetDict(
+        {
+            split: datasets.Dataset.from_list([_with_trace(row, trace_tokens) for row in rows])
+            for split, rows in _gsm_synth(d).items()
+        }
+    )
+
+
+def _with_trace(row: dict, trace_tokens: list[int]) -> dict:
+    question, solution = (message["content"] for message in row["messages"])
+    reply = reasoning_reply(question, solution, row["answer"], trace_tokens, key=row["id"])
+    return row | {"messages": [row["messages"][0], {"role": "assistant", "content": reply}]}
+
+
+EMBEDDED_TASKS: dict[str, Callable] = {"gsm_synth": _gsm_synth, "gsm_synth_reasoning": _gsm_synth_reasoning}
+"""`data.name` -> the builder of that embedded task's raw splits from `data.*`."""
 
 
 def _user_dataset(d, path: str):

@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from distill.data.task import extract_answer
+from distill.data.task import answer_matches
 from distill.errors import ConfigError
 
 
@@ -95,13 +95,9 @@ def keep_all() -> Predicate:
 
 @register_filter("answer_correct", needs=("answer",))
 def answer_correct() -> Predicate:
-    """Keep an answer whose final `#### N` equals the example's reference answer (the embedded task)."""
-
-    def check(cand: Candidate) -> bool:
-        reference = cand.example["answer"]
-        return reference is not None and extract_answer(cand.text) == int(reference)
-
-    return check
+    """Keep an answer whose final answer (`\\boxed{...}` after `</think>`, or `#### N`: `task.extract_answer`)
+    equals the example's reference answer (the embedded task)."""
+    return lambda cand: answer_matches(cand.text, cand.example["answer"])
 
 
 @register_filter("min_length")

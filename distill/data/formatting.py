@@ -7,7 +7,10 @@ nothing inside the example, so it is always False; this is also what stops loss 
 Which tokens are trained:
   - `messages` examples: the tokens of every assistant reply, including the template's closing marker
     (`<|im_end|>` for ChatML), so the model learns to stop. System and user turns, the assistant header
-    (`<|im_start|>assistant\\n`) and the newline between turns are not trained.
+    (`<|im_start|>assistant\\n`) and the newline between turns are not trained. A reply's `<think>...</think>`
+    reasoning trace is part of the reply and trained (it is what is distilled); templates that drop it or move
+    its opening into the prompt (DeepSeek-R1's hub template does both) are refused: use
+    `distill.data.chat_templates`.
   - `text` examples: every token (plus the eos token appended at the end).
 """
 
@@ -43,16 +46,33 @@ def _assistant_spans(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        start = len(_render(tokenizer, messages[:i], add_generation_prompt=True))
+        prompt = _render(tokenizer, messages[:i], add_generation_prompt=True)
         turn = _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
-        if not full.startswith(turn) or start > len(turn):
+        if not full.startswith(turn) or not turn.startswith(prompt):
             raise ConfigError(
                 f"the chat template of {type(tokenizer).__name__} renders turn {i} differently inside the "
-                "full conversation, so the assistant tokens cannot be located; use a prefix-stable template "
-                "(e.g. ChatML) or a dataset with a `text` field"
+                "full conversation or after its generation prompt (a prompt ending in `<think>\\n`?), so the "
+                "assistant tokens cannot be located; use a prefix-stable template (ChatML, or "
+                "distill.data.chat_templates) or a dataset with a `text` field"
             )
-        spans.append(range(start, len(turn.rstrip())))
+        span = range(len(prompt), len(turn.rstrip()))
+        _check_reply_kept(tokenizer, message, full[span.start : span.stop], i)
+        spans.append(span)
     return full, spans
+
+
+def _check_reply_kept(tokenizer: PreTrainedTokenizerBase, message: dict, reply: str, turn: int) -> None:
+    """The rendered reply must hold the message's text, else part of it would silently go untrained: DeepSeek-R1's
+    hub template deletes the `<think>` section of every assistant turn and writes `<think>\\n` into the prompt."""
+    for field in ("reasoning_content", "content"):
+        text = (message.get(field) or "").strip()
+        if text not in reply:
+            raise ConfigError(
+                f"the chat template of {type(tokenizer).__name__} renders assistant turn {turn} without part of its "
+                f"{field}: it drops it (a <think> section?) or writes it into the generation prompt (`<think>\\n`?), "
+                "so it would not be trained; use a template that keeps the whole reply after the prompt, e.g. "
+                "distill.data.chat_templates.R1_TEMPLATE or QWEN_TEMPLATE"
+            )
 
 
 def _mask_from_trained(trained: list[bool]) -> list[bool]:

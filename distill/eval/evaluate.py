@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-import torch
 from torch import nn
 
 from distill.data import encode_prompt, pad_batch
-from distill.eval.metrics import exact_match, heldout_metrics
+from distill.eval.metrics import TeacherOutputs, exact_match, heldout_metrics
+
+
+def heldout_batches(rows: list[dict], pad_id: int, batch_size: int, max_batches: int) -> list[dict]:
+    """The padded held-out batches, in order (batch i is HELDOUT_EPOCH, i): the same for the evaluation and for
+    whatever scores them for it beforehand (the teacher actors, `distill teacher-cache`)."""
+    n = len(rows) if not max_batches else min(len(rows), max_batches * batch_size)
+    return [pad_batch(rows[i : i + batch_size], pad_id) for i in range(0, n, batch_size)]
 
 
 def evaluate_model(
@@ -17,19 +21,17 @@ def evaluate_model(
     heldout_rows: list[dict],
     heldout_examples: list[dict],
     *,
-    teacher_logits: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None,
+    teacher: TeacherOutputs | None,
     stop_id: int,
     batch_size: int,
     max_batches: int,
     generate_examples: int,
     max_new_tokens: int,
 ) -> dict[str, float]:
-    """Held-out CE / perplexity / KL to the teacher / agreement, plus exact-match where answers are known."""
-    n = len(heldout_rows) if not max_batches else min(len(heldout_rows), max_batches * batch_size)
-    batches = [
-        pad_batch(heldout_rows[i : i + batch_size], tokenizer.pad_token_id) for i in range(0, n, batch_size)
-    ]
-    result = heldout_metrics(model, batches, teacher_logits)
+    """Held-out CE / perplexity / KL to the teacher / agreement, plus exact-match where answers are known.
+    teacher: the teacher's outputs for held-out batch (HELDOUT_EPOCH, i) of `heldout_batches`, or None."""
+    batches = heldout_batches(heldout_rows, tokenizer.pad_token_id, batch_size, max_batches)
+    result = heldout_metrics(model, batches, teacher)
     with_answers = [ex for ex in heldout_examples if ex.get("answer") is not None][:generate_examples]
     if with_answers:
         prompts = [encode_prompt(tokenizer, ex) for ex in with_answers]
@@ -37,7 +39,7 @@ def evaluate_model(
             exact_match(
                 model,
                 prompts,
-                [int(ex["answer"]) for ex in with_answers],
+                [ex["answer"] for ex in with_answers],  # answer_matches normalises numbers and LaTeX
                 decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
                 pad_id=tokenizer.pad_token_id,
                 eos_id=stop_id,

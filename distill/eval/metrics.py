@@ -4,35 +4,45 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.batch import next_token_labels
-from distill.data.task import extract_answer
+from distill import losses
+from distill.batch import BatchId, next_token_labels
+from distill.data.task import answer_matches
+from distill.losses import TopKTeacher
 
 Batch = dict[str, torch.Tensor]
+TeacherOutputs = Callable[[BatchId, Batch], Mapping[str, torch.Tensor]]
+"""(held-out batch id, batch) -> the teacher's `topk_ids`, `topk_logits`, `log_normalizer` for it [B, T, ...]."""
+
+HELDOUT_EPOCH = -1
+"""Held-out batch i is batch (-1, i) wherever teacher outputs are named by batch id (teacher actors, caches)."""
 
 
 @torch.inference_mode()
 def heldout_metrics(
     model: nn.Module,
     batches: Iterable[Batch],
-    teacher_logits: Callable[[Batch], torch.Tensor] | None = None,
+    teacher: TeacherOutputs | None = None,
 ) -> dict[str, float]:
     """Token-averaged metrics over trained positions (loss_mask) of the held-out batches.
 
     ce: mean next-token cross-entropy in nats; ppl = exp(ce); accuracy: share of positions where the student's
-    argmax is the next token (the label). With a teacher: kl_to_teacher = mean KL(teacher || student) over the
-    full vocabulary at T=1, agreement = share of positions where the student's argmax equals the teacher's.
+    argmax is the next token (the label). With the teacher's outputs for the batches (what its actors, an offline
+    cache or an engine ship: top-k ids and logits with the log-normaliser; never a teacher model here):
+    agreement = share of positions where the student's argmax is the teacher's (its top-1 id, exact), and
+    kl_to_teacher = mean KL(teacher || student) at T=1 over the teacher's top-k ids plus the tail bucket (the
+    training loss's own divergence; the full-vocabulary KL at k = V, a lower bound of it below).
     """
     model.eval()
     ce_sum = kl_sum = agree = correct = 0.0
     tokens = 0
     seconds = 0.0
-    for batch in batches:
+    for index, batch in enumerate(batches):
         start = time.perf_counter()
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"].long()).logits
         seconds += time.perf_counter() - start
@@ -42,12 +52,16 @@ def heldout_metrics(
         ce_sum += float(F.nll_loss(s_logp, labels, reduction="sum"))
         correct += float((s_logp.argmax(-1) == labels).sum())
         tokens += int(mask.sum())
-        if teacher_logits is not None:
-            t_logits = teacher_logits(batch)[mask].float()
-            v = min(t_logits.shape[-1], s_logp.shape[-1])  # padded embedding rows never hold real tokens
-            t_logp = F.log_softmax(t_logits[:, :v], dim=-1)
-            kl_sum += float(F.kl_div(s_logp[:, :v], t_logp, log_target=True, reduction="sum"))
-            agree += float((s_logp[:, :v].argmax(-1) == t_logp.argmax(-1)).sum())
+        if teacher is not None:
+            top = teacher((HELDOUT_EPOCH, index), batch)
+            t = TopKTeacher(
+                ids=top["topk_ids"][mask].long(),
+                logits=top["topk_logits"][mask].float(),
+                log_normalizer=top["log_normalizer"][mask].float(),
+            )
+            everywhere = torch.ones(t.num_rows, dtype=torch.bool)
+            kl_sum += float(losses.get("forward_kl")(logits[mask].float(), t, everywhere, temperature=1.0)[0])
+            agree += float((s_logp.argmax(-1) == t.ids[:, 0]).sum())
     n = max(tokens, 1)
     out = {
         "ce": ce_sum / n,
@@ -56,7 +70,7 @@ def heldout_metrics(
         "tokens": tokens,
     }
     out["tokens_per_s"] = tokens / max(seconds, 1e-9)
-    if teacher_logits is not None:
+    if teacher is not None:
         out["kl_to_teacher"] = kl_sum / n
         out["agreement"] = agree / n
     return out
@@ -66,7 +80,7 @@ def heldout_metrics(
 def exact_match(
     model: nn.Module,
     prompts: Sequence[list[int]],
-    answers: Sequence[int],
+    answers: Sequence[int | str],
     *,
     decode: Callable[[list[int]], str],
     pad_id: int,
@@ -74,7 +88,8 @@ def exact_match(
     max_new_tokens: int,
     batch_size: int = 32,
 ) -> dict[str, float]:
-    """Greedy-decode each prompt and compare the parsed final answer (`#### N`) to the reference."""
+    """Greedy-decode each prompt and compare its final answer to the reference (`task.answer_matches`: the last
+    `\\boxed{...}` after `</think>`, else `#### N`; numbers by value)."""
     model.eval()
     correct = 0
     generated_tokens = 0
@@ -94,7 +109,7 @@ def exact_match(
             if eos_id in seq:
                 seq = seq[: seq.index(eos_id)]
             generated_tokens += len(seq)
-            correct += int(extract_answer(decode(seq)) == answers[i + row])
+            correct += int(answer_matches(decode(seq), answers[i + row]))
     seconds = time.perf_counter() - start
     return {
         "exact_match": correct / max(len(prompts), 1),

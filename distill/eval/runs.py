@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
-from distill.eval.evaluate import evaluate_model
+from distill.eval.evaluate import evaluate_model, heldout_batches
+from distill.eval.metrics import HELDOUT_EPOCH, TeacherOutputs
 from distill.eval.report import write_report
 from distill.io import atomic_write_json
 from distill.tracking.memory import final_peaks
@@ -20,18 +22,39 @@ def generation_stop_id(tokenizer) -> int:
     return im_end if isinstance(im_end, int) and im_end != tokenizer.unk_token_id else tokenizer.eos_token_id
 
 
+def run_heldout_batches(cfg, tokenizer, data) -> list[tuple[tuple[int, int], dict]]:
+    """(batch id, batch) of the run's held-out batches under `eval.*`: what `evaluate` scores, for a teacher
+    side computed elsewhere (the teacher actors before they stop, `distill teacher-cache`)."""
+    e = cfg.eval
+    batches = heldout_batches(data.eval_rows, tokenizer.pad_token_id, e.batch_size, e.max_batches)
+    return [((HELDOUT_EPOCH, i), b) for i, b in enumerate(batches)]
+
+
+def scored_outputs(scored: Iterable) -> TeacherOutputs:
+    """TeacherOutputs from TeacherBatches scored beforehand (by batch id), e.g. by the teacher actors."""
+    by_id = {tuple(tb.batch_id): tb for tb in scored}
+    return lambda batch_id, _batch: by_id[tuple(batch_id)].to_torch()
+
+
 def evaluate(
-    cfg, model, tokenizer, data, teacher_logits=None, *, generate_examples: int | None = None
+    cfg,
+    model,
+    tokenizer,
+    data,
+    teacher: TeacherOutputs | None = None,
+    *,
+    generate_examples: int | None = None,
 ) -> dict:
     """`distill.eval.evaluate_model` with the run's `eval.*` settings on `data` (a DataSlice); adds bits per
-    character when the rows carry their text's length (cross-tokenizer runs)."""
+    character when the rows carry their text's length (cross-tokenizer runs). teacher: its outputs for the
+    held-out batches (`run_heldout_batches`), or None for no agreement / KL."""
     e = cfg.eval
     summary = evaluate_model(
         model,
         tokenizer,
         data.eval_rows,
         data.eval_examples,
-        teacher_logits=teacher_logits,
+        teacher=teacher,
         stop_id=generation_stop_id(tokenizer),
         batch_size=e.batch_size,
         max_batches=e.max_batches,

@@ -58,15 +58,19 @@ def causal_lm(model: nn.Module) -> nn.Module:
     return get_base() if callable(get_base) else model
 
 
-def check_fusable(model: nn.Module) -> None:
-    """ConfigError unless the fused head computes exactly this model's logits."""
-    lm = causal_lm(model)
-    model_type = getattr(lm.config, "model_type", None)
+def check_fusable_type(model_type: str | None) -> None:
+    """ConfigError unless models of this `model_type` (config.json) end in a head the fused loss reproduces."""
     if model_type not in FUSABLE_MODEL_TYPES:
         raise ConfigError(
             f"loss.fused_head: the {model_type!r} architecture is not known to end in a plain linear head "
             f"(known: {', '.join(sorted(FUSABLE_MODEL_TYPES))}); {_UNFUSED_HINT}."
         )
+
+
+def check_fusable(model: nn.Module) -> None:
+    """ConfigError unless the fused head computes exactly this model's logits."""
+    lm = causal_lm(model)
+    check_fusable_type(getattr(lm.config, "model_type", None))
     head = lm.get_output_embeddings()
     if type(head) is not nn.Linear:
         raise ConfigError(

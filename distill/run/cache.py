@@ -7,7 +7,6 @@ import hashlib
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -37,35 +36,34 @@ def cache_identity(cfg: DictConfig, teacher_path: Path, tokenizer, mixes: list |
     }
 
 
-class CachedTeacher:
-    """The teacher source of a run that trains from an offline cache: batch id -> TeacherBatch tensors."""
+def open_run_cache(cfg: DictConfig, teacher_path: Path, tokenizer, stream) -> dict | None:
+    """The identity a run's `teacher.cache` must have (None without one), checked against the cache now, before
+    any process starts: the same teacher, tokenizer, top-k, data, batching and mixes, and enough batches."""
+    if not cfg.teacher.cache:
+        return None
+    identity = cache_identity(cfg, teacher_path, tokenizer, stream_mixes(stream))
+    reader = CacheReader(cfg.teacher.cache, expect=identity)
+    needed = cfg.train.steps * cfg.cluster.grad_accum_steps * cfg.cluster.student_world_size
+    stored = sum(1 for epoch, _ in reader.batch_ids() if epoch >= 0)  # training batches; held-out ones are -1
+    if stored < needed:
+        raise CheckpointError(
+            f"teacher cache {cfg.teacher.cache} holds {stored} training batches but the run needs {needed} "
+            "(train.steps x grad_accum_steps x student_world_size); rebuild it with more teacher_cache.epochs."
+        )
+    return identity
 
-    def __init__(self, cfg: DictConfig, teacher_path: Path, tokenizer, needed_batches: int, stream) -> None:
-        identity = cache_identity(cfg, teacher_path, tokenizer, stream_mixes(stream))
-        self.reader = CacheReader(cfg.teacher.cache, expect=identity)
-        if len(self.reader) < needed_batches:
-            raise CheckpointError(
-                f"teacher cache {cfg.teacher.cache} holds {len(self.reader)} batches but the run needs "
-                f"{needed_batches} (train.steps x grad_accum_steps); rebuild it with more teacher_cache.epochs."
-            )
+
+class CachedTeacher:
+    """The teacher source of a single-process run that trains from an offline cache: batch id -> tensors."""
+
+    def __init__(self, path: str | Path, identity: dict) -> None:
+        self.reader = CacheReader(path, expect=identity)
 
     def __call__(self, batch_id, batch) -> dict[str, torch.Tensor | None]:
-        cached = self.reader.read(tuple(batch_id))
-        if not np.array_equal(cached.input_ids, batch["input_ids"].numpy().astype(cached.input_ids.dtype)):
-            raise CheckpointError(
-                f"teacher cache batch {batch_id} holds different tokens than the run's batch {batch_id}: the "
-                "cache was built from other data or batching. Rebuild it with the run's data settings."
-            )
         positions = batch.get("position_ids")
-        if (cached.position_ids is None) != (positions is None) or (
-            positions is not None and not np.array_equal(cached.position_ids, positions.numpy())
-        ):
-            raise CheckpointError(
-                f"teacher cache batch {batch_id} was scored with other document boundaries than the run's batch "
-                "(data.packing differs, or the cache predates per-document attention); rebuild the cache with "
-                "the run's data settings."
-            )
-        return cached.to_torch()
+        return self.reader.read_matching(
+            tuple(batch_id), batch["input_ids"].numpy(), None if positions is None else positions.numpy()
+        ).to_torch()
 
 
 def stream_mixes(stream) -> list:

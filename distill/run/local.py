@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from distill.batch import BatchId
 from distill.errors import ConfigError
+from distill.eval.runs import run_heldout_batches
 from distill.models.loading import save_model
 from distill.models.resolve import build_student
 from distill.run.cache import CachedTeacher
@@ -106,15 +107,33 @@ class LocalBackend:
 
             student = merge_for_export(student)
         save_model(student, parts.tokenizer, parts.run_dir / "student")
-        return Trained(student, self.engine)
+        return Trained(student, self._heldout_teacher())
+
+    def _heldout_teacher(self):
+        """The teacher's side of the evaluation: the offline cache's held-out batches, or this process's engine
+        (the reference path has the teacher here anyway); None across tokenizers."""
+        cfg, parts = self.cfg, self.parts
+        if cfg.teacher.token_map.enabled:
+            return None
+        if cfg.teacher.cache:
+            cached = CachedTeacher(cfg.teacher.cache, parts.cache_identity)
+            heldout = run_heldout_batches(cfg, parts.tokenizer, parts.data)
+            if not all(cached.reader.has(batch_id) for batch_id, _ in heldout):
+                log.warning(
+                    "teacher cache %s holds no held-out batches (written before distill teacher-cache scored them, "
+                    "or with other eval.* settings): eval.json has no agreement or KL",
+                    cfg.teacher.cache,
+                )
+                return None
+            return cached
+        return lambda batch_id, batch: self.engine.score_batch(batch_id, batch).to_torch()
 
     def _teacher_fn(self, mode: StepHooks, scored: dict, rate: RateMeter):
         """(batch_id, batch) -> teacher tensors: the offline cache, or the engine (kept in `scored` for the
         mode); None when no step needs the teacher."""
         cfg, parts = self.cfg, self.parts
         if self.objective.needs_teacher and cfg.teacher.cache:
-            needed = cfg.train.steps * cfg.cluster.grad_accum_steps
-            fn = CachedTeacher(cfg, parts.teacher_path, parts.tokenizer, needed, parts.stream)
+            fn = CachedTeacher(cfg.teacher.cache, parts.cache_identity)
         elif self.objective.needs_teacher or mode.needs_teacher:
             score = batch_scorer(cfg, self.engine, parts.teacher_tokenizer, parts.tokenizer)
 

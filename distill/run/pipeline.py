@@ -20,8 +20,8 @@ from distill.eval.runs import evaluate, evaluate_increments, run_memory_peaks, w
 from distill.io import atomic_write_json, atomic_write_text
 from distill.models.loading import load_tokenizer
 from distill.models.resolve import model_facts, pair_facts, require_teacher, student_tokenizer
+from distill.run.cache import open_run_cache
 from distill.run.validate import validate_run
-from distill.teacher.build import build_teacher_engine
 from distill.tracking.metrics_log import MetricsLog
 from distill.tracking.wandb_log import open_wandb
 from distill.training.build import continual_run, run_stream
@@ -54,6 +54,7 @@ def prepare(cfg) -> RunParts:
     tokenizer = student_tokenizer(cfg, teacher_tokenizer)
     data = build_data(cfg, row_encoder(cfg, tokenizer, teacher_tokenizer))
     curriculum, stream = run_stream(cfg, data, tokenizer, topology.batches_per_step)
+    cache = open_run_cache(cfg, teacher_path, tokenizer, stream)  # a foreign or short cache fails here
     write_stages(run_dir, curriculum)
     return RunParts(
         cfg=cfg,
@@ -65,6 +66,7 @@ def prepare(cfg) -> RunParts:
         data=data,
         curriculum=curriculum,
         stream=stream,
+        cache_identity=cache,
     )
 
 
@@ -85,7 +87,7 @@ def run(cfg, *, hooks=None) -> dict:
     with MetricsLog(parts.run_dir / "metrics.jsonl", mirror=wandb.log) as metrics:
         mode = mode_hooks(parts, backend, metrics)
         trained = backend.train(mode, metrics)
-    summary = evaluate(cfg, trained.student, parts.tokenizer, parts.data, _teacher_logits(parts, trained))
+    summary = evaluate(cfg, trained.student, parts.tokenizer, parts.data, trained.teacher)
     summary.update(run_memory_peaks(parts.run_dir))  # mem/<role>/..._mib: each process's peak while training
     atomic_write_json(parts.run_dir / "eval.json", summary)
     write_run_report(cfg, summary, mode.matrices())
@@ -135,11 +137,3 @@ def mode_hooks(parts: RunParts, backend: Backend, metrics: MetricsLog) -> StepHo
             )
         )
     return ChainedHooks(*hooks) if len(hooks) != 1 else hooks[0]
-
-
-def _teacher_logits(parts: RunParts, trained: Trained):
-    """Full teacher logits for KL / agreement at evaluation; none across tokenizers (another vocabulary)."""
-    if parts.cfg.teacher.token_map.enabled:
-        return None
-    engine = trained.teacher or build_teacher_engine(parts.cfg, parts.teacher_path)
-    return lambda b: engine.logits(b["input_ids"], b["attention_mask"])

@@ -11,6 +11,7 @@ from distill.errors import ConfigError
 from distill.losses import get as get_term
 from distill.losses.validation import validate_layer_map, validate_term
 from distill.models.facts import ModelFacts
+from distill.models.head import check_fusable_type
 from distill.models.resolve import demo_teacher_dir, model_facts, student_facts
 from distill.models.tiny import TINY_ARCHS
 from distill.teacher.engine import check_length_groups
@@ -28,6 +29,8 @@ def validate_run(cfg, facts: PairFacts) -> Topology:
         raise ConfigError(f"cluster.mode={cfg.cluster.mode!r}: use 'local' (reference) or 'ray'.")
     check_length_groups(cfg.teacher.length_groups)
     _validate_max_length(cfg, facts)
+    if cfg.loss.fused_head:
+        check_fusable_type(student_facts(cfg, facts.student_vocab).model_type)
     _validate_terms(cfg, facts)
     run_curriculum(cfg)
     validate_sources(cfg)

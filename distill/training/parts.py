@@ -27,6 +27,9 @@ class RunParts:
     curriculum: Curriculum
     stream: MixedStream
     """The numbered micro-batch stream: step s, rank r, micro-step j read position s*A*W + r*A + j."""
+    cache_identity: dict | None = None
+    """With `teacher.cache`: what the cache was checked to agree on (its readers check it again); None: the
+    teacher scores online."""
 
     @property
     def run_dir(self) -> Path:
@@ -36,7 +39,9 @@ class RunParts:
 @dataclass
 class Trained:
     """What a backend hands back: the student in this process (exported to run_dir/student already) and the
-    teacher engine it scored with, if it has one here (the Ray backend's teachers live in actors)."""
+    teacher's side of the evaluation: its outputs for the held-out batches (`distill.eval.metrics.TeacherOutputs`,
+    scored where the teacher lives: the actors before they stop, the offline cache, the local engine), or None
+    (cross-tokenizer runs, a cache without them). The driver never builds a teacher model for it."""
 
     student: Any
     teacher: Any = None
