@@ -14,38 +14,42 @@ from tqdm.auto import tqdm
 
 from distill.batch import TeacherBatch
 from distill.cache import CacheWriter
-from distill.cache.encoding import packed_ids_name
+from distill.cache.encoding import IDS_INT32, packed_ids_name
 from distill.data.build import build_data
 from distill.data.mixing import DATA
 from distill.errors import ConfigError
 from distill.eval.runs import run_heldout_batches
 from distill.models.loading import load_tokenizer
-from distill.models.resolve import model_facts, pair_facts, require_teacher
+from distill.models.resolve import model_facts, pair_facts, require_teacher, student_tokenizer
 from distill.run.cache import cache_identity, stream_mixes
 from distill.run.validate import validate_run
 from distill.teacher.build import build_teacher_engine
 from distill.training.build import run_stream
-from distill.xtok.build import row_encoder
+from distill.xtok.build import batch_scorer, row_encoder, token_table
 from launch.app import hydra_app
 
 
 def build_cache(cfg: DictConfig) -> Path:
     teacher_path = require_teacher(cfg)
-    tokenizer = load_tokenizer(teacher_path)
-    topology = validate_run(cfg, pair_facts(cfg, tokenizer))
+    teacher_tokenizer = load_tokenizer(teacher_path)
+    facts = pair_facts(cfg, teacher_tokenizer)
+    topology = validate_run(cfg, facts)
     c = cfg.teacher_cache
     if c.epochs < 1:
         raise ConfigError(f"teacher_cache.epochs={c.epochs} must be >= 1.")
-    data = build_data(cfg, row_encoder(cfg, tokenizer))
+    mapped = bool(cfg.teacher.token_map.enabled)
+    # The run's own batches: the student's tokens (with a token map, its own tokenizer's plus the teacher's).
+    tokenizer = student_tokenizer(cfg, teacher_tokenizer)
+    data = build_data(cfg, row_encoder(cfg, tokenizer, teacher_tokenizer))
     _, stream = run_stream(cfg, data, tokenizer, topology.batches_per_step)
-    identity = cache_identity(cfg, teacher_path, tokenizer, stream_mixes(stream))
-    vocab = model_facts(cfg.teacher, len(tokenizer)).vocab_size
-    ids_encoding = packed_ids_name(vocab) if c.ids_encoding == "auto" else c.ids_encoding
+    identity = cache_identity(cfg, teacher_path, tokenizer, stream_mixes(stream), teacher_tokenizer)
+    vocab = facts.student_vocab if mapped else model_facts(cfg.teacher, len(tokenizer)).vocab_size
+    ids_encoding, logits_encoding = _encodings(cfg, vocab)
     meta = {
         **identity,
         "vocab_size": vocab,
         "ids_encoding": ids_encoding,
-        "logits_encoding": c.logits_encoding,
+        "logits_encoding": logits_encoding,
     }
     # The run's own stream (its curriculum's data mixes) for `epochs` x the train split's batches; past the
     # run's end the last stage's mix continues (longer runs with the same stages read the same batches).
@@ -53,7 +57,8 @@ def build_cache(cfg: DictConfig) -> Path:
     stream = stream.extended(end)
     # First the held-out batches of the run's eval.* settings, as (HELDOUT_EPOCH = -1, i): the evaluation reads
     # the teacher's side from here too, so a run trained from the cache never needs the teacher model.
-    heldout = dict(run_heldout_batches(cfg, tokenizer, data))
+    # (None across tokenizers: the student is evaluated on its own vocabulary, without the teacher's side.)
+    heldout = {} if mapped else dict(run_heldout_batches(cfg, tokenizer, data))
     order = [*heldout, *(stream.batch_id(g) for g in range(end) if stream.locate(g).source == DATA)]
     with CacheWriter(
         c.dir, manifest_meta=meta, shard_batches=c.shard_batches, overwrite=c.overwrite
@@ -75,14 +80,36 @@ def build_cache(cfg: DictConfig) -> Path:
     return Path(c.dir)
 
 
+def _encodings(cfg: DictConfig, vocab: int) -> tuple[str, str]:
+    """(ids, logits) encodings of the cache. A token-mapped cache stores student ids with -1 for teacher tokens
+    that have none, and -inf logits where tokens merged or positions did not align: int32 ids and fp32 logits."""
+    c = cfg.teacher_cache
+    if not cfg.teacher.token_map.enabled:
+        return (packed_ids_name(vocab) if c.ids_encoding == "auto" else c.ids_encoding), c.logits_encoding
+    if c.ids_encoding not in ("auto", IDS_INT32) or c.logits_encoding != "fp32":
+        raise ConfigError(
+            f"teacher_cache.ids_encoding={c.ids_encoding!r} / logits_encoding={c.logits_encoding!r}: a cache "
+            "with teacher.token_map.enabled holds unmapped ids (-1) and -inf logits, which only int32 ids and fp32 "
+            "logits keep exactly; set teacher_cache.ids_encoding=auto teacher_cache.logits_encoding=fp32."
+        )
+    return IDS_INT32, "fp32"
+
+
 def _score(cfg, teacher_path: Path, identity: dict, batches) -> Iterator[TeacherBatch]:
-    """Teacher outputs in batch order: the Ray TeacherGroup for cluster.mode=ray, else one local engine."""
+    """Teacher outputs in batch order (in the student's positions and vocabulary with a token map): the Ray
+    TeacherGroup for cluster.mode=ray, else one local engine."""
+    teacher_tokenizer = load_tokenizer(teacher_path)
+    tokenizer = student_tokenizer(cfg, teacher_tokenizer)
     if cfg.cluster.mode == "ray":
         from distill.cluster.runtime import connect, fetched_outputs, teacher_group_from_config
 
         connect(cfg.cluster)
         group = teacher_group_from_config(
-            cfg, teacher_path, identity["hidden_layers"], identity["attention_layers"]
+            cfg,
+            teacher_path,
+            identity["hidden_layers"],
+            identity["attention_layers"],
+            token_table(cfg, teacher_tokenizer, tokenizer),
         )
         try:
             arrays = ((bid, {k: v.numpy() for k, v in b.items()}) for bid, b in batches)
@@ -96,8 +123,9 @@ def _score(cfg, teacher_path: Path, identity: dict, batches) -> Iterator[Teacher
         hidden_layers=identity["hidden_layers"],
         attention_layers=identity["attention_layers"],
     )
+    score = batch_scorer(cfg, engine, teacher_tokenizer, tokenizer)
     for bid, b in batches:
-        yield engine.score_batch(bid, b)
+        yield score(bid, b)
 
 
 @hydra_app

@@ -10,7 +10,15 @@ import pytest
 
 from distill.config import compose
 from launch.prepare_demo import prepare_student_tokenizer
-from tests.test_online_distributed import RUN, TP1_TEACHER, _run, assert_exactly_once, assert_same_curve
+from launch.teacher_cache import build_cache
+from tests.test_online_distributed import (
+    RUN,
+    STEPS,
+    TP1_TEACHER,
+    _run,
+    assert_exactly_once,
+    assert_same_curve,
+)
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -36,3 +44,21 @@ def test_xtok_online_matches_the_reference_and_exports_the_student_tokenizer(
     summary = json.loads((tmp_path / "online" / "eval.json").read_text())
     reference = json.loads((tmp_path / "ref" / "eval.json").read_text())
     assert summary["bits_per_char"] == pytest.approx(reference["bits_per_char"], rel=1e-3)
+
+    # Score once, train many across tokenizers: the same teacher actors write a cache of the projected top-k
+    # (student positions and ids, -1 for unmapped), and ranks trained from it follow the online curve.
+    online = [*common, "cluster=sim_2node", TP1_TEACHER, "student.zero_stage=2"]
+    cache = tmp_path / "xtok_cache"
+    build_cache(
+        compose(
+            [
+                *online,
+                f"teacher_cache.dir={cache}",
+                "teacher_cache.logits_encoding=fp32",
+                f"teacher_cache.epochs={STEPS * 2 // 10}",
+            ]
+        )
+    )
+    cached = _run([*online, f"teacher.cache={cache}"], tmp_path / "cached")
+    assert_same_curve(cached, got, rel=1e-5)
+    assert_exactly_once(tmp_path / "cached")

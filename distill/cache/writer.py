@@ -165,10 +165,12 @@ class CacheWriter:
         if batch.k != k:
             raise ConfigError(f"batch {batch_id} has k={batch.k}; this cache stores k={k}.")
         vocab = int(self.meta["vocab_size"])
-        if batch.topk_ids.size and (batch.topk_ids.min() < 0 or batch.topk_ids.max() >= vocab):
+        # A token-mapped cache holds student ids, -1 where a teacher token has no student counterpart.
+        lowest = -1 if self.meta.get("token_map") else 0
+        if batch.topk_ids.size and (batch.topk_ids.min() < lowest or batch.topk_ids.max() >= vocab):
             raise ConfigError(
                 f"batch {batch_id} has top-k ids in [{batch.topk_ids.min()}, {batch.topk_ids.max()}], outside "
-                f"the cache's vocab_size {vocab}."
+                f"[{lowest}, {vocab}) of the cache's vocab_size {vocab}."
             )
         if self._last_id is not None and batch_id <= self._last_id:
             raise ConfigError(

@@ -18,17 +18,24 @@ from distill.training.build import run_term_specs
 from distill.training.objective import teacher_layers
 
 
-def cache_identity(cfg: DictConfig, teacher_path: Path, tokenizer, mixes: list | None = None) -> dict:
+def cache_identity(
+    cfg: DictConfig, teacher_path: Path, tokenizer, mixes: list | None = None, teacher_tokenizer=None
+) -> dict:
     """What a cache must agree on with the run that reads it (checked by CacheReader's `expect`).
 
+    tokenizer: the student's (the batches' token ids). With a token map the cache holds the teacher's top-k
+    already projected into the student's positions and vocabulary, so the teacher's tokenizer is part of it too.
     mixes: the run stream's segments [(first position, end, shares)]: a curriculum's data mixes decide which
     rows each batch holds, so a cache is only valid for the same mixes."""
     specs = run_term_specs(cfg)
     data = OmegaConf.to_container(cfg.data, resolve=True)
     stream = {"data": data, "micro_batch_size": cfg.cluster.micro_batch_size, "mixes": mixes}
+    mapped = bool(cfg.teacher.token_map.enabled)
     return {
         "teacher_hash": model_fingerprint(teacher_path),
         "tokenizer_hash": tokenizer_hash(tokenizer),
+        "token_map": mapped,
+        "teacher_tokenizer_hash": tokenizer_hash(teacher_tokenizer) if mapped else None,
         "k": int(cfg.teacher.topk),
         "data_hash": hashlib.sha256(json.dumps(stream, sort_keys=True).encode()).hexdigest()[:16],
         "hidden_layers": teacher_layers(specs, "hidden"),
@@ -36,12 +43,12 @@ def cache_identity(cfg: DictConfig, teacher_path: Path, tokenizer, mixes: list |
     }
 
 
-def open_run_cache(cfg: DictConfig, teacher_path: Path, tokenizer, stream) -> dict | None:
+def open_run_cache(cfg: DictConfig, teacher_path: Path, tokenizer, stream, teacher_tokenizer=None) -> dict | None:
     """The identity a run's `teacher.cache` must have (None without one), checked against the cache now, before
-    any process starts: the same teacher, tokenizer, top-k, data, batching and mixes, and enough batches."""
+    any process starts: the same teacher, tokenizers, top-k, data, batching and mixes, and enough batches."""
     if not cfg.teacher.cache:
         return None
-    identity = cache_identity(cfg, teacher_path, tokenizer, stream_mixes(stream))
+    identity = cache_identity(cfg, teacher_path, tokenizer, stream_mixes(stream), teacher_tokenizer)
     reader = CacheReader(cfg.teacher.cache, expect=identity)
     needed = cfg.train.steps * cfg.cluster.grad_accum_steps * cfg.cluster.student_world_size
     stored = sum(1 for epoch, _ in reader.batch_ids() if epoch >= 0)  # training batches; held-out ones are -1

@@ -54,7 +54,7 @@ def prepare(cfg) -> RunParts:
     tokenizer = student_tokenizer(cfg, teacher_tokenizer)
     data = build_data(cfg, row_encoder(cfg, tokenizer, teacher_tokenizer))
     curriculum, stream = run_stream(cfg, data, tokenizer, topology.batches_per_step)
-    cache = open_run_cache(cfg, teacher_path, tokenizer, stream)  # a foreign or short cache fails here
+    cache = open_run_cache(cfg, teacher_path, tokenizer, stream, teacher_tokenizer)  # a foreign or short cache fails here
     write_stages(run_dir, curriculum)
     return RunParts(
         cfg=cfg,

@@ -99,11 +99,6 @@ def _validate_cross_tokenizer(cfg) -> None:
             f"loss.terms {features} compare hidden states or attention maps position by position, which needs one "
             "tokenization; with teacher.token_map.enabled=true use logit terms only (e.g. loss=kd_xtok)."
         )
-    if cfg.teacher.cache:
-        raise ConfigError(
-            "teacher.cache holds teacher outputs in the teacher's token space; cross-tokenizer runs score online. "
-            "Unset teacher.cache or teacher.token_map.enabled."
-        )
     if cfg.data.packing:
         raise ConfigError(
             "data.packing=true is not supported with teacher.token_map.enabled; set data.packing=false."
