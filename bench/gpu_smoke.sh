@@ -66,6 +66,8 @@ fi
 backend=$([ "$DEVICE" = cuda ] && echo nccl || echo gloo)
 run_dir="$OUT/online"
 rm -rf "$run_dir"
+stamp "the tiny demo teacher (distill prepare-demo, cached in $DISTILL_CACHE)"
+"$PY" -m launch.cli prepare-demo experiment=ci_tiny 2>&1 | tail -n 5
 stamp "online run: cluster=local_ray device=$DEVICE backend=$backend ${placement[*]}"
 "$PY" -m launch.cli experiment=ci_tiny cluster=local_ray cluster.device="$DEVICE" cluster.backend="$backend" \
   cluster.gpus_per_node="$GPUS" cluster.cpus_per_node="$(nproc)" "${placement[@]}" \

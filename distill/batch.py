@@ -62,6 +62,9 @@ class TeacherBatch:
     position_ids   [B, T] int32   optional, packed rows only: positions restarting at 0 at every document;
                                   the student's forward needs them for the per-document mask the teacher used
                                   (`model_inputs`). None on unpacked batches (and on batches from before the field).
+    aligned        [B, T] bool    optional, cross-tokenizer batches only: student positions with a teacher
+                                  counterpart (distill.xtok); hidden states and attention maps exist there only,
+                                  so feature terms compare those positions. None: every position has one.
     """
 
     batch_id: BatchId
@@ -77,6 +80,7 @@ class TeacherBatch:
     # Last, so positional construction keeps its meaning; a class-level default, so a TeacherBatch pickled
     # before this field existed unpickles with None.
     position_ids: np.ndarray | None = None
+    aligned: np.ndarray | None = None
 
     @property
     def k(self) -> int:

@@ -1,5 +1,7 @@
 """`distill prepare-demo`: train the local tokenizer and the tiny DeepSeek-V3 teacher on the embedded task.
 
+A teacher at a production vocabulary (teacher=tiny_r1_vocab) trains on its real tokenizer instead of a local one.
+
 Cached by everything that shapes the teacher (see `distill.models.resolve.demo_teacher_dir`): a second call is instant.
 """
 
@@ -18,8 +20,8 @@ from distill.data.build import RunData, batch_stream
 from distill.errors import ConfigError
 from distill.eval.runs import evaluate
 from distill.io import atomic_dir, atomic_write_json
-from distill.models.loading import load_causal_lm, load_tokenizer, save_model
-from distill.models.resolve import demo_student_tokenizer_dir, demo_teacher_dir
+from distill.models.loading import load_causal_lm, load_tokenizer, load_tokenizer_folder, save_model
+from distill.models.resolve import demo_student_tokenizer_dir, demo_teacher_dir, demo_teacher_tokenizer_dir
 from distill.models.tiny import TINY_ARCHS, build_model, tiny_config
 from distill.models.tokenizer import task_corpus, train_tokenizer
 from distill.training.build import build_reference_trainer
@@ -59,9 +61,11 @@ def prepare_demo(cfg: DictConfig) -> dict:
 
 
 def _train_teacher(cfg: DictConfig):
-    """A local tokenizer and the tiny teacher trained with CE on the embedded task; its held-out metrics."""
+    """A local tokenizer (or the teacher arch's real one) and the tiny teacher trained with CE on the embedded
+    task; its held-out metrics."""
     p = cfg.prepare
-    tokenizer = train_tokenizer(task_corpus(p.seed), p.vocab_size)
+    real = demo_teacher_tokenizer_dir(cfg)
+    tokenizer = load_tokenizer_folder(real) if real else train_tokenizer(task_corpus(p.seed), p.vocab_size)
     data = build_task_dataset(
         list(DOMAINS), list(p.teacher_levels), p.teacher_train_size, p.eval_examples, p.seed
     )

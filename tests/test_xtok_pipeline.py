@@ -13,6 +13,7 @@ from distill.run.validate import validate_run
 from distill.teacher.engine import TeacherEngine
 from distill.training.objective import Objective, TermSpec
 from distill.xtok import CrossTokenizerTeacher, build_token_map, encode_pair
+from distill.xtok.teacher import project_features
 
 
 @pytest.fixture(scope="module")
@@ -94,25 +95,82 @@ def test_production_pairs_validate_with_a_token_map(student):
         validate_run(cfg, pair_facts(cfg))
 
 
-@pytest.mark.parametrize(
-    ("overrides", "match"),
-    [
-        (["loss=kd_features"], "logit terms only"),
-        (["data.packing=true"], "packing"),
-        (["teacher.cache=/nonexistent/cache"], "score online"),
-    ],
-)
-def test_what_a_token_map_does_not_cover_fails_up_front(overrides, match):
+def test_what_a_token_map_does_not_cover_fails_up_front():
     base = [
         "teacher=deepseek_r1",
         "student=qwen2_5_3b",
         "cluster.teacher_tp=8",
         "teacher.token_map.enabled=true",
-        "loss=kd",  # logit terms only (the default loss also transfers hidden states and attention)
     ]
-    cfg = compose([*base, *overrides])
-    with pytest.raises(ConfigError, match=match):
+    cfg = compose([*base, "data.packing=true"])
+    with pytest.raises(ConfigError, match="packing"):
         validate_run(cfg, pair_facts(cfg))
+    # Feature transfer works across tokenizers (aligned positions only): the production pair validates with it.
+    cfg = compose([*base, "loss=kd_features"])
+    validate_run(cfg, pair_facts(cfg))
+
+
+def test_features_move_to_the_aligned_student_positions():
+    """project_features against a plain loop: student position s reads teacher position align[s]; attention keeps
+    the weights between aligned positions only; unaligned rows and columns are zero."""
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 5, 3, 4, generator=g)
+    attention = torch.rand(2, 3, 5, 5, generator=g)
+    align = torch.tensor([[0, -1, 2, 4], [1, 3, -1, -1]])
+    got_h, got_a = project_features(hidden, attention, align)
+    assert got_h.shape == (2, 4, 3, 4) and got_a.shape == (2, 3, 4, 4)
+    for b in range(2):
+        for s in range(4):
+            want = hidden[b, align[b, s]] if align[b, s] >= 0 else torch.zeros(3, 4)
+            assert torch.equal(got_h[b, s], want)
+            for c in range(4):
+                both = align[b, s] >= 0 and align[b, c] >= 0
+                want = attention[b, :, align[b, s], align[b, c]] if both else torch.zeros(3)
+                assert torch.equal(got_a[b, :, s, c], want)
+
+
+def test_identical_tokenizers_cross_path_gives_the_plain_feature_terms(tok):
+    """Hidden-state and attention transfer through the cross-tokenizer path, with one tokenizer on both sides:
+    the plain path's feature terms (every trained position is aligned to itself)."""
+    examples = list(build_task_dataset(["baking"], [1], 4, 0, seed=2)["train"])
+    teacher_model = _model(tok, "tiny_qwen2", 1)
+    teacher_model.config._attn_implementation = "eager"
+    engine = TeacherEngine(teacher_model, topk=8, hidden_layers=[2], attention_layers=[1])
+    student = _model(tok, "tiny_qwen2", 2)
+    student.config._attn_implementation = "eager"
+    plain = pad_batch([encode_example(tok, ex, 96) for ex in examples], tok.pad_token_id)
+    cross = pad_batch([encode_pair(tok, tok, ex, 96) for ex in examples], tok.pad_token_id)
+    same_tb = engine.score((0, 0), plain["input_ids"], plain["attention_mask"], plain["loss_mask"]).to_torch()
+    cross_tb = CrossTokenizerTeacher(engine, build_token_map(tok, tok).ids).score((0, 0), cross).to_torch()
+    assert cross_tb["aligned"] is not None and same_tb["aligned"] is None
+    terms = [
+        TermSpec("feat", "hidden_mse", 1.0, layer_map=[(3, 2)]),
+        TermSpec("attn", "attention_transfer", 1.0, layer_map=[(1, 1)]),
+    ]
+    out = student(
+        input_ids=plain["input_ids"],
+        attention_mask=plain["attention_mask"].long(),
+        output_hidden_states=True,
+        output_attentions=True,
+    )
+    torch.manual_seed(0)
+    same = Objective(terms, temperature=1.0, chunk_size=0, student_hidden_size=96, teacher_hidden_size=96)
+    torch.manual_seed(0)
+    xtok = Objective(
+        terms,
+        temperature=1.0,
+        chunk_size=0,
+        student_hidden_size=96,
+        teacher_hidden_size=96,
+        cross_tokenizer=True,
+    )
+    want, got = same(out, same_tb), xtok(out, cross_tb)
+    # Aligned trained positions are a subset of the trained ones (positions inside a merged group have none),
+    # and with one tokenizer every trained position is its own group.
+    assert torch.equal(cross_tb["aligned"] & cross_tb["loss_mask"].bool(), plain["loss_mask"])
+    for label in ("feat", "attn"):
+        assert float(want[label]) > 0
+        assert float(got[label]) == pytest.approx(float(want[label]), rel=1e-5), label
 
 
 def test_tiny_student_on_its_own_tokenizer_needs_the_map(tok, tmp_path):

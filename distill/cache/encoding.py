@@ -55,7 +55,7 @@ IDS_ENCODINGS = (IDS_INT32, "packed<bits>")  # for messages; packed17 is the 129
 
 # Stored as they are. position_ids (packed rows) travel with the inputs: a student reading the cache needs the
 # per-document mask the teacher scored with.
-_PASSTHROUGH = ("input_ids", "attention_mask", "loss_mask", "position_ids", "hidden", "attention")
+_PASSTHROUGH = ("input_ids", "attention_mask", "loss_mask", "position_ids", "aligned", "hidden", "attention")
 _FLOAT_NAMES = ("float32", "float16", "bfloat16")
 
 
@@ -289,6 +289,7 @@ def decode(arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> TeacherBatch:
         attention=arrays.get("attention"),
         float_dtypes=float_dtypes,
         position_ids=arrays.get("position_ids"),  # None in unpacked caches and caches from before the field
+        aligned=arrays.get("aligned"),  # cross-tokenizer caches only
     )
 
 

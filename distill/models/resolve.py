@@ -1,7 +1,9 @@
 """Where a run's models and tokenizers come from, built beside their configs (`teacher.*`, `student.*`).
 
 A teacher or student is a Hugging Face folder (`path`), a tiny real architecture built fresh (`arch` in
-TINY_ARCHS), or a shipped production architecture whose config validates a run without weights.
+TINY_ARCHS), or a shipped production architecture whose config validates a run without weights. A tiny arch at a
+production vocabulary (REAL_VOCAB_ARCHS: tiny_r1, tiny_qwen2_5) comes with its real tokenizer, built from an installed
+package into the cache (distill/models/real_tokenizers.py).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from distill.errors import CheckpointError, ConfigError
 from distill.models.facts import ModelFacts, arch_config_path, load_config
 from distill.models.from_teacher import copy_of_teacher, evenly_spaced_layers, student_config
 from distill.models.loading import load_causal_lm, load_tokenizer, load_tokenizer_folder, resolve_dtype
-from distill.models.tiny import TINY_ARCHS, build_model, tiny_config
+from distill.models.real_tokenizers import ensure_real_tokenizer
+from distill.models.tiny import REAL_VOCAB_ARCHS, TINY_ARCHS, build_model, tiny_config
 from distill.models.tokenizer import tokenizer_hash
 
 # Bump when the demo teacher's training recipe changes so stale caches are not reused.
@@ -54,6 +57,12 @@ def teacher_dir(cfg) -> Path:
     )
 
 
+def demo_teacher_tokenizer_dir(cfg) -> Path | None:
+    """The real tokenizer folder a prepare-demo teacher trains on (a REAL_VOCAB_ARCHS teacher; built on first use),
+    or None: prepare-demo trains the local task tokenizer."""
+    return _real_vocab_tokenizer_dir(cfg, cfg.teacher)
+
+
 def require_teacher(cfg) -> Path:
     path = teacher_dir(cfg)
     if not (path / "config.json").is_file():
@@ -80,11 +89,15 @@ def model_facts(model_cfg, vocab_size: int) -> ModelFacts:
 
 
 def pair_facts(cfg, tokenizer=None) -> PairFacts:
-    """Teacher and student facts. A tiny student borrows the teacher's tokenizer, so it shares the vocab."""
+    """Teacher and student facts. A tiny student borrows the teacher's tokenizer, so it shares the vocab, unless it
+    has its own (student.tokenizer, or the real tokenizer of a REAL_VOCAB_ARCHS student)."""
+    if tokenizer is None and (real := demo_teacher_tokenizer_dir(cfg)) is not None:
+        tokenizer = load_tokenizer_folder(real)  # known before the teacher is prepared
     vocab = len(tokenizer) if tokenizer is not None else cfg.prepare.vocab_size
     t = model_facts(cfg.teacher, vocab)
     s_vocab = t.vocab_size if (cfg.student.arch in TINY_ARCHS and not cfg.student.path) else None
-    own = load_tokenizer_folder(cfg.student.tokenizer) if cfg.student.tokenizer else None
+    own_folder = _own_student_tokenizer_dir(cfg)
+    own = load_tokenizer_folder(own_folder) if own_folder else None
     if own is not None and cfg.student.arch in TINY_ARCHS and not cfg.student.path:
         s_vocab = len(own)  # a tiny student built on its own tokenizer
     s = student_facts(cfg, s_vocab or vocab)
@@ -141,13 +154,28 @@ def student_tokenizer(cfg, teacher_tokenizer):
 
 
 def student_tokenizer_folder(cfg) -> str | None:
-    """The folder of the student's own tokenizer: student.tokenizer, else (with a token map) student.path;
-    None when the student trains on the teacher's tokenizer."""
-    if cfg.student.tokenizer:
-        return str(cfg.student.tokenizer)
+    """The folder of the student's own tokenizer: student.tokenizer, else a REAL_VOCAB_ARCHS student's real one,
+    else (with a token map) student.path; None when the student trains on the teacher's tokenizer."""
+    own = _own_student_tokenizer_dir(cfg)
+    if own is not None:
+        return str(own)
     if cfg.teacher.token_map.enabled and cfg.student.path:
         return str(cfg.student.path)
     return None
+
+
+def _own_student_tokenizer_dir(cfg) -> Path | None:
+    """student.tokenizer, or the real tokenizer of a REAL_VOCAB_ARCHS student (built on first use)."""
+    if cfg.student.tokenizer:
+        return Path(cfg.student.tokenizer)
+    return _real_vocab_tokenizer_dir(cfg, cfg.student)
+
+
+def _real_vocab_tokenizer_dir(cfg, model_cfg) -> Path | None:
+    """The cached real tokenizer of a tiny model at a production vocabulary; None for any other model."""
+    if model_cfg.path or model_cfg.arch not in REAL_VOCAB_ARCHS:
+        return None
+    return ensure_real_tokenizer(REAL_VOCAB_ARCHS[model_cfg.arch], cfg.prepare.cache_dir)
 
 
 def build_student(cfg, tokenizer):
@@ -177,6 +205,11 @@ def _base_student(cfg, tokenizer):
             eos_token_id=tokenizer.eos_token_id,
             **dict(s.overrides or {}),
         )
+        if config.vocab_size < len(tokenizer):  # a production-vocabulary arch or an override too small
+            raise ConfigError(
+                f"student={s.name} ({s.arch}) has {config.vocab_size} embedding rows, fewer than its tokenizer's "
+                f"{len(tokenizer)} ids; use the arch with its own tokenizer, or a larger student.overrides.vocab_size."
+            )
         return build_model(config, seed=s.init_seed, attn_implementation=attn).to(resolve_dtype(s.dtype))
     raise ConfigError(
         f"student={s.name} has no weights on this machine: set student.path=<Hugging Face folder>."

@@ -43,7 +43,9 @@ def cache_identity(
     }
 
 
-def open_run_cache(cfg: DictConfig, teacher_path: Path, tokenizer, stream, teacher_tokenizer=None) -> dict | None:
+def open_run_cache(
+    cfg: DictConfig, teacher_path: Path, tokenizer, stream, teacher_tokenizer=None
+) -> dict | None:
     """The identity a run's `teacher.cache` must have (None without one), checked against the cache now, before
     any process starts: the same teacher, tokenizers, top-k, data, batching and mixes, and enough batches."""
     if not cfg.teacher.cache:

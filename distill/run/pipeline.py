@@ -54,7 +54,8 @@ def prepare(cfg) -> RunParts:
     tokenizer = student_tokenizer(cfg, teacher_tokenizer)
     data = build_data(cfg, row_encoder(cfg, tokenizer, teacher_tokenizer))
     curriculum, stream = run_stream(cfg, data, tokenizer, topology.batches_per_step)
-    cache = open_run_cache(cfg, teacher_path, tokenizer, stream, teacher_tokenizer)  # a foreign or short cache fails here
+    # A foreign or short teacher cache fails here, before any process starts.
+    cache = open_run_cache(cfg, teacher_path, tokenizer, stream, teacher_tokenizer)
     write_stages(run_dir, curriculum)
     return RunParts(
         cfg=cfg,
@@ -62,7 +63,7 @@ def prepare(cfg) -> RunParts:
         teacher_path=teacher_path,
         teacher_tokenizer=teacher_tokenizer,
         tokenizer=tokenizer,
-        teacher_hidden_size=model_facts(cfg.teacher, len(tokenizer)).hidden_size,
+        teacher_hidden_size=model_facts(cfg.teacher, len(teacher_tokenizer)).hidden_size,
         data=data,
         curriculum=curriculum,
         stream=stream,

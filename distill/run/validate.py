@@ -8,7 +8,6 @@ from __future__ import annotations
 from distill.config.topology import PairFacts, Topology
 from distill.data.sources import validate_sources
 from distill.errors import ConfigError
-from distill.losses import get as get_term
 from distill.losses.validation import validate_layer_map, validate_term
 from distill.models.facts import ModelFacts
 from distill.models.head import check_fusable_type
@@ -91,14 +90,6 @@ def _teacher_facts(cfg, vocab_size: int) -> ModelFacts:
 
 def _validate_cross_tokenizer(cfg) -> None:
     """What a token map does not cover yet fails here, not mid-run."""
-    features = sorted(
-        label for label, t in cfg.loss.terms.items() if t.weight and get_term(t.name).kind != "logits"
-    )
-    if features:
-        raise ConfigError(
-            f"loss.terms {features} compare hidden states or attention maps position by position, which needs one "
-            "tokenization; with teacher.token_map.enabled=true use logit terms only (e.g. loss=kd_xtok)."
-        )
     if cfg.data.packing:
         raise ConfigError(
             "data.packing=true is not supported with teacher.token_map.enabled; set data.packing=false."

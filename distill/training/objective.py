@@ -177,16 +177,24 @@ class Objective(nn.Module):
                 )
             elif spec.kind == "hidden":
                 s_feats, t_feats = self._hidden_pairs(spec, student_out, batch)
-                loss_sum, _ = fn(s_feats, t_feats, mask, **params)
+                loss_sum, _ = fn(s_feats, t_feats, self._feature_mask(batch).reshape(-1), **params)
             else:
                 s_attn, t_attn = self._attention_pairs(spec, student_out, batch)
-                loss_sum, _ = fn(s_attn, t_attn, batch["loss_mask"].bool(), **params)
+                loss_sum, _ = fn(s_attn, t_attn, self._feature_mask(batch), **params)
             sums[spec.label] = loss_sum
         sums = {spec.label: sums[spec.label] for spec in active}  # the configured order, whichever path
         if sums:
             first = next(iter(sums))
             sums[first] = sums[first] + self._idle_projectors(sums, sums[first])
         return sums
+
+    @staticmethod
+    def _feature_mask(batch: Mapping[str, torch.Tensor | None]) -> torch.Tensor:
+        """[B, T] positions where hidden states / attention maps are compared: the trained positions, and across
+        tokenizers only those with a teacher counterpart (TeacherBatch.aligned)."""
+        mask = batch["loss_mask"].bool()
+        aligned = batch.get("aligned")
+        return mask if aligned is None else mask & aligned.bool()
 
     @staticmethod
     def _params(spec: TermSpec, plan: StepPlan | None) -> dict:

@@ -49,6 +49,33 @@ def project_topk(
     return ids.to(torch.int32), logits.to(topk_logits.dtype), torch.where(aligned, lse, 0.0)
 
 
+def project_features(
+    hidden: Tensor | None, attention: Tensor | None, align: Tensor
+) -> tuple[Tensor | None, Tensor | None]:
+    """Teacher hidden states and attention maps at teacher positions -> at the aligned student positions.
+
+    hidden [B, T_t, L, H] -> [B, T_s, L, H]: student position s gets the teacher's state at align[s] (the
+    position that predicts the same next text: both have read the same prefix), zeros where unaligned.
+    attention [B, L, T_t, T_t] -> [B, L, T_s, T_s]: rows and columns at the aligned positions; a student query
+    row keeps the teacher's weights on the keys that have a student counterpart (the attention term renormalises
+    each row), zeros at unaligned rows or columns.
+    """
+    aligned = align >= 0
+    index = align.clamp(min=0)
+    if hidden is not None:
+        b, t_s = align.shape
+        gathered = hidden.gather(1, index[:, :, None, None].expand(b, t_s, *hidden.shape[2:]))
+        hidden = gathered * aligned[:, :, None, None].to(hidden.dtype)
+    if attention is not None:
+        b, layers, t_t, _ = attention.shape
+        t_s = align.shape[1]
+        rows = attention.gather(2, index[:, None, :, None].expand(b, layers, t_s, t_t))
+        both = rows.gather(3, index[:, None, None, :].expand(b, layers, t_s, t_s))
+        keep = aligned[:, None, :, None] & aligned[:, None, None, :]
+        attention = both * keep.to(both.dtype)
+    return hidden, attention
+
+
 class CrossTokenizerTeacher:
     """A TeacherEngine whose TeacherBatches are in the student's positions and vocabulary.
 
@@ -57,10 +84,6 @@ class CrossTokenizerTeacher:
     """
 
     def __init__(self, engine: TeacherEngine, table: np.ndarray) -> None:
-        if engine.hidden_layers or engine.attention_layers:
-            raise ValueError(
-                "cross-tokenizer teachers ship logits only (hidden/attention need one token space)"
-            )
         self.engine = engine
         table = torch.tensor(np.asarray(table), dtype=torch.long)  # a copy: Ray hands actors read-only arrays
         # A teacher lm_head wider than its tokenizer: the extra ids have no text, so no student counterpart.
@@ -73,13 +96,16 @@ class CrossTokenizerTeacher:
         t_ids = batch["teacher_input_ids"]
         t_mask = batch["teacher_attention_mask"]
         scored = self.engine.score(batch_id, t_ids, t_mask, t_mask)
+        align = batch["align"].long()
         ids, logits, lse = project_topk(
             scored.tensor("topk_ids"),
             scored.tensor("topk_logits"),
             scored.tensor("log_normalizer"),
-            batch["align"].long(),
+            align,
             self.table,
         )
+        hidden, attention = project_features(scored.tensor("hidden"), scored.tensor("attention"), align)
+        features = hidden is not None or attention is not None
         return TeacherBatch.from_torch(
             batch_id,
             input_ids=batch["input_ids"].to(torch.int32),
@@ -88,6 +114,9 @@ class CrossTokenizerTeacher:
             topk_ids=ids,
             topk_logits=logits,
             log_normalizer=lse,
+            hidden=hidden,
+            attention=attention,
+            aligned=(align >= 0) if features else None,
         )
 
     def logits(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
