@@ -304,3 +304,40 @@ def test_r1_qwen_shape_prepares_and_trains_on_the_local_backend(cache_dir, r1, t
     student = tmp_path / "run" / "student"
     assert json.loads((student / "config.json").read_text())["vocab_size"] == 151_936
     assert len(load_tokenizer(student)) == 151_665
+
+    # `distill eval` on the Qwen-tokenizer student: the same CE as a plain transformers evaluation that knows
+    # nothing of this project: the folder's own tokenizer and chat template, labels on the assistant reply and
+    # its <|im_end|> (what the run trains), transformers' own shifted cross-entropy.
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from distill.data.build import build_data
+    from distill.xtok.build import row_encoder
+    from launch.evaluate import evaluate
+
+    result = evaluate(compose([*overrides, f"eval.model={student}"], run_dir=str(tmp_path / "ev")))
+    cfg = compose(overrides)
+    tokenizer = AutoTokenizer.from_pretrained(student)
+    model = AutoModelForCausalLM.from_pretrained(student).eval()
+    teacher_tokenizer = load_tokenizer(teacher_dir)
+    examples = build_data(cfg, row_encoder(cfg, load_tokenizer(student), teacher_tokenizer)).eval_examples
+    n = cfg.eval.batch_size * cfg.eval.max_batches
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    loss_sum, tokens = 0.0, 0
+
+    def ids(messages, **kwargs) -> list[int]:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    for ex in examples[:n]:
+        prompt = ids(ex["messages"][:-1], add_generation_prompt=True)
+        full = ids(ex["messages"])
+        end = full.index(im_end, len(prompt)) + 1  # the reply and its end marker
+        labels = [-100] * len(prompt) + full[len(prompt) : end]
+        with torch.no_grad():
+            out = model(input_ids=torch.tensor([full[:end]]), labels=torch.tensor([labels]))
+        count = end - len(prompt)
+        loss_sum += float(out.loss) * count
+        tokens += count
+    assert result["tokens"] == tokens
+    assert result["ce"] == pytest.approx(loss_sum / tokens, rel=1e-4)
