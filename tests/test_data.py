@@ -289,7 +289,9 @@ def test_user_dataset_errors(tmp_path):
         load_user_dataset(path, cache_dir=tmp_path / "cache")
     with pytest.raises(ConfigError, match=r"nowhere\.jsonl"):
         load_user_dataset(tmp_path / "nowhere.jsonl")
-    with pytest.raises(ConfigError, match="first row"):
+    with pytest.raises(
+        ConfigError, match=r"bad\.jsonl:1: field 'body' is 'x', not a list of \{role, content\}"
+    ):
         load_user_dataset(path, messages_field="body", cache_dir=tmp_path / "cache")
     with pytest.raises(ConfigError, match=r"eval_fraction=0\.9"):
         load_user_dataset(

@@ -6,7 +6,8 @@ test process on the same global batches, model init, objective (CE + forward KL 
 hidden-state MSE through a trained projector) and AdamW settings.
 
 - world size 1: ZeRO-0 (+ the engine's error messages), ZeRO-2 with CPU optimizer offload (checkpointed, resumed
-  by a fresh engine, exported to HF), ZeRO-1 with activation checkpointing and the fused head, and ZeRO-2 in bf16.
+  by a fresh engine, exported to HF), ZeRO-1 with activation checkpointing and the fused head, and ZeRO-2 in bf16
+  with the fused head.
 - world size 2: ZeRO-1, 2 and 3, one after the other, each rank fed half the rows of every micro-batch (and so
   a different number of trained tokens); the ZeRO-3 run is checkpointed, resumed and exported (gathered); ZeRO-3
   again with the fused head (distill.losses.fused: the head weight gathered inside the loss), against the
@@ -56,7 +57,7 @@ RUNS = {
         "z0": {"zero_stage": 0, "errors": True},
         "z2_offload": {"zero_stage": 2, "offload_optimizer": True, "checkpoint": True, "export": True},
         "z1_act_ckpt": {"zero_stage": 1, "gradient_checkpointing": True, "fused": True},
-        "z2_bf16": {"zero_stage": 2, "precision": "bf16", "hidden": False},
+        "z2_bf16": {"zero_stage": 2, "precision": "bf16", "hidden": False, "fused": True},
     },
     2: {
         "z1": {"zero_stage": 1},
@@ -338,6 +339,65 @@ def test_resumed_engine_continues_the_same_curve_exactly(records, run):
         assert loaded["cursor"] == saved["cursor"] and loaded["run"] == saved["run"]
         assert torch.equal(loaded["rng"], saved["rng"])
         assert rec["resumed"] == rec["steps"][RESUME_AT:]  # loss sums, grad norm, lr: equal floats
+
+
+@pytest.mark.parametrize("run", ["z2_offload", "z3"])
+def test_a_real_checkpoint_commits_through_the_store_and_a_damaged_file_is_refused(records, run, tmp_path):
+    """The engine's files, as the ranks write them into the folder `CheckpointStore.write` hands them, commit and
+    verify; rank 0 switched DeepSpeed's `latest` atomically. A flipped bit in a rank's optimizer partition and a
+    truncated model file are refused, each named."""
+    from distill.cluster.driver import CheckpointStore
+    from distill.errors import CheckpointError
+
+    saved = records[run][0]["dir"] / "ckpt"
+    assert (saved / "latest").read_text() == f"global_step{RESUME_AT}"
+    assert sorted(p.name for p in saved.iterdir() if p.name.startswith(".")) == []  # no temp file left
+    store = CheckpointStore(tmp_path, keep=1, identity={"run": run}, topology={})
+    with store.write(RESUME_AT, (0, RESUME_AT * ACCUM)) as folder:
+        shutil.copytree(saved, folder, dirs_exist_ok=True)
+    path = store.resume_point()
+    assert path == tmp_path / f"step-{RESUME_AT}"
+    optim = sorted((path / f"global_step{RESUME_AT}").glob("*optim_states.pt"))
+    assert len(optim) == len(records[run])  # one partition per rank, each in the manifest
+    original = optim[-1].read_bytes()
+    data = bytearray(original)
+    data[len(data) // 2] ^= 0x01
+    optim[-1].write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=rf"{optim[-1]} has sha256 [0-9a-f]+\.\.\., the manifest says"):
+        store.resume_point()
+    optim[-1].write_bytes(original)  # repaired: complete again
+    assert store.resume_point() == path
+    model = next((path / f"global_step{RESUME_AT}").glob("*model_states.pt"))
+    model.write_bytes(model.read_bytes()[:-10])
+    with pytest.raises(CheckpointError, match=rf"{model} is \d+ bytes, the manifest says \d+ \(truncated"):
+        store.resume_point()
+
+
+def test_engine_checkpoint_files_are_fsynced_and_unreadable_ones_named(tmp_path, monkeypatch):
+    """The wrappers `StudentEngine.save_checkpoint` / `load_checkpoint` put around DeepSpeed's checkpoint
+    engine: each saved file is fsynced by the rank that wrote it; a file torch cannot read is a CheckpointError
+    naming it (torch's own message names no file)."""
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    from distill.errors import CheckpointError
+    from distill.student.engine import _fsync_each_save, _naming_unreadable_files
+
+    synced = []
+    fsync = os.fsync
+    monkeypatch.setattr(
+        os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), fsync(fd))
+    )
+    checkpoint_engine = TorchCheckpointEngine()
+    file = tmp_path / "mp_rank_00_model_states.pt"
+    with _fsync_each_save(checkpoint_engine):
+        checkpoint_engine.save({"w": torch.ones(64)}, str(file))
+    assert synced == [str(file)]
+    file.write_bytes(file.read_bytes()[:-20])
+    with pytest.raises(RuntimeError, match="unexpected EOF"):  # what DeepSpeed's load raises on its own
+        checkpoint_engine.load(str(file))
+    with _naming_unreadable_files(checkpoint_engine), pytest.raises(CheckpointError) as err:
+        checkpoint_engine.load(str(file))
+    assert str(err.value).startswith(f"{file} cannot be loaded (unexpected EOF")
 
 
 @pytest.mark.parametrize("run", ["z2_offload", "z3"])

@@ -5,6 +5,7 @@ import torch
 
 from distill.config import compose
 from distill.data import build_task_dataset, encode_example, pad_batch
+from distill.data.batching import pack_rows
 from distill.errors import ConfigError
 from distill.models.resolve import pair_facts
 from distill.models.tiny import build_model, tiny_config
@@ -95,18 +96,18 @@ def test_production_pairs_validate_with_a_token_map(student):
         validate_run(cfg, pair_facts(cfg))
 
 
-def test_what_a_token_map_does_not_cover_fails_up_front():
+@pytest.mark.parametrize("student", ["qwen2_5_3b", "phi3_mini"])
+@pytest.mark.parametrize("extra", [[], ["loss=kd_features"], ["data.packing=true"]])
+def test_every_feature_validates_across_tokenizers(student, extra):
+    """The production pairs with the default loss, with hidden-state and attention transfer (aligned positions),
+    and with packing: nothing a token map turns off."""
     base = [
         "teacher=deepseek_r1",
-        "student=qwen2_5_3b",
+        f"student={student}",
         "cluster.teacher_tp=8",
         "teacher.token_map.enabled=true",
     ]
-    cfg = compose([*base, "data.packing=true"])
-    with pytest.raises(ConfigError, match="packing"):
-        validate_run(cfg, pair_facts(cfg))
-    # Feature transfer works across tokenizers (aligned positions only): the production pair validates with it.
-    cfg = compose([*base, "loss=kd_features"])
+    cfg = compose([*base, *extra])
     validate_run(cfg, pair_facts(cfg))
 
 
@@ -196,3 +197,34 @@ def test_uld_without_a_token_map_is_refused():
     cfg = compose(["loss=kd_xtok"])
     with pytest.raises(ConfigError, match=r"uld.*teacher\.token_map\.enabled=true"):
         validate_run(cfg, pair_facts(cfg))
+
+
+def test_packed_cross_tokenizer_rows_score_every_document_as_if_alone(tok):
+    """Packing with a token map: documents concatenated on both sides, each document's alignment moved by the
+    teacher tokens before it, teacher positions restarting per document. The projected top-k at a document's
+    positions in the packed row equals the top-k of that document scored on its own."""
+    teacher_tok = train_tokenizer(task_corpus(1, 40), 400)
+    examples = list(build_task_dataset(["travel"], [1], 3, 0, seed=3)["train"])
+    rows = [encode_pair(tok, teacher_tok, ex, 96) for ex in examples]
+    width = sum(len(r["input_ids"]) for r in rows) + 5  # room for all three and a filler tail
+    (packed,) = pack_rows(rows, width, eos_id=tok.pad_token_id)
+    batch = pad_batch([packed], tok.pad_token_id)
+    assert batch["teacher_position_ids"].shape == batch["teacher_input_ids"].shape
+    engine = TeacherEngine(_model(teacher_tok, "tiny_deepseek_v3", 1), topk=8)
+    teacher = CrossTokenizerTeacher(engine, build_token_map(teacher_tok, tok).ids)
+    together = teacher.score((0, 0), batch)
+    assert torch.equal(torch.as_tensor(together.position_ids).long(), batch["position_ids"])
+    start = 0
+    for i, row in enumerate(rows):
+        alone = teacher.score((0, i + 1), pad_batch([row], tok.pad_token_id))
+        n = len(row["input_ids"])
+        part = slice(start, start + n)
+        aligned = torch.as_tensor(row["align"]) >= 0
+        assert aligned.any()
+        got_ids, want_ids = together.topk_ids[0, part], alone.topk_ids[0, :n]
+        assert (got_ids[aligned.numpy()] == want_ids[aligned.numpy()]).all()
+        got = torch.as_tensor(together.topk_logits[0, part])[aligned]
+        want = torch.as_tensor(alone.topk_logits[0, :n])[aligned]
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        start += n
+    assert (batch["align"][0, start:] == -1).all()  # the filler aligns to nothing

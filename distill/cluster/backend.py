@@ -126,6 +126,7 @@ class RayBackend:
             keep=cfg.checkpoint.keep,
             identity=run_identity(cfg, parts.teacher_path, parts.tokenizer),
             topology=asdict(t),
+            fallback_to_previous=cfg.checkpoint.fallback_to_previous,
         )
         self.start = (
             self.checkpoints.resume_point() if cfg.resume else None

@@ -19,8 +19,10 @@ held are reused).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import re
 import shutil
 import threading
@@ -38,7 +40,14 @@ from distill.batch import BatchId
 from distill.cluster.buffer import PUT_FULL, Buffer
 from distill.cluster.student_group import StudentFailure, StudentGroup
 from distill.errors import CheckpointError
-from distill.io import atomic_write_json, atomic_write_text
+from distill.io import (
+    atomic_write_json,
+    atomic_write_text,
+    describe_files,
+    file_problems,
+    fsync_path,
+    fsync_tree,
+)
 from distill.tracking.memory import MemoryPeaks, measure, role_metrics
 from distill.training.modes import StepHooks
 from distill.training.reference import StepMetrics
@@ -87,64 +96,238 @@ class Assignment:
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------------------
+_STATE, _MANIFEST, _POINTER = "state.json", "manifest.json", "latest"
+_MANIFEST_FORMAT = "distill-checkpoint"
+_MANIFEST_VERSION = 1
+_STEP_NAME = re.compile(r"step-(\d+)")
+# What an interrupted write leaves in the root: a step's temporary folder, a replaced step's old folder, the
+# pointer's temp file (`atomic_write_bytes`). Never named by `latest`; removed before the next write.
+_PARTIAL_NAME = re.compile(r"step-\d+\.(?:tmp|old)-\d+|\.latest\..+")
+
+
 class CheckpointStore:
-    """`root/step-N/`: the DeepSpeed checkpoint of all ranks, their RNG states and `state.json` (step N = steps
-    done, data cursor = next stream batch, the run's identity and resolved topology). `root/latest` names the
-    newest complete one and is written last, so a crash during a save never points at half a checkpoint.
+    """`root/step-N/`: the DeepSpeed checkpoint of all ranks, their RNG states, the mode's state, `state.json`
+    (step N = steps done, data cursor = next stream batch, the run's identity and resolved topology) and
+    `manifest.json` (every file's size and sha256). `root/latest` names the checkpoint to resume from.
+
+    A write cannot corrupt what is there (`write`): the files go into `step-N.tmp-<pid>/`, are fsynced, the
+    manifest is written last, the folder is renamed to `step-N` and only then is `latest` switched (temp file +
+    rename, fsynced). A failure or a kill before that leaves `latest` on the previous checkpoint; the partial
+    folder is removed (or, after a kill, ignored and removed by the next write). Pruning runs after the switch.
+
+    A resume (`resume_point`, and the restore after a dead rank) checks the manifest of the checkpoint `latest`
+    names and refuses a damaged one (CheckpointError naming each bad file), as DeepSpeed, torch.distributed.checkpoint
+    and Ray Train refuse a checkpoint they cannot load: a silent fallback to an older one would retrain steps and
+    hide a storage fault (and torch loads a tensor with flipped bits without a word: only the checksums see it).
+    fallback_to_previous: resume from the newest older complete checkpoint instead, with a warning (unattended
+    requeues); either way the error or the warning names that checkpoint.
+    keep: complete checkpoints kept up to the newest (at least 1; never the one `latest` names).
     """
 
     def __init__(
-        self, root: str | Path, *, keep: int, identity: dict[str, Any], topology: dict[str, Any]
+        self,
+        root: str | Path,
+        *,
+        keep: int,
+        identity: dict[str, Any],
+        topology: dict[str, Any],
+        fallback_to_previous: bool = False,
     ) -> None:
         self.root, self.keep = Path(root), keep
         self.identity, self.topology = identity, topology
+        self.fallback_to_previous = fallback_to_previous
 
     def path(self, step: int) -> Path:
         return self.root / f"step-{step}"
 
+    @property
+    def pointer(self) -> Path:
+        return self.root / _POINTER
+
     def latest(self) -> Path | None:
-        pointer = self.root / "latest"
-        if not pointer.is_file():
+        """The folder `latest` names (not checked: see `resume_point`), or None before the first checkpoint."""
+        if not self.pointer.is_file():
             return None
-        path = self.root / pointer.read_text().strip()
-        if not (path / "state.json").is_file():
+        name = self.pointer.read_text().strip()
+        if not _STEP_NAME.fullmatch(name):
+            found = sorted(p.name for p in self.root.iterdir() if _STEP_NAME.fullmatch(p.name))
             raise CheckpointError(
-                f"{pointer} names {path.name}, which has no state.json; the folder is damaged"
+                f"{self.pointer} holds {name!r}, not a checkpoint name like 'step-10'; write the name of the "
+                f"checkpoint to resume from into it (folders here: {found})"
             )
-        return path
+        return self.root / name
 
     @staticmethod
     def state(path: Path) -> dict[str, Any]:
-        return json.loads((path / "state.json").read_text())
+        return json.loads((path / _STATE).read_text())
 
+    # ---- resume ------------------------------------------------------------------------------------------------
     def resume_point(self) -> Path | None:
-        """The latest checkpoint, after checking it belongs to this run (CheckpointError naming the field)."""
+        """The checkpoint `latest` names, after checking that it belongs to this run (CheckpointError naming the
+        field) and that every file matches its manifest (CheckpointError naming the file, unless
+        fallback_to_previous finds an older complete one). None before the first checkpoint."""
         path = self.latest()
-        if path is not None:
+        if path is None:
+            return None
+        damage = self.damage(path, only=[_STATE])  # the identity is read from it: check its bytes first
+        if not damage:
             check_identity(self.state(path)["identity"], self.identity, where=path)
-        return path
+            damage = self.damage(path)
+        return path if not damage else self._fall_back(path, damage)
 
-    def commit(self, step: int, cursor: BatchId) -> Path:
-        path = self.path(step)
+    def damage(self, path: Path, *, only: list[str] | None = None, checksums: bool = True) -> list[str]:
+        """What is wrong with checkpoint `path`, one line per file ([]: complete). only: these files of the
+        manifest; checksums=False: presence and sizes only (a stat per file)."""
+        if not path.is_dir():
+            return [f"{path} does not exist"]
+        manifest, problem = self._read_manifest(path)
+        if manifest is None:
+            return [problem]
+        files = manifest["files"]
+        if only is not None:
+            if missing := [name for name in only if name not in files]:
+                return [f"{path / _MANIFEST} does not list {missing}"]
+            files = {name: files[name] for name in only}
+        return file_problems(path, files, checksums=checksums)
+
+    @staticmethod
+    def _read_manifest(path: Path) -> tuple[dict[str, Any] | None, str]:
+        file = path / _MANIFEST
+        if not file.is_file():
+            return None, (
+                f"{file} is missing: it is written last, so the write of this checkpoint never finished "
+                "(or the checkpoint predates manifests)"
+            )
+        try:
+            manifest = json.loads(file.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            return None, f"{file} cannot be read ({err})"
+        if (
+            not isinstance(manifest, dict)
+            or manifest.get("format") != _MANIFEST_FORMAT
+            or manifest.get("version") != _MANIFEST_VERSION
+            or not isinstance(manifest.get("files"), dict)
+        ):
+            return None, f"{file} is not a version-{_MANIFEST_VERSION} {_MANIFEST_FORMAT} manifest"
+        return manifest, ""
+
+    def _fall_back(self, damaged: Path, damage: list[str]) -> Path:
+        """The newest complete checkpoint before `damaged` if fallback_to_previous; else CheckpointError."""
+        previous = self._previous_complete(damaged)
+        if previous is None or not self.fallback_to_previous:
+            raise CheckpointError(self._damage_message(damaged, damage, previous))
+        log.warning(
+            "checkpoint %s is damaged (%s); resuming from %s instead (checkpoint.fallback_to_previous=true): "
+            "the steps after it are trained again",
+            damaged,
+            "; ".join(damage),
+            previous.name,
+        )
+        atomic_write_text(self.pointer, previous.name + "\n", durable=True)
+        return previous
+
+    def _previous_complete(self, damaged: Path) -> Path | None:
+        """The newest checkpoint before `damaged` whose files all match its manifest and that is this run's."""
+        for step in reversed([s for s in self._steps() if s < _step_of(damaged)]):
+            path = self.path(step)
+            if not self.damage(path) and self.state(path).get("identity") == self.identity:
+                return path
+        return None
+
+    def _damage_message(self, damaged: Path, damage: list[str], previous: Path | None) -> str:
+        head = f"cannot resume from {damaged} (named by {self.pointer}): " + "; ".join(damage) + "."
+        if previous is None:
+            return head + (
+                " No older complete checkpoint exists: start a new run (resume=false or another run_dir)."
+            )
+        return head + (
+            f" The newest older complete checkpoint is {previous.name}: resume from it with "
+            f"checkpoint.fallback_to_previous=true, or by writing '{previous.name}' into {self.pointer} (the "
+            f"steps after {_step_of(previous)} are trained again)."
+        )
+
+    # ---- write -------------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def write(self, step: int, cursor: BatchId) -> Iterator[Path]:
+        """Yield an empty temporary folder for checkpoint `step`'s files (every rank's, the mode's); when the
+        block ends, commit it (see the class docstring). If the block or the commit raises, the folder is
+        removed and `latest` still names the previous checkpoint."""
+        self.remove_partial()
+        tmp = self.root / f"step-{step}.tmp-{os.getpid()}"
+        tmp.mkdir(parents=True)
+        try:
+            yield tmp
+            self._commit(step, cursor, tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def _commit(self, step: int, cursor: BatchId, tmp: Path) -> None:
         state = {
             "step": step,
             "next_batch": list(cursor),
             "identity": self.identity,
             "topology": self.topology,
         }
-        atomic_write_json(path / "state.json", state)
-        atomic_write_text(self.root / "latest", path.name + "\n")
+        atomic_write_json(tmp / _STATE, state)
+        # Durable before the manifest vouches for them: every file, whoever wrote it (the ranks may sit on other
+        # nodes of a shared file system; reading the files back for the hashes makes their writes visible here).
+        fsync_tree(tmp)
+        manifest = {
+            "format": _MANIFEST_FORMAT,
+            "version": _MANIFEST_VERSION,
+            "step": step,
+            "files": describe_files(tmp),
+        }
+        atomic_write_json(tmp / _MANIFEST, manifest, durable=True)  # last: a folder with it is complete
+        path = self._move_into_place(tmp, self.path(step))
+        if damage := self.damage(path, checksums=False):  # the hashes were just taken from these files
+            raise CheckpointError(f"{path} was damaged while it was committed: {'; '.join(damage)}")
+        atomic_write_text(self.pointer, path.name + "\n", durable=True)
         self._prune(step)
+
+    def _move_into_place(self, tmp: Path, path: Path) -> Path:
+        """Rename `tmp` to `path`. An existing `path` (a step trained again after a restore, or a damaged one
+        replaced after a fallback) is moved aside first and removed after: a folder rename cannot replace a
+        non-empty folder."""
+        old = path.with_name(f"{path.name}.old-{os.getpid()}")
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        fsync_path(self.root)
+        shutil.rmtree(old, ignore_errors=True)
         return path
 
+    def remove_partial(self) -> list[Path]:
+        """Remove what interrupted writes left in the root (their folders are never named by `latest`)."""
+        if not self.root.is_dir():
+            return []
+        partial = [p for p in self.root.iterdir() if _PARTIAL_NAME.fullmatch(p.name)]
+        for p in partial:
+            log.warning("removing %s, left by an interrupted checkpoint write", p)
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+        return partial
+
+    def _steps(self) -> list[int]:
+        return sorted(_step_of(p) for p in self.root.iterdir() if _STEP_NAME.fullmatch(p.name))
+
     def _prune(self, newest: int) -> None:
-        """Keep the `keep` newest checkpoints up to `newest` (never the one `latest` names)."""
-        steps = sorted(
-            int(m.group(1)) for p in self.root.iterdir() if (m := re.fullmatch(r"step-(\d+)", p.name))
-        )
-        older = [s for s in steps if s <= newest]
-        for s in older[: max(len(older) - max(self.keep, 1), 0)]:
-            shutil.rmtree(self.path(s), ignore_errors=True)
+        """Delete the checkpoints up to `newest` beyond the `keep` newest complete ones (incomplete ones count
+        for nothing), never the one `latest` names. Runs after `newest` is committed, so it is always kept."""
+        older = [s for s in self._steps() if s <= newest]
+        complete = [s for s in older if not self.damage(self.path(s), checksums=False)]
+        kept = set(complete[-max(self.keep, 1) :])
+        named = self.latest()
+        for s in older:
+            if s not in kept and self.path(s) != named:
+                shutil.rmtree(self.path(s), ignore_errors=True)
+
+
+def _step_of(path: Path) -> int:
+    return int(path.name.removeprefix("step-"))
 
 
 def check_identity(saved: dict[str, Any], current: dict[str, Any], *, where: Path | str) -> None:
@@ -435,10 +618,11 @@ class Driver:
         if self.checkpoints is None:
             return
         cursor = self.assignment.batch_id(step * self.assignment.per_step)
-        path = self.checkpoints.path(step)
-        self.students.save(path, {"step": step, "next_batch": list(cursor)})
-        self.mode.save(path)
-        self.checkpoints.commit(step, cursor)
+        # Into a temporary folder that the store commits once everyone has written; a failure part-way (a dead
+        # rank, a full disk) leaves `latest` on the previous checkpoint, which a restore then loads.
+        with self.checkpoints.write(step, cursor) as folder:
+            self.students.save(folder, {"step": step, "next_batch": list(cursor)})
+            self.mode.save(folder)
 
     def _load(self, path: Path) -> int:
         state = CheckpointStore.state(path)
@@ -471,7 +655,7 @@ class Driver:
                 # Declared dead first: their leases come back and any lease they still attempt fails.
                 self.buffer.requeue(self.students.consumers)
                 self.students.restart()
-                latest = self.checkpoints.latest() if self.checkpoints else None
+                latest = self.checkpoints.resume_point() if self.checkpoints else None
                 # Without a checkpoint the new actors start from the same initial weights: step 0.
                 step = self._load(latest) if latest is not None else 0
                 if latest is None:

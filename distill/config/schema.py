@@ -135,6 +135,13 @@ class DataConfig:
     eval_fraction: float = 0.05
     """Held-out share for user datasets without an eval split."""
     max_length: int = 128
+    on_bad_row: str = "error"
+    """A user dataset's bad row (malformed JSON line, invalid UTF-8, a missing, non-string or empty text, messages
+    that are not {role, content} strings, an unknown chat role): `error` stops the run naming its file and line;
+    `skip` leaves it out, counted by reason (`data/skipped/<reason>` in eval.json and the report)."""
+    on_long_row: str = "truncate"
+    """An example longer than max_length tokens: `truncate` keeps its first max_length tokens
+    (`data/truncated_rows`), `drop` leaves it out (`data/dropped_long_rows`), `error` stops the run naming it."""
     packing: bool = False
     seed: int = 0
     trace_tokens: list[int] | None = None
@@ -272,6 +279,11 @@ class CheckpointConfig:
     every_steps: int = 0
     """0 disables periodic checkpoints (the final student export still happens)."""
     keep: int = 2
+    """Complete checkpoints kept (at least 1); older ones are deleted once a newer one is committed."""
+    fallback_to_previous: bool = False
+    """`resume=true` when the checkpoint `latest` names is damaged (a file missing, truncated or changed after it
+    was written): false refuses to start, naming the file and the newest older complete checkpoint; true resumes
+    from that older one with a warning (the steps after it are trained again). For unattended requeues."""
 
 
 @dataclass

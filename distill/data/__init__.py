@@ -2,7 +2,13 @@
 loading, chat formatting with loss masks (`<think>` templates in chat_templates.py), batching."""
 
 from distill.data.batching import BatchStream, pack_rows, pad_batch
-from distill.data.dataset import HELD_OUT_FRACTION, build_task_dataset, is_held_out, load_user_dataset
+from distill.data.dataset import (
+    HELD_OUT_FRACTION,
+    build_task_dataset,
+    is_held_out,
+    load_user_dataset,
+    read_user_dataset,
+)
 from distill.data.formatting import encode_example, encode_prompt, encode_rows
 from distill.data.task import (
     DOMAINS,
@@ -34,4 +40,5 @@ __all__ = [
     "normalize_answer",
     "pack_rows",
     "pad_batch",
+    "read_user_dataset",
 ]

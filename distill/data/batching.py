@@ -72,6 +72,8 @@ def _pad_cross_tokenizer(rows: Sequence[dict], width: int) -> dict[str, torch.Te
     a causal teacher never attends to it, and no student position aligns to it.
     """
     t_width = max(len(row["teacher_input_ids"]) for row in rows)
+    packed = "teacher_position_ids" in rows[0]
+    t_positions = torch.zeros((len(rows), t_width), dtype=torch.int64) if packed else None
     t_ids = torch.zeros((len(rows), t_width), dtype=torch.int64)
     t_mask = torch.zeros((len(rows), t_width), dtype=torch.bool)
     align = torch.full((len(rows), width), -1, dtype=torch.int64)
@@ -80,27 +82,71 @@ def _pad_cross_tokenizer(rows: Sequence[dict], width: int) -> dict[str, torch.Te
         m, n = len(row["teacher_input_ids"]), len(row["align"])
         t_ids[i, :m] = torch.tensor(row["teacher_input_ids"], dtype=torch.int64)
         t_mask[i, :m] = True
+        if t_positions is not None:  # packed: the padding is one more segment of its own
+            t_positions[i, :m] = torch.tensor(row["teacher_position_ids"], dtype=torch.int64)
+            t_positions[i, m:] = torch.arange(t_width - m)
         align[i, :n] = torch.tensor(row["align"], dtype=torch.int64)
         chars[i, :n] = torch.tensor(row["target_chars"], dtype=torch.int64)
-    return {
+    out = {
         "teacher_input_ids": t_ids,
         "teacher_attention_mask": t_mask,
         "align": align,
         "target_chars": chars,
     }
+    if t_positions is not None:
+        out["teacher_position_ids"] = t_positions
+    return out
 
 
 def _fill(row: dict, seq_len: int, eos_id: int) -> dict:
     """Complete a packed row to exactly seq_len tokens with untrained eos filler; the filler is a segment of
-    its own (positions restart at 0), so no document attends to it."""
+    its own (positions restart at 0), so no document attends to it. Cross-tokenizer rows: the filler aligns to
+    no teacher position; the teacher side keeps its own length (padded per batch)."""
     n = len(row["input_ids"])
     filler = seq_len - n
-    return {
+    out = {
+        **row,
         "input_ids": row["input_ids"] + [eos_id] * filler,
         "loss_mask": row["loss_mask"] + [False] * filler,
         "attention_mask": [True] * n + [False] * filler,
         "position_ids": row["position_ids"] + list(range(filler)),
     }
+    if "align" in row:
+        out["align"] = row["align"] + [-1] * filler
+        out["target_chars"] = row["target_chars"] + [0] * filler
+    return out
+
+
+def _cut(row: dict, seq_len: int) -> dict:
+    """An example's first seq_len tokens (its last kept position untrained); a cross-tokenizer row also keeps
+    the teacher tokens up to the last one its kept positions align to."""
+    cut = {"input_ids": row["input_ids"][:seq_len], "loss_mask": row["loss_mask"][:seq_len]}
+    if cut["loss_mask"]:
+        cut["loss_mask"] = [*cut["loss_mask"][:-1], False]  # truncation made a new last position
+    if "align" in row:
+        cut["align"] = row["align"][:seq_len]
+        cut["target_chars"] = row["target_chars"][:seq_len]
+        keep = max(cut["align"], default=-1) + 1
+        cut["teacher_input_ids"] = row["teacher_input_ids"][: max(keep, 1)]
+    return cut
+
+
+def _append(current: dict, row: dict) -> None:
+    """Add one document to a packed row: its tokens, and positions restarting at 0 on both sides; a
+    cross-tokenizer document's alignment moves by the teacher tokens already in the row."""
+    offset = len(current.get("teacher_input_ids", ()))
+    current["input_ids"] += row["input_ids"]
+    current["loss_mask"] += row["loss_mask"]
+    current["position_ids"] += range(len(row["input_ids"]))
+    if "align" in row:
+        current.setdefault("teacher_input_ids", [])
+        current.setdefault("teacher_position_ids", [])
+        current.setdefault("align", [])
+        current.setdefault("target_chars", [])
+        current["align"] += [a + offset if a >= 0 else -1 for a in row["align"]]
+        current["target_chars"] += row["target_chars"]
+        current["teacher_input_ids"] += row["teacher_input_ids"]
+        current["teacher_position_ids"] += range(len(row["teacher_input_ids"]))
 
 
 def pack_rows(rows: Sequence[dict], seq_len: int, eos_id: int) -> list[dict]:
@@ -121,15 +167,11 @@ def pack_rows(rows: Sequence[dict], seq_len: int, eos_id: int) -> list[dict]:
     packed: list[dict] = []
     current: dict = {"input_ids": [], "loss_mask": [], "position_ids": []}
     for row in rows:
-        ids, mask = row["input_ids"][:seq_len], row["loss_mask"][:seq_len]
-        if mask:
-            mask = [*mask[:-1], False]  # truncation made a new last position
-        if current["input_ids"] and len(current["input_ids"]) + len(ids) > seq_len:
+        row = _cut(row, seq_len)
+        if current["input_ids"] and len(current["input_ids"]) + len(row["input_ids"]) > seq_len:
             packed.append(_fill(current, seq_len, eos_id))
             current = {"input_ids": [], "loss_mask": [], "position_ids": []}
-        current["input_ids"] += ids
-        current["loss_mask"] += mask
-        current["position_ids"] += range(len(ids))
+        _append(current, row)
     if current["input_ids"]:
         packed.append(_fill(current, seq_len, eos_id))
     return packed
@@ -165,11 +207,6 @@ class BatchStream:
             raise ConfigError(f"batch_size={batch_size} must be >= 1")
         if packing and seq_len is None:
             raise ConfigError("packing=True needs seq_len (the length of every packed row)")
-        if packing and rows and "align" in rows[0]:
-            raise ConfigError(
-                "data.packing=true is not supported with a cross-tokenizer token map (teacher.token_map.enabled): "
-                "packed rows would need their teacher alignments shifted; set data.packing=false"
-            )
         self.batch_size, self.seed, self.pad_id, self.seq_len = batch_size, seed, pad_id, seq_len
         if packing:
             order = np.random.default_rng([seed, 2**31 - 1]).permutation(len(rows))

@@ -1,7 +1,8 @@
 """Datasets: the embedded task as a `DatasetDict`, and user data from jsonl, parquet or a saved folder.
 
 Both return `DatasetDict({"train", "eval"})` whose rows have `messages` (a list of {role, content}) or
-`text`, which is all `formatting.encode_example` needs.
+`text`, which is all `formatting.encode_example` needs. User rows are judged one by one (`RowCheck`): a bad row
+is an error naming its file and line, or, under data.on_bad_row=skip, left out and counted by reason.
 """
 
 from __future__ import annotations
@@ -10,12 +11,17 @@ import codecs
 import hashlib
 import json
 import random
+from collections import Counter
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
+from distill.data.formatting import CHAT_ROLES
 from distill.data.task import iter_problems
 from distill.errors import ConfigError
 
@@ -89,25 +95,167 @@ def build_task_dataset(
 
 
 # ---------------------------------------------------------------------------------------------------------
-# User datasets
+# User datasets: where each row came from, and the rules a row must meet
+
+BAD_ROW_POLICIES = ("error", "skip")
+"""data.on_bad_row: a bad row stops the run naming its place (`error`), or is left out and counted (`skip`)."""
+
+_JSONL_FIX = "fix or remove that line (every line of a .jsonl file is one JSON object)"
+_ROW_FIX = "fix or remove that row"
 
 
-def _load_files(kind: str, files: Sequence[Path], cache_dir: str | None) -> datasets.Dataset:
-    for f in files:
-        _check_not_empty(f)
-        if kind == "json":
-            _check_utf8(f)
-    try:
-        return datasets.load_dataset(
-            kind, data_files=[str(f) for f in files], split="train", cache_dir=cache_dir
+@dataclass(frozen=True, eq=False)
+class RowPlaces:
+    """Where each row of a split came from, to name it in a message: `file:line` for JSON lines, `<source> row N`
+    for a parquet file, a .json array or a saved split. Two small arrays, not a string per row."""
+
+    sources: tuple[str, ...]
+    by_line: tuple[bool, ...]
+    """Per source: its numbers are line numbers (`file:N`), not row numbers (`file row N`)."""
+    source: np.ndarray
+    """int32 [rows]: the row's index into `sources`."""
+    number: np.ndarray
+    """int64 [rows]: the row's line or row number, from 1."""
+
+    @staticmethod
+    def of(source: str, numbers: Iterable[int], *, by_line: bool) -> RowPlaces:
+        number = np.fromiter(numbers, dtype=np.int64)
+        return RowPlaces((source,), (by_line,), np.zeros(len(number), dtype=np.int32), number)
+
+    @staticmethod
+    def concat(parts: Sequence[RowPlaces]) -> RowPlaces:
+        first_source = np.cumsum([0, *(len(p.sources) for p in parts)])
+        return RowPlaces(
+            tuple(s for p in parts for s in p.sources),
+            tuple(b for p in parts for b in p.by_line),
+            np.concatenate([p.source + first for p, first in zip(parts, first_source[:-1], strict=True)]),
+            np.concatenate([p.number for p in parts]),
         )
-    except Exception as err:  # datasets reports a bad line without its file and line number: find them
-        place = _first_bad_json_line(files) if kind == "json" else None
-        if place is None:
-            raise
+
+    def __len__(self) -> int:
+        return len(self.number)
+
+    def __getitem__(self, row: int) -> str:
+        source, number = int(self.source[row]), int(self.number[row])
+        where = self.sources[source]
+        return f"{where}:{number}" if self.by_line[source] else f"{where} row {number}"
+
+    def select(self, rows: Sequence[int] | np.ndarray) -> RowPlaces:
+        picked = np.asarray(rows, dtype=np.int64)
+        return RowPlaces(self.sources, self.by_line, self.source[picked], self.number[picked])
+
+
+def _field_of(columns: Iterable[str], text_field: str, messages_field: str) -> tuple[str, str]:
+    """(the user's field holding each row's text, its canonical name): the messages field wins over the text one."""
+    columns = list(columns)
+    for field, canonical in ((messages_field, "messages"), (text_field, "text")):
+        if field in columns:
+            return field, canonical
+    raise ConfigError(
+        f"dataset has neither a text field {text_field!r} nor a messages field {messages_field!r}; "
+        f"its fields are {columns}. Set data.text_field or data.messages_field to one of them"
+    )
+
+
+class RowCheck:
+    """Judges a user dataset's rows under data.on_bad_row: which field holds the text, whether a row is usable,
+    and what becomes of a bad one: `error` raises ConfigError naming its place, the problem and the fix; `skip`
+    counts it by reason in `skipped` (missing_field, not_a_string, empty_text, bad_messages, unknown_role,
+    malformed_json, invalid_utf8)."""
+
+    def __init__(self, text_field: str, messages_field: str, on_bad_row: str) -> None:
+        if on_bad_row not in BAD_ROW_POLICIES:
+            raise ConfigError(f"data.on_bad_row={on_bad_row!r}; valid values are {list(BAD_ROW_POLICIES)}")
+        self.text_field, self.messages_field, self.on_bad_row = text_field, messages_field, on_bad_row
+        self.skipped: Counter[str] = Counter()
+
+    def bad(self, place: str, reason: str, problem: str, fix: str = _ROW_FIX) -> None:
+        if self.on_bad_row == "error":
+            raise ConfigError(
+                f"{place}: {problem}; {fix}, or set data.on_bad_row=skip to skip such rows (they are counted)"
+            )
+        self.skipped[reason] += 1
+
+    def field(self, columns: Iterable[str]) -> tuple[str, str]:
+        return _field_of(columns, self.text_field, self.messages_field)
+
+    def good(self, values: Iterable, field: str, canonical: str, places: RowPlaces) -> list[int]:
+        """Indices of the usable rows, given each row's value of `field`; a bad one goes to `bad`. ConfigError when
+        there were rows and none is usable."""
+        problem_of = _messages_problem if canonical == "messages" else _text_problem
+        keep = []
+        for row, value in enumerate(values):
+            problem = problem_of(value, field)
+            if problem is None:
+                keep.append(row)
+            else:
+                self.bad(places[row], *problem)
+        if len(places) and not keep:
+            self.nothing_left(sorted(set(places.sources)))
+        return keep
+
+    def nothing_left(self, sources: Sequence[str]) -> None:
         raise ConfigError(
-            f"{place}; fix or remove that line (every line of a .jsonl file is one JSON object)"
-        ) from err
+            f"every row of {', '.join(sources)} is bad (skipped: {dict(sorted(self.skipped.items()))}); fix the "
+            "data, or set data.on_bad_row=error to stop at the first bad row with its place"
+        )
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _text_problem(text: object, field: str) -> tuple[str, str] | None:
+    """(reason, problem) when a text field's value is no usable text, else None."""
+    if text is None:
+        return "missing_field", f"no {field!r} field (or it is null)"
+    if not isinstance(text, str):
+        return "not_a_string", f"field {field!r} is not a string but {type(text).__name__} {_short(text)}"
+    if not text.strip():
+        return "empty_text", f"field {field!r} is empty"
+    return None
+
+
+def _messages_problem(messages: object, field: str) -> tuple[str, str] | None:
+    """(reason, problem) when a messages field's value is not a conversation with some text, else None."""
+    if messages is None:
+        return "missing_field", f"no {field!r} field (or it is null)"
+    if not isinstance(messages, list):
+        return (
+            "bad_messages",
+            f"field {field!r} is {_short(messages)}, not a list of {{role, content}} messages (is "
+            "data.messages_field a chat column? else use data.text_field)",
+        )
+    for turn, message in enumerate(messages):
+        if problem := _message_problem(message, turn, field):
+            return problem
+    if not any(m["content"].strip() or (m.get("reasoning_content") or "").strip() for m in messages):
+        return "empty_text", f"field {field!r} has no message with any text"
+    return None
+
+
+def _message_problem(message: object, turn: int, field: str) -> tuple[str, str] | None:
+    if not (isinstance(message, dict) and all(isinstance(message.get(k), str) for k in ("role", "content"))):
+        return (
+            "bad_messages",
+            f"message {turn} of field {field!r} is {_short(message)}, not {{role, content}} with string values",
+        )
+    if message["role"] not in CHAT_ROLES:
+        return (
+            "unknown_role",
+            f"message {turn} has role {message['role']!r}; valid roles are {', '.join(CHAT_ROLES)}",
+        )
+    if not isinstance(message.get("reasoning_content") or "", str):
+        return "bad_messages", f"message {turn}'s reasoning_content is {_short(message['reasoning_content'])}"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# User datasets: reading files
+
+Loaded = tuple[datasets.Dataset, RowPlaces]
+"""A split's rows and where each came from."""
 
 
 def _check_not_empty(path: Path) -> None:
@@ -117,8 +265,8 @@ def _check_not_empty(path: Path) -> None:
 
 
 def _check_utf8(path: Path, chunk_bytes: int = 2**24) -> None:
-    """ConfigError naming the line of the first byte that is not UTF-8 (the JSON reader would replace it
-    silently). One streaming pass at C speed (about 1 GB/s)."""
+    """ConfigError naming the line of the first byte that is not UTF-8. One streaming pass at C speed (about
+    1 GB/s)."""
     decoder = codecs.getincrementaldecoder("utf-8")()
     offset = lines = 0
     with path.open("rb") as f:
@@ -134,34 +282,172 @@ def _check_utf8(path: Path, chunk_bytes: int = 2**24) -> None:
             offset, lines = offset + len(chunk), lines + chunk.count(b"\n")
 
 
-def _first_bad_json_line(files: Sequence[Path]) -> str | None:
-    """`file:line: what is wrong` for the first line of a .jsonl file that is not one JSON object, else None.
+def _read_json_lines(path: Path, check: RowCheck) -> tuple[list[dict], RowPlaces]:
+    """The JSON objects of a JSON-lines file and their line numbers; a bad line goes to `check`. Read here, not by
+    `datasets`, which reports neither the file nor the line of a bad one and replaces bad bytes silently."""
+    rows, lines, offset = [], [], 0
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            row = _parse_line(raw, f"{path}:{number}", offset, check)
+            offset += len(raw)
+            if row is not None:
+                rows.append(row)
+                lines.append(number)
+    return rows, RowPlaces.of(str(path), lines, by_line=True)
 
-    Only read after a failed load, so a good dataset is parsed once (by datasets)."""
+
+def _parse_line(raw: bytes, place: str, offset: int, check: RowCheck) -> dict | None:
+    """One line as a JSON object; None for a blank line or a bad one (handed to `check`). offset: of the line in
+    its file, so a bad byte is named by its file offset."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        fix = "re-encode the file as UTF-8 or remove that line"
+        check.bad(place, "invalid_utf8", f"not valid UTF-8 ({err.reason} at byte {offset + err.start})", fix)
+        return None
+    if not text.strip():
+        return None
+    try:
+        row = json.loads(text.rstrip("\r\n").removeprefix("\ufeff"))  # a byte-order mark opens some files
+    except json.JSONDecodeError as err:
+        check.bad(place, "malformed_json", f"not valid JSON ({err.msg} at column {err.colno})", _JSONL_FIX)
+        return None
+    if not isinstance(row, dict):
+        check.bad(
+            place,
+            "malformed_json",
+            f"a JSON {type(row).__name__}, not an object with named fields",
+            _JSONL_FIX,
+        )
+        return None
+    return row
+
+
+def _is_json_array(path: Path) -> bool:
+    with path.open("rb") as f:
+        return f.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip().startswith(b"[")
+
+
+def _read_json_array(path: Path, check: RowCheck) -> tuple[list[dict], RowPlaces]:
+    """A .json file holding one array of objects. A bad byte or bad JSON spoils the whole document (an error under
+    either policy); an element that is not an object is a bad row."""
+    _check_utf8(path)
+    try:
+        document = json.loads(path.read_text(encoding="utf-8-sig"))
+    except json.JSONDecodeError as err:
+        raise ConfigError(
+            f"{path}:{err.lineno}: not valid JSON ({err.msg} at column {err.colno}); fix the file (a .json array "
+            "is one document; as .jsonl, one object per line, data.on_bad_row=skip can skip a bad line)"
+        ) from err
+    rows, numbers = [], []
+    for number, row in enumerate(document, start=1):
+        if isinstance(row, dict):
+            rows.append(row)
+            numbers.append(number)
+        else:
+            check.bad(f"{path} row {number}", "malformed_json", f"a JSON {type(row).__name__}, not an object")
+    return rows, RowPlaces.of(str(path), numbers, by_line=False)
+
+
+def _load_json(files: Sequence[Path], check: RowCheck) -> Loaded:
+    rows, parts = [], []
     for path in files:
-        if path.suffix != ".jsonl":
-            continue
-        with path.open("rb") as f:
-            for number, raw in enumerate(f, start=1):
-                if not raw.strip():
-                    continue
-                try:
-                    row = json.loads(raw.rstrip(b"\r\n"))
-                except json.JSONDecodeError as err:
-                    return f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno})"
-                if not isinstance(row, dict):
-                    return f"{path}:{number}: a JSON {type(row).__name__}, not an object with named fields"
-    return None
+        read = _read_json_array if path.suffix == ".json" and _is_json_array(path) else _read_json_lines
+        file_rows, places = read(path, check)
+        rows += file_rows
+        parts.append(places)
+    places = RowPlaces.concat(parts)
+    if not rows:
+        check.nothing_left([str(f) for f in files])
+    field, canonical = check.field(dict.fromkeys(key for row in rows for key in row))
+    keep = check.good([row.get(field) for row in rows], field, canonical, places)
+    return _to_dataset([rows[i] for i in keep], files), places.select(keep)
 
 
-def _load_folder(path: Path, cache_dir: str | None) -> datasets.Dataset | datasets.DatasetDict:
+def _to_dataset(rows: list[dict], files: Sequence[Path]) -> datasets.Dataset:
+    """Every field any row has (None where a row lacks it); `Dataset.from_list` would keep the first row's only."""
+    columns = {key: [row.get(key) for row in rows] for key in dict.fromkeys(k for row in rows for k in row)}
+    try:
+        return datasets.Dataset.from_dict(columns)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
+        mixed = next((key for key, values in columns.items() if not _one_type(values)), "?")
+        raise ConfigError(
+            f"field {mixed!r} of {', '.join(map(str, files))} holds values of different types ({err}); give it "
+            "one type in every row, or remove it"
+        ) from err
+
+
+def _one_type(values: list) -> bool:
+    try:
+        pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return False
+    return True
+
+
+def _parquet_rows(path: Path) -> int:
+    try:
+        rows = pq.ParquetFile(path).metadata.num_rows
+    except pa.ArrowException as err:
+        raise ConfigError(f"dataset file {path} is not a readable parquet file ({err}); rewrite it") from err
+    if rows == 0:
+        raise ConfigError(f"dataset file {path} has no rows; point data.path at a file with rows")
+    return rows
+
+
+def _load_parquet(files: Sequence[Path], cache_dir: str | None, check: RowCheck) -> Loaded:
+    counts = [_parquet_rows(f) for f in files]
+    ds = datasets.load_dataset(
+        "parquet", data_files=[str(f) for f in files], split="train", cache_dir=cache_dir
+    )
+    parts = [RowPlaces.of(str(f), range(1, n + 1), by_line=False) for f, n in zip(files, counts, strict=True)]
+    return _checked(ds, RowPlaces.concat(parts), check)
+
+
+def _checked(ds: datasets.Dataset, places: RowPlaces, check: RowCheck) -> Loaded:
+    """The usable rows of a loaded split (see `RowCheck.good`)."""
+    assert len(places) == ds.num_rows, "every row has a place"
+    field, canonical = check.field(ds.column_names)
+    keep = check.good(ds[field], field, canonical, places)
+    if len(keep) == ds.num_rows:
+        return ds, places
+    # keep_in_memory: never write index files into the user's dataset folder (or the datasets cache).
+    return ds.select(keep, keep_in_memory=True), places.select(keep)
+
+
+def _load_files(files: Sequence[Path], cache_dir: str | None, check: RowCheck) -> Loaded:
+    for f in files:
+        _check_not_empty(f)
+    if files[0].suffix == ".parquet":
+        return _load_parquet(files, cache_dir, check)
+    return _load_json(files, check)
+
+
+def _load_saved(path: Path, check: RowCheck) -> tuple[Loaded, Loaded | None]:
+    """A `save_to_disk` Dataset or DatasetDict: (train, its eval split or None), rows named `<path> row N`."""
+    saved = datasets.load_from_disk(str(path))
+    if isinstance(saved, datasets.Dataset):
+        return _checked(
+            saved, RowPlaces.of(str(path), range(1, saved.num_rows + 1), by_line=False), check
+        ), None
+    train, held_out = _pick_splits(saved)
+
+    def checked(name: str) -> Loaded:
+        split = saved[name]
+        places = RowPlaces.of(f"{path} ({name} split)", range(1, split.num_rows + 1), by_line=False)
+        return _checked(split, places, check)
+
+    return checked(train), None if held_out is None else checked(held_out)
+
+
+def _load_folder(path: Path, cache_dir: str | None, check: RowCheck) -> tuple[Loaded, Loaded | None]:
     """A `save_to_disk` folder, or a folder of parquet / jsonl files."""
     if any((path / marker).exists() for marker in _SAVED_DATASET_MARKERS):
-        return datasets.load_from_disk(str(path))
-    for kind, patterns in (("parquet", ("*.parquet",)), ("json", ("*.jsonl", "*.json"))):
+        return _load_saved(path, check)
+    for patterns in (("*.parquet",), ("*.jsonl", "*.json")):
         files = sorted(f for pattern in patterns for f in path.rglob(pattern))
         if files:
-            return _load_files(kind, files, cache_dir)
+            return _load_files(files, cache_dir, check), None
     found = sorted(p.name for p in path.iterdir())[:20]
     raise ConfigError(
         f"dataset folder {path} is neither a `save_to_disk` folder nor holds .parquet/.jsonl files; "
@@ -169,34 +455,34 @@ def _load_folder(path: Path, cache_dir: str | None) -> datasets.Dataset | datase
     )
 
 
-def _load_any(path: Path, cache_dir: str | None) -> datasets.Dataset | datasets.DatasetDict:
+def _load_any(path: Path, cache_dir: str | None, check: RowCheck) -> tuple[Loaded, Loaded | None]:
+    """(train, the dataset's own eval split or None), usable rows only."""
     if not path.exists():
         raise ConfigError(
             f"dataset path {path} does not exist; set data.path to a jsonl/parquet file or folder"
         )
     if path.is_dir():
-        return _load_folder(path, cache_dir)
-    kinds = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-    if path.suffix not in kinds:
-        raise ConfigError(f"dataset file {path} has suffix {path.suffix!r}; supported are {sorted(kinds)}")
-    return _load_files(kinds[path.suffix], [path], cache_dir)
+        return _load_folder(path, cache_dir, check)
+    suffixes = (".jsonl", ".json", ".parquet")
+    if path.suffix not in suffixes:
+        raise ConfigError(f"dataset file {path} has suffix {path.suffix!r}; supported are {sorted(suffixes)}")
+    return _load_files([path], cache_dir, check), None
 
 
-def _pick_splits(loaded: datasets.DatasetDict) -> tuple[datasets.Dataset, datasets.Dataset | None]:
-    """(train, eval or None) from a loaded DatasetDict."""
+def _pick_splits(loaded: datasets.DatasetDict) -> tuple[str, str | None]:
+    """The names of (train, eval or None) in a saved DatasetDict."""
     splits = list(loaded)
-    held_out = next((loaded[name] for name in _EVAL_SPLIT_NAMES if name in loaded), None)
+    held_out = next((name for name in _EVAL_SPLIT_NAMES if name in loaded), None)
     if "train" in loaded:
-        return loaded["train"], held_out
+        return "train", held_out
     if len(splits) == 1:
-        return loaded[splits[0]], None
+        return splits[0], None
     raise ConfigError(f"dataset has splits {splits} but no `train` split; save it with a split named train")
 
 
-def _split(
-    ds: datasets.Dataset, eval_fraction: float, seed: int
-) -> tuple[datasets.Dataset, datasets.Dataset]:
+def _split(loaded: Loaded, eval_fraction: float, seed: int) -> tuple[Loaded, Loaded]:
     """Hold out a seeded random `eval_fraction` of the rows (at least one when the fraction is > 0)."""
+    ds, places = loaded
     num_eval = max(1, round(ds.num_rows * eval_fraction)) if eval_fraction > 0 else 0
     if num_eval >= ds.num_rows:
         raise ConfigError(
@@ -204,44 +490,36 @@ def _split(
             "lower eval_fraction or use more data"
         )
     order = np.random.default_rng(seed).permutation(ds.num_rows)
+    train, held_out = np.sort(order[num_eval:]), np.sort(order[:num_eval])
     # keep_in_memory: never write index files into the user's dataset folder (or the datasets cache).
     return (
-        ds.select(np.sort(order[num_eval:]), keep_in_memory=True),
-        ds.select(np.sort(order[:num_eval]), keep_in_memory=True),
+        (ds.select(train, keep_in_memory=True), places.select(train)),
+        (ds.select(held_out, keep_in_memory=True), places.select(held_out)),
     )
-
-
-def _check_messages(ds: datasets.Dataset, field: str) -> None:
-    """Fail early, on the first row, if `field` is not a list of {role, content} dicts."""
-    if ds.num_rows == 0:
-        return
-    first = ds[0][field]
-    if not (
-        isinstance(first, list) and all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in first)
-    ):
-        raise ConfigError(
-            f"messages field {field!r} must hold lists of {{role, content}} dicts; its first row is "
-            f"{str(first)[:200]}. Point data.messages_field at a chat column, or use data.text_field"
-        )
 
 
 def _canonical_field(ds: datasets.Dataset, text_field: str, messages_field: str) -> datasets.Dataset:
     """Rename the user's field to `messages` (preferred) or `text`, the names encode_example reads."""
-    columns = ds.column_names
-    for field, canonical in ((messages_field, "messages"), (text_field, "text")):
-        if field in columns:
-            if canonical == "messages":
-                _check_messages(ds, field)
-            if field != canonical and canonical in columns:
-                ds = ds.remove_columns(canonical)  # a same-named column the user did not choose
-            return ds.rename_column(field, canonical) if field != canonical else ds
-    raise ConfigError(
-        f"dataset has neither a text field {text_field!r} nor a messages field {messages_field!r}; "
-        f"its fields are {columns}. Set data.text_field or data.messages_field to one of them"
-    )
+    field, canonical = _field_of(ds.column_names, text_field, messages_field)
+    if field == canonical:
+        return ds
+    if canonical in ds.column_names:
+        ds = ds.remove_columns(canonical)  # a same-named column the user did not choose
+    return ds.rename_column(field, canonical)
 
 
-def load_user_dataset(
+@dataclass
+class UserDataset:
+    """A user dataset as read: its train / eval splits, where each of their rows came from, the bad rows skipped."""
+
+    splits: datasets.DatasetDict
+    places: dict[str, RowPlaces]
+    """Per split, row by row."""
+    skipped: Counter[str]
+    """Bad rows left out under data.on_bad_row=skip, by reason (see `RowCheck`)."""
+
+
+def read_user_dataset(
     path: str | Path,
     *,
     text_field: str = "text",
@@ -249,25 +527,34 @@ def load_user_dataset(
     eval_fraction: float = 0.1,
     seed: int = 0,
     cache_dir: str | Path | None = None,
-) -> datasets.DatasetDict:
-    """Load a user dataset as `DatasetDict({"train", "eval"})` with a `messages` or `text` column.
+    on_bad_row: str = "error",
+) -> UserDataset:
+    """Read a user dataset: `DatasetDict({"train", "eval"})` with a `messages` or `text` column, the rows' places
+    and the skipped bad rows.
 
     `path` is a .jsonl/.json or .parquet file, a folder of such files, or a `datasets.save_to_disk` folder
     (Dataset or DatasetDict). A saved DatasetDict's `train` split is used, and its eval/validation/test
     split when it has one; otherwise `eval_fraction` of the rows (seeded by `seed`) is held out. The chosen
-    field is renamed to `messages` or `text`; `messages` wins when both fields exist. `cache_dir` is where
-    `datasets` caches jsonl/parquet conversions (default: its usual cache).
+    field is renamed to `messages` or `text`; `messages` wins when both fields exist. Every row is checked
+    (`RowCheck`): a bad one raises ConfigError naming its place (`on_bad_row="error"`) or is skipped and counted
+    (`"skip"`). `cache_dir` is where `datasets` caches parquet conversions (default: its usual cache).
     """
     if not 0 <= eval_fraction < 1:
         raise ConfigError(f"eval_fraction={eval_fraction} must be in [0, 1)")
-    loaded = _load_any(Path(path), None if cache_dir is None else str(cache_dir))
-    if isinstance(loaded, datasets.DatasetDict):
-        train, held_out = _pick_splits(loaded)
-    else:
-        train, held_out = loaded, None
-    train = _canonical_field(train, text_field, messages_field)
+    check = RowCheck(text_field, messages_field, on_bad_row)
+    train, held_out = _load_any(Path(path), None if cache_dir is None else str(cache_dir), check)
     if held_out is None:
         train, held_out = _split(train, eval_fraction, seed)
-    else:
-        held_out = _canonical_field(held_out, text_field, messages_field)
-    return datasets.DatasetDict({"train": train, "eval": held_out})
+    splits = {"train": train, "eval": held_out}
+    return UserDataset(
+        datasets.DatasetDict(
+            {name: _canonical_field(ds, text_field, messages_field) for name, (ds, _) in splits.items()}
+        ),
+        {name: places for name, (_, places) in splits.items()},
+        check.skipped,
+    )
+
+
+def load_user_dataset(path: str | Path, **options) -> datasets.DatasetDict:
+    """The splits of `read_user_dataset(path, **options)`: `DatasetDict({"train", "eval"})`."""
+    return read_user_dataset(path, **options).splits

@@ -12,13 +12,79 @@ Which tokens are trained:
     its opening into the prompt (DeepSeek-R1's hub template does both) are refused: use
     `distill.data.chat_templates`.
   - `text` examples: every token (plus the eos token appended at the end).
+
+Examples longer than `max_length` tokens are truncated, unless a `long_rows` block (data.on_long_row) says to drop
+or refuse them: then `encode_example` raises `LongRowError` for the caller, who knows the row's place.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+
 from transformers import PreTrainedTokenizerBase
 
 from distill.errors import ConfigError
+
+CHAT_ROLES = ("system", "user", "assistant")
+"""The roles a conversation may use: the ones every chat template here renders (chat_templates.py refuses others;
+tool turns are not supported)."""
+
+LONG_ROW_POLICIES = ("truncate", "drop", "error")
+"""data.on_long_row: what becomes of an example longer than data.max_length tokens."""
+
+
+class LongRowError(ConfigError):
+    """An example longer than max_length inside a `long_rows("drop" | "error")` block; the caller drops it or
+    names its place."""
+
+    def __init__(self, length: int, max_length: int) -> None:
+        super().__init__(f"the row has {length} tokens, more than data.max_length={max_length}")
+        self.length, self.max_length = length, max_length
+
+    def __reduce__(self):  # pickles with its numbers (the default would pass the message as `length`)
+        return LongRowError, (self.length, self.max_length)
+
+
+@dataclass
+class LongRowTally:
+    """The policy of a `long_rows` block and how many examples it truncated."""
+
+    policy: str
+    truncated: int = 0
+
+
+# The policy of the innermost `long_rows` block. A context variable rather than a parameter: every row encoder
+# (this module's, and distill.xtok's cross-tokenizer one, which calls encode_example) then follows it unchanged.
+_LONG_ROWS: ContextVar[LongRowTally | None] = ContextVar("long_rows", default=None)
+
+
+@contextmanager
+def long_rows(policy: str) -> Iterator[LongRowTally]:
+    """Within the block, `encode_example` truncates long examples and counts them (`truncate`), or raises
+    LongRowError (`drop`, `error`). Outside any block it truncates without counting."""
+    if policy not in LONG_ROW_POLICIES:
+        raise ConfigError(f"data.on_long_row={policy!r}; valid values are {list(LONG_ROW_POLICIES)}")
+    tally = LongRowTally(policy)
+    token = _LONG_ROWS.set(tally)
+    try:
+        yield tally
+    finally:
+        _LONG_ROWS.reset(token)
+
+
+def _fit(ids: list[int], trained: list[bool], max_length: int) -> tuple[list[int], list[bool]]:
+    """The example cut to its first max_length tokens, or LongRowError under a drop / error policy."""
+    if len(ids) <= max_length:
+        return ids, trained
+    tally = _LONG_ROWS.get()
+    if tally is not None and tally.policy != "truncate":
+        raise LongRowError(len(ids), max_length)
+    if tally is not None:
+        tally.truncated += 1
+    return ids[:max_length], trained[:max_length]
 
 
 def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], add_generation_prompt: bool) -> str:
@@ -111,6 +177,7 @@ def encode_example(tokenizer: PreTrainedTokenizerBase, example: dict, max_length
     `text`; `messages` wins when both are present. Truncation: an example longer than `max_length` tokens
     keeps its first `max_length` tokens; the tail is dropped and not trained (a cut chat example may lose
     the end of its reply and its end marker), and the last kept position is masked like any last position.
+    Inside a `long_rows("drop" | "error")` block such an example raises LongRowError instead.
     """
     if max_length < 2:
         raise ConfigError(f"max_length={max_length} leaves nothing to predict; use at least 2")
@@ -123,7 +190,7 @@ def encode_example(tokenizer: PreTrainedTokenizerBase, example: dict, max_length
             f"example has neither `messages` nor `text`; found fields {sorted(example)}. "
             "Rename the field, or set the text/messages field names when loading the dataset"
         )
-    ids, trained = ids[:max_length], trained[:max_length]
+    ids, trained = _fit(ids, trained, max_length)
     return {"input_ids": ids, "loss_mask": _mask_from_trained(trained)}
 
 

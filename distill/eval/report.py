@@ -41,7 +41,8 @@ def write_report(
     metrics: metrics.jsonl rows. Rows with an `event` key (e.g. stage_transition) are annotations drawn as
         vertical lines; every other row with a `step` is a training row (`stage`, `temperature`, `alpha`,
         `loss`, `lr`, `loss/<term>`, optionally `eval/<metric>` and `mem/<role>/<figure>_mib`).
-    eval_summary: eval.json; its `mem/` keys are left to the peak-memory table (built from the rows).
+    eval_summary: eval.json; its `mem/` keys are left to the peak-memory table (built from the rows), its `data/`
+        keys (rows the data rules skipped, dropped or cut) make the Data table.
     Plots: loss_terms.png, schedules.png, heldout.png (only with eval/* columns), memory.png (only with mem/*
     columns), continual_<metric>.png.
     """
@@ -70,6 +71,7 @@ def write_report(
         if _keys(rows, MEMORY_PREFIX):
             lines += _memory_section(run_dir, rows, spans, events)
     lines += _heldout_section(eval_summary or {})
+    lines += _data_section(eval_summary or {})
     for m in continual or []:
         lines += [f"## Continual: {m.metric} (rows: after increment i; columns: increment j)", ""]
         table = [
@@ -169,12 +171,34 @@ def _range(values: list[float]) -> str | None:
 
 
 def _heldout_section(eval_summary: dict) -> list[str]:
-    """The end-of-run evaluation table; eval.json's `mem/` keys are in the peak-memory section instead."""
-    heldout = {k: v for k, v in eval_summary.items() if not k.startswith(MEMORY_PREFIX)}
+    """The end-of-run evaluation table; eval.json's `mem/` and `data/` keys have sections of their own."""
+    heldout = {k: v for k, v in eval_summary.items() if not k.startswith((MEMORY_PREFIX, _DATA_PREFIX))}
     if not heldout:
         return []
     table = _table([{"metric": k, "value": v} for k, v in sorted(heldout.items())])
     return ["## Held-out evaluation (end of run)", "", *table, ""]
+
+
+_DATA_PREFIX = "data/"
+_DATA_ROWS = {
+    "data/skipped_rows": "bad rows skipped (data.on_bad_row=skip)",
+    "data/dropped_long_rows": "rows over data.max_length dropped (data.on_long_row=drop)",
+    "data/truncated_rows": "rows cut to data.max_length (data.on_long_row=truncate)",
+}
+
+
+def _data_section(eval_summary: dict) -> list[str]:
+    """What the data rules did to the run's rows (distill/data/build.py:DataCounts), when eval.json says."""
+    keys = [k for k in eval_summary if k.startswith(_DATA_PREFIX)]
+    if not keys:
+        return []
+    order = [*_DATA_ROWS]  # the total first, each reason under it (eval.json may hold them sorted)
+    keys.sort(key=lambda k: (order.index(k) if k in order else 0.5, k))
+    table = [
+        {"rows": _DATA_ROWS.get(k, f"skipped as {k.removeprefix('data/skipped/')}"), "count": eval_summary[k]}
+        for k in keys
+    ]
+    return ["## Data", "", *_table(table), ""]
 
 
 # ---- memory ------------------------------------------------------------------------------------------------

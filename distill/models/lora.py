@@ -6,11 +6,18 @@ the adapters are merged into the base weights at export (`merge_for_export`).
 
 from __future__ import annotations
 
-import peft
-from peft import PeftModel
 from transformers import PreTrainedModel
 
 from distill.errors import ConfigError
+
+try:  # peft is an optional extra: only LoRA runs import this module
+    import peft
+    from peft import PeftModel
+except ImportError as err:
+    raise ConfigError(
+        "student.lora.enabled=true needs peft, which is not installed: pip install -e '.[peft]' (the project's "
+        "`peft` extra), or train the whole student with student.lora.enabled=false"
+    ) from err
 
 ALL_LINEAR = "all-linear"
 """peft's shorthand for every nn.Linear except the output layer: the attention and MLP projections."""

@@ -48,14 +48,16 @@ def prepare(cfg) -> RunParts:
     teacher_path = require_teacher(cfg)
     teacher_tokenizer = load_tokenizer(teacher_path)
     topology = validate_run(cfg, pair_facts(cfg, teacher_tokenizer))
-    run_dir = _run_dir(cfg)
-    atomic_write_text(run_dir / "config.yaml", resolved_yaml(cfg))
     # With a token map the student trains on its own tokenizer; the teacher keeps its own (distill.xtok).
     tokenizer = student_tokenizer(cfg, teacher_tokenizer)
     data = build_data(cfg, row_encoder(cfg, tokenizer, teacher_tokenizer))
     curriculum, stream = run_stream(cfg, data, tokenizer, topology.batches_per_step)
     # A foreign or short teacher cache fails here, before any process starts.
     cache = open_run_cache(cfg, teacher_path, tokenizer, stream, teacher_tokenizer)
+    # Only now, with the data read and every check passed, is the run folder written: a bad input leaves an
+    # existing run folder as it was.
+    run_dir = _run_dir(cfg)
+    atomic_write_text(run_dir / "config.yaml", resolved_yaml(cfg))
     write_stages(run_dir, curriculum)
     return RunParts(
         cfg=cfg,
@@ -90,6 +92,7 @@ def run(cfg, *, hooks=None) -> dict:
         trained = backend.train(mode, metrics)
     summary = evaluate(cfg, trained.student, parts.tokenizer, parts.data, trained.teacher)
     summary.update(run_memory_peaks(parts.run_dir))  # mem/<role>/..._mib: each process's peak while training
+    summary.update(parts.data.counts)  # data/...: rows the data rules skipped, dropped or cut (build_data)
     atomic_write_json(parts.run_dir / "eval.json", summary)
     write_run_report(cfg, summary, mode.matrices())
     wandb.finish({f"eval/{k}": v for k, v in summary.items() if isinstance(v, int | float)})

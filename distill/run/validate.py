@@ -39,7 +39,7 @@ def validate_run(cfg, facts: PairFacts) -> Topology:
             "teacher.cache (an offline cache is for mode=standard)."
         )
     if cfg.teacher.token_map.enabled:
-        _validate_cross_tokenizer(cfg)
+        pass  # every feature works across tokenizers: logit and feature terms, packing, the offline cache
     elif any(t.name == "uld" and t.weight for t in cfg.loss.terms.values()):
         raise ConfigError(
             "loss term uld compares teacher mass that has no student token, which only exists with a token map; "
@@ -86,14 +86,6 @@ def _teacher_facts(cfg, vocab_size: int) -> ModelFacts:
         if (folder / "config.json").is_file():
             return ModelFacts.from_path(folder)
     return model_facts(cfg.teacher, vocab_size)
-
-
-def _validate_cross_tokenizer(cfg) -> None:
-    """What a token map does not cover yet fails here, not mid-run."""
-    if cfg.data.packing:
-        raise ConfigError(
-            "data.packing=true is not supported with teacher.token_map.enabled; set data.packing=false."
-        )
 
 
 def _validate_terms(cfg, facts: PairFacts) -> None:

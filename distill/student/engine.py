@@ -21,7 +21,8 @@ Clipping, the accumulation boundary and ZeRO partitioning stay DeepSpeed's (`eng
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
@@ -36,6 +37,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from distill.config.schema import OptimizerConfig
 from distill.curriculum.stages import StepPlan
 from distill.errors import CheckpointError, ConfigError, TopologyError
+from distill.io import atomic_write_text, fsync_path
 from distill.models.loading import save_model
 from distill.training.grad_shares import measure_shares_on_aliases, measures_shares
 from distill.training.objective import Objective
@@ -259,14 +261,31 @@ class StudentEngine:
     # ---- checkpoints and export ----------------------------------------------------------------------------
     def save_checkpoint(self, directory: str | Path, client_state: Mapping[str, Any]) -> Path:
         """Write a DeepSpeed checkpoint (module, optimizer partitions, LR schedule, step counters) plus
-        `client_state` (the caller's data cursor, RNG states, ...). Every rank must call it; returns the tag folder."""
-        self.engine.save_checkpoint(str(directory), client_state={_CLIENT_KEY: dict(client_state)})
-        return Path(directory) / f"global_step{self.engine.global_steps}"
+        `client_state` (the caller's data cursor, RNG states, ...). Every rank must call it; returns the tag folder.
+
+        As torch.distributed.checkpoint's `sync_files`: each rank fsyncs the files it wrote, and once all have,
+        rank 0 switches DeepSpeed's `latest` file atomically (temp file + rename, fsynced; DeepSpeed's own is a
+        plain overwrite), so a save that fails part-way leaves the previous tag loadable. The run's checkpoints
+        are atomic one level up too: `CheckpointStore.write` hands the ranks a temporary folder.
+        """
+        directory = Path(directory)
+        tag = f"global_step{self.engine.global_steps}"
+        with _fsync_each_save(self.engine.checkpoint_engine):
+            self.engine.save_checkpoint(
+                str(directory), tag=tag, client_state={_CLIENT_KEY: dict(client_state)}, save_latest=False
+            )
+        dist.barrier()  # DeepSpeed's save ends with one too; repeated here because `latest` relies on it
+        if self.rank == 0:
+            atomic_write_text(directory / "latest", tag, durable=True)
+        dist.barrier()  # no rank returns (and no caller commits the folder) before `latest` names the tag
+        return directory / tag
 
     def load_checkpoint(self, directory: str | Path) -> dict[str, Any]:
         """Restore the latest checkpoint in `directory` exactly; returns the saved client_state.
 
-        Every rank must call it, with the same world size and ZeRO stage as when it was saved.
+        Every rank must call it, with the same world size and ZeRO stage as when it was saved. A file torch cannot
+        read is a CheckpointError naming it (a file damaged in a way torch does not notice, e.g. flipped bits in
+        a tensor, is caught only by the manifest of `CheckpointStore`, which the driver checks first).
         """
         directory = Path(directory)
         if not (directory / "latest").is_file():
@@ -275,7 +294,14 @@ class StudentEngine:
                 f"{directory} holds no DeepSpeed checkpoint (no 'latest' file; found: {found}); "
                 "point it at a folder written by StudentEngine.save_checkpoint"
             )
-        path, states = self.engine.load_checkpoint(str(directory))
+        tag = (directory / "latest").read_text().strip()
+        if not (directory / tag).is_dir():
+            raise CheckpointError(
+                f"{directory / 'latest'} names {tag!r}, which is not a folder in {directory}; write the name of "
+                "a global_step* folder there"
+            )
+        with _naming_unreadable_files(self.engine.checkpoint_engine):
+            path, states = self.engine.load_checkpoint(str(directory), tag=tag)
         if path is None or _CLIENT_KEY not in states:
             raise CheckpointError(
                 f"{directory} holds a DeepSpeed checkpoint that StudentEngine.save_checkpoint did not write "
@@ -319,6 +345,44 @@ def _load_weights_only(engine) -> None:
             return torch.load(path, map_location=map_location, weights_only=True)
 
     checkpoint_engine.load = load
+
+
+@contextmanager
+def _fsync_each_save(checkpoint_engine) -> Iterator[None]:
+    """fsync every file this rank's DeepSpeed checkpoint engine saves, right after it is written."""
+    save = checkpoint_engine.save
+
+    def save_durably(state_dict, path: str) -> None:
+        save(state_dict, path)
+        fsync_path(path)
+
+    checkpoint_engine.save = save_durably
+    try:
+        yield
+    finally:
+        checkpoint_engine.save = save
+
+
+@contextmanager
+def _naming_unreadable_files(checkpoint_engine) -> Iterator[None]:
+    """Turn torch's errors for a file it cannot load (a truncated or damaged file: RuntimeError / EOFError, which
+    name no path) into a CheckpointError naming the file. Refused objects (UnpicklingError) pass as they are."""
+    load = checkpoint_engine.load
+
+    def load_or_name(path: str, map_location=None):
+        try:
+            return load(path, map_location=map_location)
+        except (RuntimeError, EOFError) as err:
+            raise CheckpointError(
+                f"{path} cannot be loaded ({err}); if the file is damaged (truncated, overwritten), resume from "
+                "an older checkpoint"
+            ) from err
+
+    checkpoint_engine.load = load_or_name
+    try:
+        yield
+    finally:
+        checkpoint_engine.load = load
 
 
 def enable_activation_checkpointing(model: PreTrainedModel) -> None:

@@ -121,7 +121,10 @@ def check_wandb(mode: str) -> None:
     if mode not in ("online", "offline", "disabled"):
         raise ConfigError(f"tracking.wandb_mode={mode!r}: use online, offline or disabled.")
     if importlib.util.find_spec("wandb") is None:
-        raise ConfigError("tracking.wandb=true needs the wandb package: pip install 'distill[tracking]'.")
+        raise ConfigError(
+            "tracking.wandb=true needs wandb, which is not installed: pip install -e '.[tracking]' (the project's "
+            "`tracking` extra), or leave tracking.wandb=false (metrics.jsonl has every metric)"
+        )
     netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
     has_netrc = netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
     if mode == "online" and not os.environ.get("WANDB_API_KEY") and not has_netrc:

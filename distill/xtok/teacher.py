@@ -95,7 +95,10 @@ class CrossTokenizerTeacher:
         teacher_input_ids/teacher_attention_mask [B, T_t], align [B, T_s]) -> student-space TeacherBatch."""
         t_ids = batch["teacher_input_ids"]
         t_mask = batch["teacher_attention_mask"]
-        scored = self.engine.score(batch_id, t_ids, t_mask, t_mask)
+        # Packed rows: the teacher's documents restart their positions too (a per-document mask, as the student's).
+        scored = self.engine.score(
+            batch_id, t_ids, t_mask, t_mask, position_ids=batch.get("teacher_position_ids")
+        )
         align = batch["align"].long()
         ids, logits, lse = project_topk(
             scored.tensor("topk_ids"),
@@ -117,6 +120,7 @@ class CrossTokenizerTeacher:
             hidden=hidden,
             attention=attention,
             aligned=(align >= 0) if features else None,
+            position_ids=batch.get("position_ids"),  # packed rows: the student's per-document mask
         )
 
     def logits(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
