@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 import datasets
 
 from distill.data.batching import BatchStream
-from distill.data.dataset import BAD_ROW_POLICIES, RowPlaces, build_task_dataset, read_user_dataset
+from distill.data.dataset import build_task_dataset, read_user_dataset
 from distill.data.formatting import LongRowError, long_rows
+from distill.data.rows import BAD_ROW_POLICIES, RowPlaces
 from distill.data.sources import data_sources
 from distill.data.task import check_trace_tokens, reasoning_reply
 from distill.errors import ConfigError
