@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import ray
 
+from distill.cluster.worker import NO_TASK_EVENTS
 from distill.config.topology import check_capacity  # noqa: F401  (re-exported: the buffer's capacity rule)
 from distill.tracking.memory import MemoryPeaks, measure
 
@@ -316,7 +317,7 @@ class Buffer:
         actor = ray.remote(BufferShard)
         handles = [
             # max_restarts=0: a shard holds the only references to its batches; losing one is not silent.
-            actor.options(num_cpus=0, max_restarts=0, max_concurrency=1000).remote(
+            actor.options(num_cpus=0, max_restarts=0, max_concurrency=1000, **NO_TASK_EVENTS).remote(
                 i, capacity_per_shard, max_bytes_per_shard
             )
             for i in range(shards)

@@ -33,7 +33,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from distill.batch import BatchId
 from distill.cluster.buffer import Buffer
 from distill.cluster.prefetch import Prefetcher
-from distill.cluster.worker import TorchrunWorker
+from distill.cluster.worker import NO_TASK_EVENTS, TorchrunWorker
 from distill.tracking.memory import measure
 
 log = logging.getLogger(__name__)
@@ -218,6 +218,7 @@ class StudentGroup:
                 num_cpus=self.cpus_per_actor,
                 num_gpus=self.gpus_per_actor,
                 max_restarts=0,  # recovery is per group (see module docstring)
+                **NO_TASK_EVENTS,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r),
             ).remote(self.spec, r, self.world_size, local[r], self.buffer, self.consumers[r])
             for r in range(self.world_size)

@@ -12,6 +12,11 @@ import socket
 
 import ray
 
+# Ray's GCS keeps the events of up to 100,000 tasks (3.6 KB each, measured): at ~6 actor calls a step that is
+# +350 MiB of gcs_server memory before it levels off (bench/soak.py). The run's actors do not record them (the
+# trade-off: `ray list tasks` and the dashboard's timeline do not show their calls).
+NO_TASK_EVENTS = {"enable_task_events": False}
+
 
 class TorchrunWorker:
     """Base of the teacher and student actors: the rendezvous and environment every rank of a group shares."""
