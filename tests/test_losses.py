@@ -50,13 +50,17 @@ def naive_dense(z: torch.Tensor, tz: torch.Tensor, temperature: float) -> tuple[
 
 
 def naive_bucketed(z: torch.Tensor, tz: torch.Tensor, ids: torch.Tensor, temperature: float):
-    """Top-k-with-tail by hand, float64: k buckets at `ids` plus one tail bucket, as documented."""
-    tz = tz.double()
-    tail_mass = 1 - tz.softmax(-1).gather(1, ids).sum(-1)
-    buckets = torch.cat([tz.gather(1, ids), (tz.logsumexp(-1) + tail_mass.log())[:, None]], -1)
-    p = (buckets / temperature).softmax(-1)
-    q_top = (z.double() / temperature).softmax(-1).gather(1, ids)
-    q = torch.cat([q_top, 1 - q_top.sum(-1, keepdim=True)], -1)
+    """Top-k-with-tail by hand, float64: k buckets at `ids` plus one tail bucket, as documented: each side's
+    k+1 probabilities at T=1, then every bucket tempered as one pseudo-token, p_b^(1/T) / sum_c p_c^(1/T)."""
+
+    def tempered(buckets: torch.Tensor) -> torch.Tensor:
+        powered = buckets ** (1 / temperature)
+        return powered / powered.sum(-1, keepdim=True)
+
+    p_top = tz.double().softmax(-1).gather(1, ids)
+    q_top = z.double().softmax(-1).gather(1, ids)
+    p = tempered(torch.cat([p_top, 1 - p_top.sum(-1, keepdim=True)], -1))
+    q = tempered(torch.cat([q_top, 1 - q_top.sum(-1, keepdim=True)], -1))
     return p, q
 
 

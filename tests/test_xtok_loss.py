@@ -30,18 +30,21 @@ def _mapped(seed: int = 1):
 
 def _naive_mapped_kl(student_logits, full, t_ids, table, temperature):
     """Full softmax reference: teacher buckets = top-k ids that map (to distinct student ids) + one rest bucket
-    holding everything else; student buckets = the same student ids + the rest of its vocabulary."""
+    holding everything else; student buckets = the same student ids + the rest of its vocabulary; each side's
+    buckets taken at T=1, then every bucket tempered as one pseudo-token (b^(1/T), renormalised)."""
+
+    def tempered(buckets):
+        return buckets ** (1 / temperature) / (buckets ** (1 / temperature)).sum()
+
     out = []
     for r in range(full.shape[0]):
         p_all = torch.softmax(full[r].double(), -1)
         mapped = [(int(t), int(table[t])) for t in t_ids[r] if table[t] >= 0]
         p_buckets = torch.stack([p_all[t] for t, _ in mapped])
-        p_rest = 1 - p_buckets.sum()
-        t_bucket_logits = torch.log(torch.cat([p_buckets, p_rest[None]])) / temperature
-        tp = torch.softmax(t_bucket_logits, -1)
-        q_all = torch.softmax(student_logits[r].double() / temperature, -1)
+        tp = tempered(torch.cat([p_buckets, (1 - p_buckets.sum())[None]]))
+        q_all = torch.softmax(student_logits[r].double(), -1)
         q = torch.stack([q_all[s] for _, s in mapped])
-        qb = torch.cat([q, (1 - q.sum())[None]])
+        qb = tempered(torch.cat([q, (1 - q.sum())[None]]))
         out.append(temperature**2 * (tp * (tp.log() - qb.log())).sum())
     return torch.stack(out)
 
@@ -57,6 +60,43 @@ def test_mapped_forward_kl_matches_naive_reference(temperature):
     assert n == N and torch.allclose(got.double(), want, atol=1e-5, rtol=1e-5)
     got.backward()
     assert torch.isfinite(x.grad).all()
+
+
+def _student_equal_to_teacher(full, t_ids, table):
+    """Student logits [N, V_S] whose distribution is the teacher's carried into the student vocabulary: every
+    mapped teacher id's probability on its student id, each unmapped teacher id's on a student id outside the
+    row's mapped ones (so the student's rest equals the teacher's rest, up to how it is spread)."""
+    p = torch.softmax(full.double(), -1)
+    q = torch.zeros(full.shape[0], V_S, dtype=torch.float64)
+    q.scatter_add_(1, table.clamp(min=0).expand(full.shape[0], -1), p * (table >= 0))
+    for r in range(full.shape[0]):
+        row_mapped = {int(table[t]) for t in t_ids[r] if table[t] >= 0}
+        outside = [s for s in range(V_S) if s not in row_mapped]
+        for j, t in enumerate(torch.nonzero(table < 0).flatten().tolist()):
+            q[r, outside[j % len(outside)]] += p[r, t]
+    return q.log().float()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 3.0])
+@pytest.mark.parametrize("name", ["forward_kl", "reverse_kl", "jsd", "tv"])
+def test_student_equal_to_teacher_is_the_minimum_at_every_temperature(name, temperature):
+    """The bug this pins: the student's buckets were tempered over its full vocabulary (its rest bucket
+    sum_j q_j^(1/T)) and the teacher's as pseudo-tokens ((sum_j p_j)^(1/T)), so a student equal to the teacher
+    paid a large loss at T > 1 and was pushed to empty everything outside the mapped ids."""
+    teacher, full, t_ids, _, _, table = _mapped()
+    x = _student_equal_to_teacher(full, t_ids, table).requires_grad_()
+    mask = torch.ones(N, dtype=torch.bool)
+    loss, _ = L.get(name)(x, teacher, mask, temperature=temperature, chunk_size=5)
+    loss.backward()
+    assert abs(float(loss.detach())) < 1e-4
+    if name != "tv":  # |t - s| has no gradient at t == s, only subgradients
+        assert float(x.grad.abs().max()) < 1e-4
+    # ...and moving mass from the rest onto the mapped ids (what the old loss rewarded) costs.
+    sharper = x.detach() + 2.0 * teacher.mapped.new_zeros(N, V_S).scatter_(
+        1, teacher.gather_ids(), teacher.mapped
+    )
+    worse, _ = L.get(name)(sharper, teacher, mask, temperature=temperature)
+    assert float(worse) > 0.1
 
 
 @pytest.mark.parametrize("name", ["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "tv"])
@@ -76,32 +116,65 @@ def test_identity_map_equals_plain_topk_teacher(name):
     assert float(uld) == 0.0
 
 
+def _projected_teacher(seed: int = 5):
+    """A MappedTopKTeacher as project_topk builds it, with every case `uld` meets: unmapped entries (uld is not
+    0), several teacher ids merged into one student id (-1 with a -inf logit: no mass of their own), student id 0
+    mapped in a row that also has unmapped slots (which gather id 0 too), and one unaligned row."""
+    _, t_ids, t_logits, lse = _teacher_topk(seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    table = torch.randint(V_S, (V_T,), generator=g)  # not injective: merges
+    table[torch.randperm(V_T, generator=g)[:12]] = -1
+    table[t_ids[0, 0]] = 0
+    table[t_ids[0, -1]] = -1
+    align = torch.arange(N)[None].clone()
+    align[0, 2] = -1
+    ids, logits, norm = project_topk(t_ids[None], t_logits[None], lse[None], align, table)
+    return L.MappedTopKTeacher(ids[0], logits[0], norm[0])
+
+
 def _naive_uld(student_logits, teacher, temperature):
+    """uld per row in float64, straight from the table in distill/losses/terms.py: the teacher's k entries and
+    its true tail at T=1 (tail dropped below 1e-6), each tempered as one pseudo-token; its unmapped entries
+    (id -1 with mass) sorted, against the student's softmax(z / T) outside the row's mapped ids, sorted, over
+    as many places as there are unmapped entries. Differentiable in student_logits."""
     out = []
-    full_t = L.TopKTeacher(teacher.ids.clamp(min=0), teacher.logits, teacher.log_normalizer)
-    probs = full_t.log_probs(temperature)[:, :-1].exp()
     for r in range(teacher.num_rows):
-        un = sorted(
-            (float(p) for p, m in zip(probs[r], teacher.mapped[r], strict=True) if not m), reverse=True
+        p = (teacher.logits[r].double() - teacher.log_normalizer[r].double()).exp()  # -inf (merged) -> 0
+        tail = 1 - p.sum()
+        powered = p ** (1 / temperature)
+        norm = powered.sum() + (tail ** (1 / temperature) if tail >= 1e-6 else 0.0)
+        ids = teacher.ids[r].tolist()
+        unmapped = sorted(
+            (float(powered[j] / norm) for j in range(len(ids)) if ids[j] < 0 and p[j] > 0), reverse=True
         )
-        q = torch.softmax(student_logits[r].double() / temperature, -1).tolist()
-        mapped_ids = {int(i) for i, m in zip(teacher.ids[r], teacher.mapped[r], strict=True) if m}
-        rest = sorted((p for i, p in enumerate(q) if i not in mapped_ids), reverse=True)
-        out.append(sum(abs(a - b) for a, b in zip(un, rest, strict=False)))
-    return torch.tensor(out, dtype=torch.float64)
+        q = torch.softmax(student_logits[r].double() / temperature, -1)
+        outside = [i for i in range(q.shape[0]) if i not in {i for i in ids if i >= 0}]
+        q_sorted = q[outside].sort(descending=True).values[: len(unmapped)]
+        out.append((torch.tensor(unmapped, dtype=torch.float64) - q_sorted).abs().sum())
+    return torch.stack(out)
 
 
-@pytest.mark.parametrize("temperature", [1.0, 2.0])
-def test_uld_matches_naive_sorted_l1(temperature):
-    teacher, *_ = _mapped()
-    x = torch.randn(N, V_S, requires_grad=True)
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_uld_value_and_gradient_match_naive_float64(temperature):
+    teacher = _projected_teacher()
+    has_unmapped = ((teacher.ids < 0) & torch.isfinite(teacher.logits)).any(-1)
+    merged = ((teacher.ids < 0) & torch.isinf(teacher.logits)).any(-1)
+    assert has_unmapped[0] and has_unmapped.sum() >= 3 and (~has_unmapped).any() and merged.any()
+    z = torch.randn(N, V_S, generator=torch.Generator().manual_seed(9), dtype=torch.float64) * 2
     mask = torch.ones(N, dtype=torch.bool)
-    mask[3] = False
+    mask[[3, 7]] = False
+
+    x = z.float().requires_grad_()
     got, n = L.get("uld")(x, teacher, mask, temperature=temperature, chunk_size=4)
-    want = _naive_uld(x.detach(), teacher, temperature)[mask].sum()
-    assert int(n) == N - 1 and math.isclose(float(got), float(want), rel_tol=1e-5, abs_tol=1e-6)
     got.backward()
-    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    z64 = z.clone().requires_grad_()
+    want = _naive_uld(z64, teacher, temperature)[mask].sum()
+    want.backward()
+
+    assert int(n) == int(mask.sum()) and float(want.detach()) > 0.1
+    assert math.isclose(float(got.detach()), float(want.detach()), rel_tol=1e-5, abs_tol=1e-6)
+    torch.testing.assert_close(x.grad.double(), z64.grad, rtol=1e-4, atol=1e-6)
+    assert (x.grad[~mask] == 0).all() and (x.grad[~has_unmapped] == 0).all()
 
 
 def test_all_masked_and_empty_rows_give_zero_not_nan():
@@ -109,14 +182,19 @@ def test_all_masked_and_empty_rows_give_zero_not_nan():
     x = torch.randn(N, V_S, requires_grad=True)
     for name in ("forward_kl", "uld", "jsd"):
         loss, n = L.get(name)(x, teacher, torch.zeros(N, dtype=torch.bool))
-        assert float(loss) == 0.0 and int(n) == 0
+        assert float(loss.detach()) == 0.0 and int(n) == 0
     # Rows with no aligned teacher position: every id -1, every logit -inf (what project_topk emits).
     empty = L.MappedTopKTeacher(torch.full((N, K), -1), torch.full((N, K), -torch.inf), torch.zeros(N))
-    for name in ("forward_kl", "reverse_kl", "uld"):
-        x.grad = None
-        loss, _ = L.get(name)(x, empty, torch.ones(N, dtype=torch.bool))
-        loss.backward()
-        assert float(loss) == 0.0 and torch.isfinite(x.grad).all() and float(x.grad.abs().max()) == 0.0
+    for name in ("forward_kl", "reverse_kl", "jsd", "uld"):
+        for temperature in (
+            1.0,
+            3.0,
+        ):  # one bucket on both sides whatever T: nothing to match, nothing to push
+            x.grad = None
+            loss, _ = L.get(name)(x, empty, torch.ones(N, dtype=torch.bool), temperature=temperature)
+            loss.backward()
+            assert float(loss.detach()) == 0.0 and torch.isfinite(x.grad).all()
+            assert float(x.grad.abs().max()) == 0.0
 
 
 def test_uld_is_zero_for_teachers_already_in_the_student_vocabulary():

@@ -7,13 +7,21 @@ logsumexp at T=1 (`log_normalizer`). That tells how much probability lies outsid
 is spread, so teacher and student are compared over k+1 buckets: the k ids plus one "tail" bucket.
 
 * Teacher tail at T=1: log m_tail = log1mexp(logsumexp(logits) - log_normalizer) = log(1 - sum_topk p_i).
-* Temperature T: every bucket logit, tail included (tail logit = log_normalizer + log m_tail), is divided
-  by T and renormalised: teacher buckets = log_softmax([logits, tail_logit] / T). The tail acts as one
-  pseudo-token; the true tempered tail mass cannot be known from the top-k alone.
-* Student: full-vocab log_softmax(z / T), gather the k ids, student tail = log1mexp(logsumexp(gathered)).
+* Student at T=1: full-vocab log_softmax(z), gather the k ids, student tail = log1mexp(logsumexp(gathered)).
+* Temperature T: both sides are tempered the same way, bucket by bucket: every bucket logit, tail included
+  (teacher tail logit = log_normalizer + log m_tail, student tail logit = its log tail mass), is divided by T
+  and renormalised: buckets(T) = log_softmax(buckets(1) / T). The tail acts as one pseudo-token on BOTH sides:
+  the teacher's true tempered tail cannot be known from the top-k alone, and the student's must then be
+  tempered the same way, or the loss is not minimised at the teacher. (Tempering the student over its full
+  vocabulary instead gives its tail sum_j q_j^(1/T), far more than the teacher's (sum_j p_j)^(1/T): on the
+  cross-tokenizer demo pair a student equal to the teacher paid forward KL 4.2 nats per token at T 3 (T^2
+  included; a 0.02% rest spread over ~300 student ids), and every step at T > 1 pushed the tail, under a token
+  map all of the student's vocabulary outside the mapped ids, towards 0.)
 * Negligible tail: when the teacher's tail mass is below 1e-6 (or below the fp32 rounding noise of
   `logsumexp(logits) - log_normalizer`, which grows with |log_normalizer|), e.g. k == V, the tail bucket
-  is -inf on both sides, so k == V reproduces the exact full-vocab divergence.
+  is -inf on both sides. At T != 1 the student's tail still enters the normaliser of its tempered buckets (so
+  its mass is still pushed down) unless it is below 1e-6 too (e.g. k == V, where 1 - sum q is fp32 noise),
+  so k == V reproduces the exact full-vocab divergence at every T.
 
 `DenseTeacher` holds full [N, V] logits; its support is the vocabulary itself.
 
@@ -55,6 +63,28 @@ def log1mexp(x: Tensor) -> Tensor:
 def _tempered(x: Tensor, temperature: float) -> Tensor:
     """x / T without the [n, V] copy when T == 1 (the usual case for LLM distillation)."""
     return x if temperature == 1.0 else x / temperature
+
+
+def tempered_student_buckets(
+    entries: Tensor, log_rest: Tensor, rest_dropped: Tensor, temperature: float
+) -> Tensor:
+    """The student's bucket log-probs at temperature T from its buckets at T=1: [N, k+1] (rest last).
+
+    entries [N, k]: the student's log-probs at T=1 of the teacher's entries (-inf for a slot with no student id);
+    log_rest [N]: its log mass outside them; rest_dropped [N] bool: the teacher's rest is negligible (its bucket
+    is -inf on both sides). Each bucket is tempered as one pseudo-token, exactly as the teacher's buckets are
+    (`TopKTeacher.log_probs`), so the student equal to the teacher gives zero divergence at every T.
+    """
+    if temperature == 1.0:  # the buckets are normalised already; the common case stays bit for bit as it was
+        return torch.cat([entries, log_rest.masked_fill(rest_dropped, -torch.inf)[:, None]], dim=-1)
+    # Where the teacher's rest is dropped the student's still counts in the normaliser (so it is pushed down),
+    # unless it is below what fp32 resolves of 1 - sum q (k == V, a student with all mass on the entries).
+    in_normaliser = ~rest_dropped | (log_rest > math.log(_TAIL_MIN_MASS))
+    tempered = torch.cat([entries, log_rest.masked_fill(~in_normaliser, -torch.inf)[:, None]], dim=-1)
+    log_probs = torch.log_softmax(tempered / temperature, dim=-1)
+    return torch.cat(
+        [log_probs[:, :-1], log_probs[:, -1:].masked_fill(rest_dropped[:, None], -torch.inf)], dim=-1
+    )
 
 
 _Rows = TypeVar("_Rows", bound="_PerRowTensors")
@@ -121,21 +151,21 @@ class TopKTeacher(_PerRowTensors):
         return torch.log_softmax(_tempered(buckets, temperature), dim=-1)
 
     def student_log_probs(self, student_logits: Tensor, temperature: float = 1.0) -> Tensor:
-        """Collapse student fp32 logits [N, V] onto the teacher's buckets: [N, k+1] log-probs."""
-        log_q = torch.log_softmax(_tempered(student_logits, temperature), dim=-1)
-        return self.student_buckets(log_q.gather(-1, self.gather_ids()))
+        """Collapse student fp32 logits [N, V] onto the teacher's buckets at T=1, then temper: [N, k+1]."""
+        log_q = torch.log_softmax(student_logits, dim=-1)
+        return self.student_buckets(log_q.gather(-1, self.gather_ids()), temperature)
 
     def gather_ids(self) -> Tensor:
         """[N, k] long: the student vocabulary ids whose log-probs `student_buckets` reads."""
         return self.ids.long()
 
-    def student_buckets(self, gathered: Tensor) -> Tensor:
-        """The student's [N, k+1] bucket log-probs from its log-probs at `gather_ids()` [N, k]: the buckets
-        depend on the student only through those, which is what lets the chunked loss skip autograd over the
-        vocabulary (distill.losses.chunked.GatheredRowLoss)."""
+    def student_buckets(self, gathered: Tensor, temperature: float = 1.0) -> Tensor:
+        """The student's [N, k+1] bucket log-probs at T from its log-probs at T=1 at `gather_ids()` [N, k]: the
+        buckets depend on the student only through those, which is what lets the chunked loss skip autograd over
+        the vocabulary (distill.losses.chunked.GatheredRowLoss, at temperature 1)."""
         _, negligible = self.tail()
-        tail = torch.where(negligible, -torch.inf, log1mexp(torch.logsumexp(gathered, dim=-1)))
-        return torch.cat([gathered, tail[:, None]], dim=-1)
+        rest = log1mexp(torch.logsumexp(gathered, dim=-1))
+        return tempered_student_buckets(gathered, rest, negligible, temperature)
 
     def top1_prob(self) -> Tensor:
         """Probability of the teacher's most likely token at T=1: [N] fp32 (the tail is not a token)."""
@@ -209,14 +239,16 @@ class MappedTopKTeacher(TopKTeacher):
         """[N, k] long: the mapped student ids; unmapped slots read id 0, which `student_buckets` ignores."""
         return self.ids.long().clamp(min=0)
 
-    def student_buckets(self, gathered: Tensor) -> Tensor:
-        """The student's buckets (mapped ids + rest) from its log-probs at `gather_ids()`: [N, k+1]."""
+    def student_buckets(self, gathered: Tensor, temperature: float = 1.0) -> Tensor:
+        """The student's buckets (mapped ids + rest) at T from its log-probs at T=1 at `gather_ids()`:
+        [N, k+1]. Both rests (the teacher's: its tail and unmapped entries; the student's: all its other ids)
+        are tempered as one pseudo-token each: see the module docstring."""
         mapped = self.mapped
         # Unmapped slots sit at a huge finite floor, not -inf: an all-(-inf) logsumexp has a NaN gradient.
         mass = torch.logsumexp(gathered.masked_fill(~mapped, _LOG_FLOOR), dim=-1)
         _, negligible = self.tail()
-        rest = torch.where(negligible, -torch.inf, log1mexp(mass))
-        return torch.cat([gathered.masked_fill(~mapped, -torch.inf), rest[:, None]], dim=-1)
+        entries = gathered.masked_fill(~mapped, -torch.inf)
+        return tempered_student_buckets(entries, log1mexp(mass), negligible, temperature)
 
     def unmapped_probs(self, temperature: float = 1.0) -> Tensor:
         """Tempered teacher probabilities of the unmapped top-k entries, 0 elsewhere: [N, k] fp32.

@@ -16,9 +16,11 @@ Logit terms (kind "logits") share one signature:
 | ce              | -log softmax(z)[label] (teacher and temperature ignored)     | none                     |
 | uld             | sum_j |sort(t_unmapped)_j - sort(s_outside_mapped)_j|, j < n_unmapped (no T^2) | none |
 
-The T^2 factor (Hinton et al.) keeps KL gradients the same size as T changes. select_by ("confidence" |
-"entropy"), select_threshold, select_keep ("above" | "below") restrict the term to the tokens where the
-teacher statistic at T=1 passes the threshold; num_tokens then counts the kept tokens.
+The T^2 factor (Hinton et al.) keeps KL gradients the same size as T changes. With a top-k teacher (mapped or
+not), "at temperature T" means the k+1 buckets tempered as pseudo-tokens on both sides (teachers.py): the
+student's buckets are formed at T=1, then tempered exactly like the teacher's, so the minimum is the teacher.
+select_by ("confidence" | "entropy"), select_threshold, select_keep ("above" | "below") restrict the term to the
+tokens where the teacher statistic at T=1 passes the threshold; num_tokens then counts the kept tokens.
 
 Cross-tokenizer runs pass a `MappedTopKTeacher` (teacher top-k mapped into the student's vocabulary): the KL
 family then compares the mapped mass (see teachers.py), and `uld` (universal logit distillation, Boizard et
@@ -149,13 +151,13 @@ def _teacher_rows(name: str, divergence: Callable[..., Tensor], *, hinton: bool)
         if isinstance(teacher, TopKTeacher):  # the student is read at the teacher's ids only (mapped too)
             ids = teacher.gather_ids()
 
+            # The student's log-probs are gathered at T=1 and its buckets tempered like the teacher's (one
+            # pseudo-token per bucket, teachers.py), so the gathered softmax runs at T=1 whatever T is.
             def bucket_loss(gathered: Tensor, rows: Tensor) -> Tensor:
                 t = teacher.select(rows)
-                return scale * div(t.log_probs(temperature), t.student_buckets(gathered))
+                return scale * div(t.log_probs(temperature), t.student_buckets(gathered, temperature))
 
-            return RowTerm(
-                mask, GatheredRowLoss(temperature, ids=ids.__getitem__, fn=bucket_loss)
-            ), mask.sum()
+            return RowTerm(mask, GatheredRowLoss(1.0, ids=ids.__getitem__, fn=bucket_loss)), mask.sum()
 
         def dense_loss(x: Tensor, rows: Tensor) -> Tensor:  # x: fp32 student logits [c, V] of `rows`
             t = teacher.select(rows)
