@@ -15,7 +15,6 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from distill.cache import CacheReader
 from distill.data.build import build_data
 from distill.errors import CheckpointError
 from distill.eval.runs import evaluate as evaluate_run
@@ -25,6 +24,7 @@ from distill.models.fingerprint import model_fingerprint
 from distill.models.loading import load_causal_lm, load_tokenizer
 from distill.models.resolve import require_teacher, student_tokenizer
 from distill.models.tokenizer import tokenizer_hash
+from distill.run.cache import CachedTeacher
 from distill.teacher.build import build_teacher_engine
 from distill.xtok.build import row_encoder
 from launch.app import hydra_app
@@ -66,19 +66,17 @@ def heldout_teacher(cfg: DictConfig, teacher_path: Path, teacher_tokenizer, toke
         return None
     heldout = run_heldout_batches(cfg, tokenizer, data)
     if cfg.teacher.cache:
-        reader = CacheReader(
+        cached = CachedTeacher(
             cfg.teacher.cache,
-            expect={"teacher_hash": model_fingerprint(teacher_path), "k": int(cfg.teacher.topk)},
+            {"teacher_hash": model_fingerprint(teacher_path), "k": int(cfg.teacher.topk)},
         )
-        if not all(reader.has(batch_id) for batch_id, _ in heldout):
+        if not all(cached.reader.has(batch_id) for batch_id, _ in heldout):
             raise CheckpointError(
                 f"teacher cache {cfg.teacher.cache} holds no held-out batches for these eval.* settings (batch "
                 "size, max batches); rebuild it with `distill teacher-cache` at these settings, or unset "
                 "teacher.cache to score them with the teacher."
             )
-        return scored_outputs(
-            reader.read_matching(batch_id, b["input_ids"].numpy(), _positions(b)) for batch_id, b in heldout
-        )
+        return cached  # reads each held-out batch, checked against the batch's tokens and positions
     if cfg.cluster.mode == "ray":
         from distill.cluster.runtime import connect, fetched_outputs, teacher_group_from_config
 
@@ -91,11 +89,6 @@ def heldout_teacher(cfg: DictConfig, teacher_path: Path, teacher_tokenizer, toke
             group.shutdown()
     engine = build_teacher_engine(cfg, teacher_path)  # the single-process path: the teacher lives here
     return lambda batch_id, batch: engine.score_batch(batch_id, batch).to_torch()
-
-
-def _positions(batch):
-    positions = batch.get("position_ids")
-    return None if positions is None else positions.numpy()
 
 
 @hydra_app
