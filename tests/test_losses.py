@@ -400,7 +400,8 @@ def test_attention_transfer_matches_naive(metric):
 
 
 def test_registry_lists_names_and_kinds():
-    assert set(L.names("logits")) == {*TEACHER_TERMS, "ce", "uld"}  # uld: cross-tokenizer (test_xtok_loss)
+    # uld: cross-tokenizer (test_xtok_loss); the sampled-token estimators: on-policy stages (test_sampled_kl)
+    assert set(L.names("logits")) == {*TEACHER_TERMS, "ce", "uld", "reverse_kl_k1", "reverse_kl_k3"}
     assert set(L.names("hidden")) == {"hidden_mse", "hidden_cosine"}
     assert L.names("attention") == ["attention_transfer"]
     assert L.get("jsd").params["beta"] == 0.5 and L.get("skew_reverse_kl").params["alpha"] == 0.1

@@ -196,6 +196,21 @@ class ScheduleConfig:
 
 
 @dataclass
+class OnPolicyConfig:
+    """A stage trained on the student's own samples (GKD, on-policy distillation): the student completes each
+    on-policy batch's prompts (every row up to its first trained token), the teacher scores prompt + completion,
+    and the stage's terms train on the completion tokens."""
+
+    lmbda: float = 1.0
+    """GKD's lambda: the share of the stage's batches that are on-policy (drawn per batch from train.seed); the
+    others are the dataset's, as in an off-policy stage. (`lambda` is a Python keyword.)"""
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    """Sampling temperature of the rollouts (not the loss temperature)."""
+    top_p: float = 1.0
+
+
+@dataclass
 class StageConfig:
     """One curriculum stage. Exactly one of steps / tokens / fraction gives its length."""
 
@@ -218,6 +233,8 @@ class StageConfig:
     """Restart the LR schedule (warm-up and decay over this stage) at the stage's first step."""
     select_threshold: float | None = None
     """Override the selective-distillation threshold of terms with `select_by` during this stage."""
+    on_policy: OnPolicyConfig | None = None
+    """Train this stage on the student's own samples (see OnPolicyConfig); None: the dataset's text."""
 
 
 @dataclass

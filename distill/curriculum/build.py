@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 
 from distill.curriculum.schedules import Ramp
-from distill.curriculum.stages import Curriculum, Stage
+from distill.curriculum.stages import Curriculum, OnPolicy, Stage
 from distill.errors import ConfigError
 
 REPLAY = "replay"
@@ -60,6 +60,7 @@ def curriculum_from_config(
                 data=data,
                 restart_lr=sc.restart_lr,
                 select_threshold=sc.select_threshold,
+                on_policy=_on_policy(getattr(sc, "on_policy", None)),
             )
         )
         start += steps
@@ -187,3 +188,15 @@ def _apportion(cur, train_steps: int) -> list[int]:
 def _fractions_sum_to_one(cur) -> bool:
     """Fractions meant to cover the run exactly (all stages fractional and summing to 1)."""
     return all(s.fraction for s in cur.stages) and abs(sum(s.fraction for s in cur.stages) - 1.0) < 1e-6
+
+
+def _on_policy(oc) -> OnPolicy | None:
+    """A stage's `on_policy` block (None: an off-policy stage)."""
+    if oc is None:
+        return None
+    return OnPolicy(
+        lmbda=float(oc.lmbda),
+        max_new_tokens=int(oc.max_new_tokens),
+        temperature=float(oc.temperature),
+        top_p=float(oc.top_p),
+    )

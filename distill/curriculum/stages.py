@@ -33,6 +33,29 @@ def _span_index(starts: Sequence[int], step: int) -> int:
 
 
 @dataclass(frozen=True)
+class OnPolicy:
+    """An on-policy stage's rollouts (config: `curriculum.stages[i].on_policy`, distill.training.onpolicy)."""
+
+    lmbda: float = 1.0
+    """Share of the stage's batches the student writes (GKD's lambda); the rest are the dataset's."""
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+    def check(self, where: str) -> None:
+        if not 0.0 < self.lmbda <= 1.0:
+            raise ConfigError(f"{where}: on_policy.lmbda={self.lmbda}; it is a share of batches in (0, 1].")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"{where}: on_policy.max_new_tokens={self.max_new_tokens}; use at least 1.")
+        if self.temperature <= 0.0:
+            raise ConfigError(
+                f"{where}: on_policy.temperature={self.temperature}; sampling needs a temperature > 0."
+            )
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"{where}: on_policy.top_p={self.top_p}; use a value in (0, 1].")
+
+
+@dataclass(frozen=True)
 class Stage:
     """One resolved stage (its length already in optimizer steps)."""
 
@@ -49,6 +72,8 @@ class Stage:
     """Start a new LR schedule (warm-up and decay over this stage's steps) at this stage's first step."""
     select_threshold: float | None = None
     """Overrides `select_threshold` of every term that selects tokens (`select_by`); None keeps theirs."""
+    on_policy: OnPolicy | None = None
+    """The student writes (a share of) this stage's batches; None: the dataset's text."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +89,8 @@ class StepPlan:
     weights: dict[str, float]
     """Effective weight of every term label (0: the term is not computed this step)."""
     select_threshold: float | None = None
+    on_policy: OnPolicy | None = None
+    """The stage's rollouts when it is on-policy."""
 
     @property
     def active(self) -> list[str]:
@@ -132,6 +159,7 @@ class Curriculum:
             alpha=alpha if alpha is not None else self._teacher_share(weights),
             weights=weights,
             select_threshold=stage.select_threshold,
+            on_policy=stage.on_policy,
         )
 
     def stage_weights(self, stage: Stage, alpha: float | None) -> dict[str, float]:
@@ -229,6 +257,8 @@ class Curriculum:
                     f"{where}: data mix {dict(stage.data)} needs at least one source with a share > 0 and no "
                     "negative shares (e.g. data: {train: 0.5, target: 0.5})."
                 )
+            if stage.on_policy is not None:
+                stage.on_policy.check(where)
             if not self._live(stage):
                 raise ConfigError(
                     f"{where}: every loss term weight is 0 (terms {dict(stage.terms) or 'as configured'}, "

@@ -12,6 +12,7 @@ from torch import nn
 
 from distill import losses
 from distill.batch import BatchId, next_token_labels
+from distill.data.batching import left_pad
 from distill.data.task import answer_matches
 from distill.losses import TopKTeacher
 
@@ -91,27 +92,25 @@ def exact_match(
     """Greedy-decode each prompt and compare its final answer to the reference (`task.answer_matches`: the last
     `\\boxed{...}` after `</think>`, else `#### N`; numbers by value)."""
     model.eval()
-    correct = 0
+    correct = ended = 0
     generated_tokens = 0
     greedy = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id, eos_token_id=eos_id)
     start = time.perf_counter()
     for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i : i + batch_size]
-        width = max(len(p) for p in chunk)
-        # Left padding so every prompt ends where generation starts.
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        attn = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, p in enumerate(chunk):
-            ids[row, width - len(p) :] = torch.tensor(p)
-            attn[row, width - len(p) :] = 1
+        ids, attn = left_pad(prompts[i : i + batch_size], pad_id)
         out = model.generate(input_ids=ids, attention_mask=attn, **greedy)
-        for row, seq in enumerate(out[:, width:].tolist()):
+        for row, seq in enumerate(out[:, ids.shape[1] :].tolist()):
             if eos_id in seq:
                 seq = seq[: seq.index(eos_id)]
+                ended += 1
             generated_tokens += len(seq)
             correct += int(answer_matches(decode(seq), answers[i + row]))
     seconds = time.perf_counter() - start
+    n = max(len(prompts), 1)
     return {
-        "exact_match": correct / max(len(prompts), 1),
+        "exact_match": correct / n,
+        # A student that stops early or never stops (a known failure of reverse-KL / on-policy students):
+        "completion_tokens": generated_tokens / n,
+        "eos_rate": ended / n,
         "generate_tokens_per_s": generated_tokens / max(seconds, 1e-9),
     }

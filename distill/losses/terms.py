@@ -15,6 +15,8 @@ Logit terms (kind "logits") share one signature:
 | tv              | 0.5 sum |t - s|   (no T^2: a bounded distance, not a KL)     | select_*                 |
 | ce              | -log softmax(z)[label] (teacher and temperature ignored)     | none                     |
 | uld             | sum_j |sort(t_unmapped)_j - sort(s_outside_mapped)_j|, j < n_unmapped (no T^2) | none |
+| reverse_kl_k1   | T^2 [log s(y) - log t(y)], y = the label (the student's sample); gradient k1 * d log s(y) | none |
+| reverse_kl_k3   | T^2 [(r - 1) - log r], r = t(y) / s(y) (y as above)          | none                     |
 
 The T^2 factor (Hinton et al.) keeps KL gradients the same size as T changes. With a top-k teacher (mapped or
 not), "at temperature T" means the k+1 buckets tempered as pseudo-tokens on both sides (teachers.py): the
@@ -28,12 +30,18 @@ al. 2024, as GOLD's hybrid loss uses it) compares the mass that has no student c
 shape alone: the teacher's unmapped top-k probabilities sorted, against the student's largest probabilities
 outside the mapped ids, sorted, over as many places as the row has unmapped entries.
 
+The sampled-token estimators (`sampled_reverse_kl`) read one token per position, the one the student sampled
+(on-policy batches, distill/training/onpolicy.py): through a top-k teacher in its k+1 buckets, so a sample outside
+the teacher's top-k is scored as the tail bucket. Unbiased for the (bucketed) reverse KL when the rollouts sample
+at the loss temperature.
+
 Feature terms (kind "hidden") and the attention term (kind "attention") are documented on their functions.
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -242,8 +250,81 @@ def _uld_rows(
     return RowTerm(mask & has_unmapped, row_loss), mask.sum()
 
 
+# A log-prob below this is -inf in fp32 terms; the sampled-token estimators floor the teacher's at it, so a token
+# the teacher gives (numerically) no mass costs a large finite amount instead of inf.
+_LOG_TINY = math.log(torch.finfo(torch.float32).tiny)
+# k3's ratio exp(log t - log s) is clamped to e^±20, as reinforcement-learning KL penalties clamp it: beyond that
+# the estimate is noise and its gradient would swamp the batch.
+_K3_LOG_RATIO_MAX = 20.0
+
+
+def sampled_reverse_kl(log_s: Tensor, log_t: Tensor, estimator: str) -> Tensor:
+    """Per-token estimate of KL(s || t) from the sampled token's log-probs under student and teacher [n].
+
+    k1 = log s(y) - log t(y), unbiased when y ~ s. As a loss its value is k1 and its gradient k1 * d log s(y) (the
+    score-function gradient of the reverse KL; differentiating k1 itself would give d log s(y), zero in
+    expectation). k3 = (r - 1) - log r, r = t(y) / s(y) (Schulman's low-variance estimator, always >= 0),
+    differentiated directly as reinforcement-learning KL penalties do: in expectation its gradient is that of
+    the forward KL(t || s), the mode-covering direction.
+    """
+    log_t = log_t.clamp(min=_LOG_TINY)
+    if estimator == "k1":
+        k1 = (log_s - log_t).detach()
+        return k1 * log_s - (k1 * log_s).detach() + k1
+    log_r = (log_t - log_s).clamp(-_K3_LOG_RATIO_MAX, _K3_LOG_RATIO_MAX)
+    return log_r.exp() - 1.0 - log_r
+
+
+def _sampled_rows(name: str, estimator: str) -> Callable[..., Any]:
+    """The row form of a sampled-token estimator: the label at each position is the token the student sampled
+    (an on-policy batch), read in the k+1 buckets of a top-k teacher (the tail when the teacher's top-k does not
+    hold it), both sides tempered as in the KL terms, times T^2."""
+
+    def rows(
+        teacher: Teacher | None,
+        mask: Tensor,
+        *,
+        vocab_size: int,
+        temperature: float = 1.0,
+        labels: Tensor | None = None,
+    ) -> tuple[RowTerm, Tensor]:
+        check_temperature(temperature)
+        _check_logit_inputs(name, mask, vocab_size, teacher)
+        if teacher is None:
+            raise ConfigError(f"loss term {name!r} needs a teacher (TopKTeacher or DenseTeacher); got None.")
+        if labels is None or labels.shape != mask.shape:
+            got = None if labels is None else tuple(labels.shape)
+            raise ConfigError(
+                f"loss term {name!r} needs the sampled tokens as labels [{mask.shape[0]}]; got {got}."
+            )
+        scale = temperature**2
+        if isinstance(teacher, TopKTeacher):
+            ids = teacher.gather_ids()
+            match = ids == labels[:, None]
+            bucket = torch.where(match.any(dim=-1), match.int().argmax(dim=-1), teacher.k)[:, None]
+
+            def bucket_loss(gathered: Tensor, rows: Tensor) -> Tensor:
+                t, b = teacher.select(rows), bucket[rows]
+                log_s = t.student_buckets(gathered, temperature).gather(-1, b)[:, 0]
+                log_t = t.log_probs(temperature).gather(-1, b)[:, 0]
+                return scale * sampled_reverse_kl(log_s, log_t, estimator)
+
+            return RowTerm(mask, GatheredRowLoss(1.0, ids=ids.__getitem__, fn=bucket_loss)), mask.sum()
+
+        def dense_loss(x: Tensor, rows: Tensor) -> Tensor:
+            t, y = teacher.select(rows), labels[rows][:, None]
+            log_s = t.student_log_probs(x, temperature).gather(-1, y)[:, 0]
+            return scale * sampled_reverse_kl(log_s, t.log_probs(temperature).gather(-1, y)[:, 0], estimator)
+
+        return RowTerm(mask, dense_loss), mask.sum()
+
+    return rows
+
+
 _register_logit_term("ce", _ce_rows)
 _register_logit_term("uld", _uld_rows)
+_register_logit_term("reverse_kl_k1", _sampled_rows("reverse_kl_k1", "k1"))
+_register_logit_term("reverse_kl_k3", _sampled_rows("reverse_kl_k3", "k3"))
 ce = get("ce")
 uld = get("uld")
 

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from distill.batch import BatchId
 from distill.errors import ConfigError
-from distill.eval.runs import run_heldout_batches
+from distill.eval.runs import generation_stop_id, run_heldout_batches
 from distill.models.loading import save_model
 from distill.models.resolve import build_student
 from distill.run.cache import CachedTeacher
@@ -24,6 +24,7 @@ from distill.tracking.metrics_log import MetricsLog
 from distill.tracking.rates import RateMeter
 from distill.training.build import build_objective, build_reference_trainer, lr_schedule, share_interval
 from distill.training.modes import StepHooks
+from distill.training.onpolicy import Rollouts
 from distill.training.parts import RunParts, Trained
 from distill.training.reference import run_steps
 from distill.xtok.build import batch_scorer
@@ -70,6 +71,7 @@ class LocalBackend:
         scored: dict[BatchId, object] = {}  # this step's TeacherBatches, for the ones the mode keeps
         teacher_rate = RateMeter()
         teacher_fn = self._teacher_fn(mode, scored, teacher_rate)
+        rollouts = self._rollouts()
         bar = tqdm(
             total=cfg.train.steps, desc="distill", disable=not cfg.tracking.progress, dynamic_ncols=True
         )
@@ -87,6 +89,8 @@ class LocalBackend:
                 record["teacher/tokens_per_s"] = teacher_rate.take()
                 record["buffer/depth"] = 0  # no buffer: the teacher scores each batch just before its step
                 record.update(measure().metrics("trainer"))  # one process: student, teacher and data
+                if rollouts is not None:
+                    record.update(rollouts.stats.take())
                 metrics.write(record)
 
         run_steps(
@@ -99,6 +103,7 @@ class LocalBackend:
             on_step=on_step,
             plans=parts.curriculum.plan,
             teacher_every_step=mode.needs_teacher,
+            rollout=rollouts,
         )
         bar.close()
         student = self.student
@@ -108,6 +113,15 @@ class LocalBackend:
             student = merge_for_export(student)
         save_model(student, parts.tokenizer, parts.run_dir / "student")
         return Trained(student, self._heldout_teacher())
+
+    def _rollouts(self) -> Rollouts | None:
+        """The student's own batches on on-policy stages; None when no stage is on-policy."""
+        if not any(stage.on_policy is not None for stage in self.parts.curriculum.stages):
+            return None
+        tok = self.parts.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        # A reply ends where evaluation's greedy decoding stops (<|im_end|> for chat rows), not at the eos.
+        return Rollouts(self.student, seed=self.cfg.train.seed, eos_id=generation_stop_id(tok), pad_id=pad)
 
     def _heldout_teacher(self):
         """The teacher's side of the evaluation: the offline cache's held-out batches, or this process's engine

@@ -17,6 +17,7 @@ from distill.errors import ConfigError
 from distill.models.head import check_fusable
 from distill.training.continual import ContinualRun
 from distill.training.objective import Objective, TermSpec, term_group, term_specs_from_config
+from distill.training.onpolicy import check_on_policy_run
 from distill.training.reference import ReferenceTrainer, build_optimizer
 from distill.training.schedule import curriculum_lr, optim_lr
 
@@ -37,17 +38,20 @@ def run_curriculum(cfg, steps_for_tokens=None) -> Curriculum:
         "term_groups": groups,
     }
     if cfg.mode == "continual":
-        return continual_curriculum(cfg.curriculum, cfg.continual, **common)
-    if cfg.mode != "standard":
+        curriculum = continual_curriculum(cfg.curriculum, cfg.continual, **common)
+    elif cfg.mode != "standard":
         raise ConfigError(f"mode={cfg.mode!r} is not one of ['standard', 'continual'].")
-    if steps_for_tokens is None and any(s.tokens for s in cfg.curriculum.stages):
+    elif steps_for_tokens is None and any(s.tokens for s in cfg.curriculum.stages):
         stages = [s.tokens for s in cfg.curriculum.stages]
         if all(stages):  # every stage in tokens: nothing to check against train.steps yet
             common["train_steps"] = len(stages)
-        return curriculum_from_config(
+        curriculum = curriculum_from_config(
             cfg.curriculum, **common, steps_for_tokens=lambda *_: 1, check_total=False
         )
-    return curriculum_from_config(cfg.curriculum, **common, steps_for_tokens=steps_for_tokens)
+    else:
+        curriculum = curriculum_from_config(cfg.curriculum, **common, steps_for_tokens=steps_for_tokens)
+    check_on_policy_run(cfg, curriculum)
+    return curriculum
 
 
 def run_stream(cfg, data: RunData, tokenizer, per_step: int) -> tuple[Curriculum, MixedStream]:

@@ -149,11 +149,14 @@ def run_steps(
     on_step: Callable[[StepMetrics], None],
     plans: Callable[[int], StepPlan] | None = None,
     teacher_every_step: bool = False,
+    rollout: Callable[[tuple[int, int], MicroBatch, StepPlan | None], MicroBatch] | None = None,
 ) -> None:
     """Pull `accum` numbered batches per step, add the teacher's outputs when the step's terms need them (or
     always, with `teacher_every_step`) unless a batch carries them already (replay), step.
 
     plans: the curriculum (step -> StepPlan); None trains every step with the objective as configured.
+    rollout: on-policy stages (distill.training.onpolicy.Rollouts): the batch the student writes in place of the
+    dataset's, before the teacher scores it.
     """
     for step in range(start_step, steps):
         plan = plans(step) if plans is not None else None
@@ -164,6 +167,8 @@ def run_steps(
         for _ in range(accum):
             batch_id, batch = next(batches)
             scored = batch.get("topk_ids") is not None
+            if rollout is not None and not scored:
+                batch = rollout(batch_id, batch, plan)
             micro.append(teacher(batch_id, batch) if needs_teacher and not scored else batch)
             ids.append(batch_id)
         metrics = trainer.train_step(step, micro, plan)
