@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "generate": "launch.generate",
     "plan": "launch.plan",
     "sweep-summary": "launch.sweep",
+    "export": "launch.export",
 }
 
 

@@ -17,6 +17,7 @@ EXTRA_MODULES: dict[str, tuple[str, ...]] = {
     "tracking": ("wandb",),
     "slurm": ("submitit", "hydra_plugins.hydra_submitit_launcher"),
     "peft": ("peft",),
+    "export": ("onnx", "onnxruntime", "onnxscript", "gguf"),
 }
 """Extra -> the modules it provides (tests/test_optional_extras.py checks the names against pyproject.toml)."""
 

@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 
 UV="${UV:-.venv/bin/uv}"
 [ -x "$UV" ] || UV=$(command -v uv) || { echo "lock.sh: uv is not installed: run 'make setup' (dev extra) or pip install uv" >&2; exit 2; }
-EXTRAS=(cluster tracking slurm peft dev real-tokenizers)
+EXTRAS=(cluster tracking slurm peft dev real-tokenizers export)
 LOCK=requirements.lock
 
 compile() {  # compile OUT [uv options...]

@@ -10,7 +10,7 @@ VENV="${DISTILL_VENV:-.venv}"
 PYTHON="${PYTHON:-python3}"
 # On a GPU cluster set TORCH_SPEC (e.g. "torch==2.13.0" from a CUDA index) and edit constraints.txt to match.
 TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
-EXTRAS="${DISTILL_EXTRAS:-cluster,tracking,slurm,peft,dev,real-tokenizers}"
+EXTRAS="${DISTILL_EXTRAS:-cluster,tracking,slurm,peft,dev,real-tokenizers,export}"
 LOCK="${DISTILL_LOCK:-requirements.lock}"
 
 export PIP_DISABLE_PIP_VERSION_CHECK=1

@@ -45,6 +45,7 @@ ALLOWED: dict[str, set[str]] = {
         "data",
         "eval",
     },
+    "export": {"models"},
     "run": {
         "config",
         "losses",
