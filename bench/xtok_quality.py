@@ -6,19 +6,21 @@ online path gives the same numbers, tests/test_xtok_online.py):
 
   KD xtok, one stage   : loss=kd_xtok (forward KL on the mapped top-k, uld on unmapped mass, CE 1.0), one stage
                          at T 1: what `distill experiment=xtok_demo` runs
-  KD xtok, three-stage : the same loss with the same-tokenizer default curriculum (hard-label warm-up, KD at
-                         T 3 -> 2, KD fine-tune)
+  KD xtok, three-stage : the same loss with the default curriculum=three_stage (a warm-up on the logits, KD, a
+                         KD fine-tune on a target-domain mix; every stage at the loss's T 1)
   CE-only              : loss=ce_only, the same student and tokenizer, no teacher
 
-Diagnostic recipes (`--recipes`, keys of RECIPES): the three-stage curriculum with each of its differences from one
-stage removed in turn (its temperature, its fine-tune data mix), and one stage at its temperature. Measured (300
-steps, seeds 0,1, after the tempered-bucket fix in distill/losses/teachers.py): kd 0.2311, kd3 0.2918, kd3_t1
-0.2429, kd3_nomix 0.2889, kd3_t1_nomix 0.2413, kd_t3 0.2593, ce 0.2659 bits/char: the temperature is what loses.
+Diagnostic recipes (`--recipes`, keys of RECIPES): the three-stage curriculum as it was before (a hard-label
+warm-up; and that with T 3 -> 2), without its fine-tune mix, and one stage at T 3 -> 2. Measured (300 steps, seeds
+0,1, after the tempered-bucket fix in distill/losses/teachers.py): kd 0.2311, kd3 0.2310, kd3_hardwarm 0.2429,
+kd3_t3 (the old default) 0.2918, kd_t3 0.2593, ce 0.2659 bits/char: the temperature and the hard-label warm-up are
+what lost.
 
-Figure: held-out cross-entropy in bits per character (tokenizer-independent). Target: KD beats CE-only.
+Figure: held-out cross-entropy in bits per character (tokenizer-independent). Target: the three-stage recipe beats
+CE-only and is not worse than one stage (within the seeds' noise); the last line is the verdict.
 
-    python bench/xtok_quality.py --steps 300 --seeds 0,1     # ~1 min per run on two CPU cores
-    python bench/xtok_quality.py --recipes kd,kd3,kd3_t1,kd_t3,ce
+    python bench/xtok_quality.py --steps 300 --seeds 0,1     # ~1 min per run on two quiet CPU cores
+    python bench/xtok_quality.py --recipes kd,kd3,kd3_hardwarm,kd3_t3,kd_t3,ce
 """
 
 from __future__ import annotations
@@ -33,31 +35,30 @@ from distill.config import compose
 from distill.run import run
 from launch.prepare_demo import prepare_demo
 
-_T1_DISTILL = ["curriculum.stages.1.temperature.start=1.0", "curriculum.stages.1.temperature.end=1.0"]
-_T1_FINETUNE = ["curriculum.stages.2.temperature.start=1.0"]
+_HARD_WARMUP = ["~curriculum.stages.0.terms.soft"]
+_T3 = [
+    "curriculum.stages.1.temperature.start=3.0",
+    "curriculum.stages.1.temperature.end=2.0",
+    "curriculum.stages.1.temperature.schedule=cosine",
+    "curriculum.stages.2.temperature.start=2.0",
+]
 
 # key -> (printed name, Hydra overrides)
 RECIPES = {
     "kd": ("KD xtok, one stage", ["loss=kd_xtok", "curriculum=single_stage"]),
     "kd3": ("KD xtok, three-stage", ["loss=kd_xtok", "curriculum=three_stage"]),
     "ce": ("CE-only", ["loss=ce_only", "curriculum=single_stage"]),
-    # The three-stage curriculum with one of its differences from one stage removed:
-    "kd3_t1": ("three-stage at T 1", ["loss=kd_xtok", "curriculum=three_stage", *_T1_DISTILL, *_T1_FINETUNE]),
+    # The three-stage curriculum with one of its choices undone:
+    "kd3_hardwarm": ("three-stage, hard warm-up", ["loss=kd_xtok", "curriculum=three_stage", *_HARD_WARMUP]),
+    "kd3_t3": (
+        "three-stage, hard warm-up, T 3->2",
+        ["loss=kd_xtok", "curriculum=three_stage", *_HARD_WARMUP, *_T3],
+    ),
     "kd3_nomix": (
         "three-stage, no target mix",
         ["loss=kd_xtok", "curriculum=three_stage", "curriculum.stages.2.data.target=0.0"],
     ),
-    "kd3_t1_nomix": (
-        "three-stage at T 1, no mix",
-        [
-            "loss=kd_xtok",
-            "curriculum=three_stage",
-            *_T1_DISTILL,
-            *_T1_FINETUNE,
-            "curriculum.stages.2.data.target=0.0",
-        ],
-    ),
-    # One stage at the three-stage temperatures (T 3 -> 2, cosine), to separate temperature from staging:
+    # One stage at the old three-stage temperatures (T 3 -> 2, cosine), to separate temperature from staging:
     "kd_t3": (
         "one stage at T 3 -> 2",
         [
@@ -118,9 +119,23 @@ def main() -> None:
         kd = statistics.mean(values)
         wins = sum(a < b for a, b in zip(values, results["CE-only"], strict=True))
         print(
-            f"{name} vs CE-only: {100 * (ce - kd) / ce:.1f}% fewer bits per character, better in {wins}/"
-            f"{len(seeds)} seeds; target KD < CE-only: {'holds' if kd < ce else 'MISSED'}"
+            f"{name} vs CE-only: {100 * (ce - kd) / ce:.1f}% fewer bits per character, better in {wins}/{len(seeds)} seeds"
         )
+    one, three = RECIPES["kd"][0], RECIPES["kd3"][0]
+    if one in results and three in results:
+        print(verdict(results[three], results[one], results["CE-only"]))
+
+
+def verdict(three: list[float], one: list[float], ce: list[float]) -> str:
+    """The acceptance line: the default three-stage recipe beats CE-only and is not worse than one-stage KD, where
+    "not worse" allows the seed-to-seed noise of the one-stage figure (its standard error over seeds)."""
+    m3, m1, mce = statistics.mean(three), statistics.mean(one), statistics.mean(ce)
+    noise = statistics.stdev(one) / len(one) ** 0.5 if len(one) > 1 else 0.0
+    met = m3 < mce and m3 <= m1 + noise
+    return (
+        f"xtok_quality: three-stage {m3:.4f} bits/char, one-stage {m1:.4f} (noise {noise:.4f}), CE-only {mce:.4f} "
+        f"(target three-stage < CE-only and <= one-stage + noise): {'met' if met else 'missed'}"
+    )
 
 
 if __name__ == "__main__":

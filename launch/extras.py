@@ -56,6 +56,8 @@ def run_extras(cfg) -> list[tuple[str, str]]:
         needs.append(("student.lora.enabled=true", "peft"))
     if cfg.tracking.wandb:
         needs.append(("tracking.wandb=true", "tracking"))
+    if cfg.export.formats:
+        needs.append((f"export.formats={list(cfg.export.formats)}", "export"))
     return needs
 
 

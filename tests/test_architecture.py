@@ -48,6 +48,7 @@ ALLOWED: dict[str, set[str]] = {
     "export": {"models"},
     "run": {
         "config",
+        "export",
         "losses",
         "curriculum",
         "data",

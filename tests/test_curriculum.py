@@ -276,7 +276,10 @@ def test_active_labels():
         (["curriculum.stages.0.steps=5"], r"sets \['steps', 'fraction'\]; give exactly one"),
         (["curriculum.stages.0.fraction=-0.2"], "negative length"),
         (["curriculum.stages.0.fraction=0", "curriculum.stages.0.tokens=-10"], "negative length"),
-        (["curriculum.stages.0.terms.hard=0.0"], "'warmup': every loss term weight is 0"),
+        (
+            ["curriculum.stages.0.terms.hard=0.0", "curriculum.stages.0.terms.soft=0.0"],
+            "'warmup': every loss term weight is 0",
+        ),
         (["+curriculum.stages.0.terms.nope=1.0"], "terms.nope names no loss term or group"),
         (["curriculum.stages.0.terms.hard=-1.0"], "terms.hard=-1.0 is negative"),
         (["curriculum.stages.1.temperature.end=0.0"], "temperature 0.0 must be > 0"),

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from distill.config import compose
 from distill.errors import CheckpointError, ConfigError
-from distill.export import FORMATS, ExportConfig, get_format, verify_export
+from distill.export import FORMATS, get_format, verify_export
 from distill.export.compare import greedy_agreement, report_table
 from distill.export.config import ALL_FORMATS
 from distill.export.formats import scratch_source
@@ -53,9 +53,7 @@ def student(tiny_teacher, base_overrides, tmp_path_factory) -> Path:
 
 def export_config(base_overrides, tmp: Path, **export) -> object:
     cfg = compose([*base_overrides, *EVAL], run_dir=str(tmp))
-    OmegaConf.set_struct(cfg, False)
-    cfg.export = OmegaConf.structured(ExportConfig(**export))
-    OmegaConf.set_struct(cfg, True)
+    cfg.export = OmegaConf.merge(cfg.export, export)
     return cfg
 
 
@@ -227,3 +225,32 @@ def test_export_without_its_extra_names_the_extra(tmp_path):
         "distill: ConfigError: distill export needs onnxruntime, which is not installed: "
         "pip install -e '.[export]' (the project's `export` extra)"
     )
+
+
+@pytest.mark.slow
+def test_a_run_exports_its_student_at_the_end(tiny_teacher, base_overrides, tmp_path):
+    """`export.formats` in a run's config: the trained student's exports, evaluated on the run's own held-out
+    batches and teacher outputs, and their table in the run's report."""
+    from launch.distill import run
+
+    formats = ["onnx-fp32", "gguf-q8_0"]
+    overrides = [*base_overrides, *EVAL, "train.steps=2", f"export.formats=[{','.join(formats)}]"]
+    summary = run(compose(overrides, run_dir=str(tmp_path)))
+    result = json.loads((tmp_path / "exports" / "export.json").read_text())
+    rows = {r["format"]: r for r in result["rows"]}
+    assert result["model"] == str(tmp_path / "student")
+    # The fp32 row is the run's own evaluation of its student; onnx-fp32 reproduces it.
+    assert rows["fp32 student (safetensors)"]["ce"] == pytest.approx(summary["ce"], rel=1e-6)
+    assert rows["onnx-fp32"]["ce"] == pytest.approx(summary["ce"], rel=1e-5)
+    assert rows["onnx-fp32"]["agreement"] == pytest.approx(summary["agreement"], abs=1e-6)
+    for name in formats:
+        verify_export(tmp_path / "exports" / name, name)
+    assert "## Deployment exports" in (tmp_path / "report.md").read_text()
+
+
+def test_a_misspelt_run_export_format_fails_before_training(base_overrides, tmp_path):
+    from launch.distill import run
+
+    with pytest.raises(ConfigError, match="onnx-fp64"):
+        run(compose([*base_overrides, "export.formats=[onnx-fp64]"], run_dir=str(tmp_path)))
+    assert not (tmp_path / "metrics.jsonl").exists()

@@ -17,8 +17,10 @@ from distill.errors import ConfigError
 from distill.models.loading import load_tokenizer
 from distill.models.resolve import build_student
 from distill.tracking.metrics_log import read_metrics
-from distill.training.build import run_curriculum
+from distill.training.build import build_objective, run_curriculum
+from distill.training.objective import ON_POLICY
 from distill.training.onpolicy import Rollouts, is_on_policy, prompt_lengths, rollout
+from distill.training.reference import student_forward
 from launch.distill import run
 
 
@@ -106,7 +108,9 @@ def test_off_policy_plans_and_other_batches_pass_through(student_and_rows):
     batch = pad_batch(rows, tokenizer.pad_token_id)
     rollouts = Rollouts(model, seed=0, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)
     assert rollouts((0, 0), batch, None) is batch
-    cfg = compose(["curriculum=three_stage_onpolicy", "train.steps=10"])
+    cfg = compose(
+        ["curriculum=three_stage_onpolicy", "train.steps=10", "curriculum.stages.2.on_policy.lmbda=1.0"]
+    )
     plans = run_curriculum(cfg)
     assert rollouts((0, 0), batch, plans.plan(0)) is batch  # the warm-up stage is off-policy
     assert rollouts.stats.take() == {}
@@ -129,6 +133,29 @@ def test_runs_that_cannot_roll_out_are_refused_before_loading(override, names):
     cfg = compose(["curriculum=three_stage_onpolicy", "train.steps=10", *override])
     with pytest.raises(ConfigError, match=names.replace(".", r"\.")):
         run_curriculum(cfg)
+
+
+def test_hard_labels_are_off_on_the_students_own_samples(student_and_rows):
+    """An on-policy batch's labels are the student's own tokens: CE on them would imitate itself."""
+    model, tokenizer, _, rows = student_and_rows
+    cfg = compose(["loss=ce_only"])
+    objective = build_objective(cfg, model, model.config.hidden_size)
+    batch = pad_batch(rows, tokenizer.pad_token_id)
+    out = student_forward(model, objective, batch)
+    assert set(objective(out, batch)) == {"ce"}
+    assert objective(out, {**batch, ON_POLICY: torch.ones((), dtype=torch.bool)}) == {}
+    with pytest.raises(ConfigError, match="only hard-label terms"):
+        run_curriculum(
+            compose(
+                [
+                    "loss=ce_only",
+                    "curriculum=three_stage_onpolicy",
+                    "train.steps=10",
+                    "~curriculum.stages.2.terms.soft",
+                    "curriculum.stages.2.on_policy.lmbda=1.0",
+                ]
+            )
+        )
 
 
 def test_sampled_token_terms_are_refused_in_off_policy_stages():
@@ -156,7 +183,9 @@ def test_three_stage_onpolicy_runs_and_reports_its_rollouts(tiny_teacher, base_o
         "~curriculum.stages.1.terms.soft",
         "+curriculum.stages.1.terms.forward_kl=1.0",
         "~curriculum.stages.2.terms.soft",
+        "~curriculum.stages.2.terms.hard",
         "+curriculum.stages.2.terms.k1=1.0",
+        "curriculum.stages.2.on_policy.lmbda=1.0",
         "train.steps=10",
         "train.log_every=1",
     ]

@@ -397,6 +397,22 @@ class GenerateConfig:
 
 
 @dataclass
+class ExportConfig:
+    """Deployment exports of the student (distill/export): at the end of a run (`export.formats`), or by
+    `distill export export.model=<folder>`."""
+
+    model: str | None = None
+    """`distill export`: the Hugging Face student folder to export (a run's student/); a run exports its own."""
+    formats: list[str] = field(default_factory=list)
+    """onnx-fp32, onnx-fp16, onnx-int8, onnx-int4, gguf-f32, gguf-f16, gguf-q8_0, gguf-q4_0. A run: [] exports
+    nothing; `distill export`: [] writes every format."""
+    out_dir: str | None = None
+    """Where each format's folder, export.json and report.md go; None: <run_dir>/exports."""
+    evaluate: bool = True
+    """Load every export back in its runtime and evaluate it on the held-out split against the fp32 student."""
+
+
+@dataclass
 class RunConfig:
     """The root config of `distill`."""
 
@@ -420,3 +436,4 @@ class RunConfig:
     mode: str = "standard"
     """`standard`: the curriculum over the train data; `continual`: data increments with replay."""
     continual: ContinualConfig = field(default_factory=ContinualConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)

@@ -73,6 +73,35 @@ def evaluate_exports(
     return rows
 
 
+def export_student(
+    model_path: Path, formats: list[ExportFormat], out: Path, evaluate: Evaluate | None, stop_id: int
+) -> tuple[str, list[dict]]:
+    """Write `formats` of the student folder under `out`, evaluate each (unless `evaluate` is None: sizes only),
+    write export.json and report.md; returns the report's table and its rows."""
+    write_exports(model_path, formats, out)
+    if evaluate is None:
+        rows = size_rows(formats, out)
+    else:
+        rows = evaluate_exports(model_path, formats, out, evaluate, stop_id)
+    return write_report(model_path, rows, out), rows
+
+
+def scored_once(teacher):
+    """The teacher's held-out outputs (batch_id, batch) -> outputs, scored once and reused by every format's
+    evaluation; None stays None."""
+    if teacher is None:
+        return None
+    seen: dict = {}
+
+    def outputs(batch_id, batch):
+        key = tuple(batch_id)
+        if key not in seen:
+            seen[key] = teacher(batch_id, batch)
+        return seen[key]
+
+    return outputs
+
+
 def write_report(model_path: Path, rows: list[dict], out: Path) -> str:
     """export.json (every figure) and report.md (the table and how to read it) in `out`; returns the table."""
     table = report_table(rows)

@@ -16,7 +16,16 @@ from typing import Any, Protocol
 from distill.config import resolved_yaml
 from distill.data.build import build_data
 from distill.errors import ConfigError
-from distill.eval.runs import evaluate, evaluate_increments, run_memory_peaks, write_run_report, write_stages
+from distill.eval.runs import (
+    evaluate,
+    evaluate_increments,
+    generation_stop_id,
+    run_memory_peaks,
+    write_run_report,
+    write_stages,
+)
+from distill.export import ExportFormat, get_format
+from distill.export.pipeline import export_student, scored_once
 from distill.io import atomic_write_json, atomic_write_text
 from distill.models.loading import load_tokenizer
 from distill.models.resolve import model_facts, pair_facts, require_teacher, student_tokenizer
@@ -85,6 +94,7 @@ def run(cfg, *, hooks=None) -> dict:
     hooks: the Ray driver's failure-injection and stop points (`distill.cluster.driver.Hooks`; tests, drills).
     """
     parts = prepare(cfg)
+    exports = [get_format(name) for name in cfg.export.formats]  # a misspelt format fails before training
     backend = make_backend(parts, hooks)
     wandb = open_wandb(cfg, parts.run_dir)  # a background thread; a no-op unless tracking.wandb
     with MetricsLog(parts.run_dir / "metrics.jsonl", mirror=wandb.log) as metrics:
@@ -94,10 +104,30 @@ def run(cfg, *, hooks=None) -> dict:
     summary.update(run_memory_peaks(parts.run_dir))  # mem/<role>/..._mib: each process's peak while training
     summary.update(parts.data.counts)  # data/...: rows the data rules skipped, dropped or cut (build_data)
     atomic_write_json(parts.run_dir / "eval.json", summary)
-    write_run_report(cfg, summary, mode.matrices())
+    report = write_run_report(cfg, summary, mode.matrices())
+    if exports:
+        export_at_end(cfg, parts, trained, exports, report)
     wandb.finish({f"eval/{k}": v for k, v in summary.items() if isinstance(v, int | float)})
     log.info("eval %s", json.dumps(summary, sort_keys=True))
     return summary
+
+
+def export_at_end(cfg, parts: RunParts, trained: Trained, formats: list[ExportFormat], report: Path) -> None:
+    """`export.formats`: the trained student's deployment exports in <run_dir>/exports (or export.out_dir), each
+    evaluated like the student itself (the same held-out batches and teacher outputs); the run's report gains
+    their table."""
+    out = Path(cfg.export.out_dir or parts.run_dir / "exports")
+    teacher = scored_once(trained.teacher)
+    evaluate_export = None
+    if cfg.export.evaluate:
+
+        def evaluate_export(model):
+            return evaluate(cfg, model, parts.tokenizer, parts.data, teacher)
+
+    table, _ = export_student(
+        parts.run_dir / "student", formats, out, evaluate_export, generation_stop_id(parts.tokenizer)
+    )
+    atomic_write_text(report, report.read_text() + f"\n## Deployment exports ({out})\n\n{table}\n")
 
 
 def make_backend(parts: RunParts, hooks=None) -> Backend:

@@ -25,6 +25,8 @@ from distill.models.head import HeadlessOutput
 # thread: V=151936 1.5 s at 16 rows against 3.3 s at 64 (the old 37 MiB rule); V=32064 0.33 s at 16-32 rows
 # against 0.44 s at 303. A tiny test vocabulary (384) still takes a whole micro-batch in one chunk.
 CHUNK_ELEMENTS = 2**20
+ON_POLICY = "on_policy"
+"""Key of a micro-batch whose tokens the student sampled (distill.training.onpolicy): its hard terms are off."""
 MIN_CHUNK_ROWS = 16
 
 
@@ -155,6 +157,9 @@ class Objective(nn.Module):
         teacher = self._teacher(batch)
         temperature = plan.temperature if plan is not None else self.temperature
         active = self.active_terms(plan)
+        if batch.get(ON_POLICY) is not None and bool(batch[ON_POLICY]):
+            # The tokens are the student's own samples: its hard-label terms would imitate itself.
+            active = [spec for spec in active if spec.group != HARD]
         logit_args = {"temperature": temperature, "labels": labels}
         sums: dict[str, torch.Tensor] = {}
         if isinstance(student_out, HeadlessOutput):

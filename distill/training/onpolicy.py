@@ -145,6 +145,12 @@ def check_on_policy_run(cfg, curriculum) -> None:
                 f"{stage.name!r} trains on the dataset's text: give them weight only in on-policy stages (name the "
                 "stages' terms, e.g. terms: {hard: 1.0, forward_kl: 1.0} off-policy and {k1: 1.0} on-policy)."
             )
+        soft = [label for label in live if curriculum.term_groups[label] != "hard"]
+        if stage.on_policy is not None and stage.on_policy.lmbda >= 1.0 and not soft:
+            raise ConfigError(
+                f"curriculum stage {stage.name!r} is on-policy with only hard-label terms {live}, which are off on "
+                "the student's own samples: it would train nothing. Give it a teacher term (terms: {soft: 1.0})."
+            )
     stages = [s.name for s in curriculum.stages if s.on_policy is not None]
     if not stages:
         return

@@ -16,7 +16,7 @@ from distill.batch import model_inputs
 from distill.curriculum.stages import StepPlan
 from distill.models.head import headless_forward
 from distill.training.grad_shares import measure_shares, measures_shares
-from distill.training.objective import Objective
+from distill.training.objective import ON_POLICY, Objective
 
 MicroBatch = dict[str, torch.Tensor | None]
 
@@ -166,10 +166,15 @@ def run_steps(
         micro, ids = [], []
         for _ in range(accum):
             batch_id, batch = next(batches)
-            scored = batch.get("topk_ids") is not None
+            scored, source = batch.get("topk_ids") is not None, batch
             if rollout is not None and not scored:
                 batch = rollout(batch_id, batch, plan)
-            micro.append(teacher(batch_id, batch) if needs_teacher and not scored else batch)
+            written = batch is not source
+            if needs_teacher and not scored:
+                batch = teacher(batch_id, batch)
+            if written:  # the student's own tokens: no hard labels (Objective)
+                batch = {**batch, ON_POLICY: torch.ones((), dtype=torch.bool)}
+            micro.append(batch)
             ids.append(batch_id)
         metrics = trainer.train_step(step, micro, plan)
         metrics.batch_ids = ids
