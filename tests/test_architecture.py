@@ -45,7 +45,7 @@ ALLOWED: dict[str, set[str]] = {
         "data",
         "eval",
     },
-    "export": {"models"},
+    "export": {"models", "tracking"},
     "run": {
         "config",
         "export",

@@ -77,6 +77,7 @@ def test_every_format_round_trips_through_the_evaluation(exported):
         assert manifest["format"] == name and manifest["files"]
         assert row["tokens"] == reference["tokens"] and row["exact_match_n"] == reference["exact_match_n"]
         assert row["size_mib"] > 0 and 0 <= row["greedy_token_match"] <= 1
+        assert row["peak_rss_growth_mib"] >= 0
         assert row["ce"] == pytest.approx(reference["ce"], rel=CE_TOLERANCE[name]), name
         assert "agreement" in row and "kl_to_teacher" in row  # the teacher's side, as `distill eval` has it
     sizes = {name: row["size_mib"] for name, row in rows.items()}
@@ -85,6 +86,9 @@ def test_every_format_round_trips_through_the_evaluation(exported):
     assert sizes["onnx-int4"] < sizes["onnx-fp16"]
     report = (out / "report.md").read_text()
     assert all(f"| {name} |" in report for name in FORMATS) and "held-out CE" in report
+    assert (
+        "peak memory (MiB)" in report and reference["peak_rss_growth_mib"] > 0
+    )  # the fp32 model is loaded in it
 
 
 @pytest.mark.slow

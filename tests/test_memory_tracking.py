@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import pytest
 import torch
@@ -154,3 +155,18 @@ def test_local_run_report_plots_and_tabulates_the_peaks(local_run):
     assert "mem/" not in heldout  # the peaks have their own table, not the eval metrics'
     image = imread(out / "memory.png")
     assert image.shape[0] > 200 and image.std() > 0.01
+
+
+def test_rss_growth_sees_what_a_block_allocates_and_only_that():
+    import numpy as np
+
+    from distill.tracking.memory import RssGrowth
+
+    with RssGrowth() as quiet:
+        sum(range(1000))
+    with RssGrowth() as growth:
+        block = np.ones(64 << 20, dtype=np.uint8)  # 64 MiB, touched
+        time.sleep(0.05)
+        del block
+    assert growth.peak >= 60 << 20
+    assert quiet.peak < 16 << 20

@@ -62,6 +62,8 @@ COLUMNS = (
     ("greedy_identical", "greedy = fp32"),
     ("greedy_token_match", "greedy tokens = fp32"),
     ("tokens_per_s", "tokens/s (scoring)"),
+    ("generate_tokens_per_s", "tokens/s (greedy)"),
+    ("peak_rss_growth_mib", "peak memory (MiB)"),
     ("runtime", "runtime"),
 )
 _PERCENT = {"accuracy", "agreement", "exact_match", "greedy_identical", "greedy_token_match"}

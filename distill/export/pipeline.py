@@ -16,6 +16,7 @@ from distill.export.formats import ExportFormat, check_source, scratch_source
 from distill.export.manifest import weight_bytes
 from distill.io import atomic_write_json, atomic_write_text
 from distill.models.loading import load_causal_lm
+from distill.tracking.memory import RssGrowth
 
 log = logging.getLogger("distill")
 MIB = 2**20
@@ -27,6 +28,8 @@ run on the export loaded back in its runtime. ONNX runs in onnxruntime (a graph 
 the prefix). GGUF is read by transformers' GGUF loader, which de-quantizes its tensors with gguf-py into a torch
 model: the file's own weights, llama.cpp's kernels not run. `greedy = fp32`: share of the held-out prompts whose
 greedy output equals the fp32 student's; `greedy tokens`: share of its tokens reproduced before a first difference.
+`peak memory`: the most this process's resident memory grew while the format was loaded and evaluated (sampled
+every 5 ms): the runtime's weights, buffers and activations at the evaluation's batch size.
 """
 
 
@@ -53,20 +56,29 @@ def evaluate_exports(
     """The fp32 student's row, then each export's, with its greedy outputs compared with the student's (the
     evaluation's own decoding, recorded; stop_id ends an output as exact-match reads it)."""
 
-    def run(name: str, runtime: str, model, size: int) -> tuple[dict, list[list[int]]]:
-        recorder = RecordingGenerate(model, stop_id)
-        result = evaluate(recorder)
+    def run(name: str, runtime: str, load: Callable[[], object], size: int) -> tuple[dict, list[list[int]]]:
+        with RssGrowth() as growth:  # loading the format into its runtime and evaluating it
+            recorder = RecordingGenerate(load(), stop_id)
+            result = evaluate(recorder)
         log.info("evaluated %s: ce %.5f", name, result["ce"])
-        return {"format": name, "runtime": runtime, "size_mib": size / MIB, **result}, recorder.outputs
+        row = {
+            "format": name,
+            "runtime": runtime,
+            "size_mib": size / MIB,
+            "peak_rss_growth_mib": growth.peak / MIB,
+        }
+        return row | result, recorder.outputs
 
     weights = sum(p.stat().st_size for p in model_path.glob("*.safetensors"))
     reference, ref_outputs = run(
-        "fp32 student (safetensors)", "transformers", load_causal_lm(model_path), weights
+        "fp32 student (safetensors)", "transformers", lambda: load_causal_lm(model_path), weights
     )
     rows = [reference]
     for fmt in formats:
         folder = out / fmt.name
-        row, outputs = run(fmt.name, fmt.runtime, fmt.open(folder), weight_bytes(folder, fmt.weights))
+        row, outputs = run(
+            fmt.name, fmt.runtime, lambda f=fmt, d=folder: f.open(d), weight_bytes(folder, fmt.weights)
+        )
         rows.append(
             row | greedy_agreement(ref_outputs, outputs) | {"exact_greedy_expected": fmt.exact_greedy}
         )

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import resource
 import sys
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 
@@ -108,6 +109,36 @@ def final_peaks(rows: Iterable[Mapping[str, object]]) -> dict[str, float]:
             if _is_peak(key) and isinstance(value, int | float):
                 out[key] = max(out.get(key, value), value)
     return dict(sorted(out.items()))
+
+
+class RssGrowth:
+    """`with RssGrowth() as growth:` the highest resident size the block reached above where it started, in bytes
+    (`growth.peak`), sampled every `interval` seconds by a thread. For one part of a process's life (loading and
+    running one exported model), where the kernel's ru_maxrss only knows the whole process; a sampled peak can
+    miss a spike shorter than the interval."""
+
+    def __init__(self, interval: float = 0.005) -> None:
+        self.interval, self.peak = interval, 0
+        self._stop = threading.Event()
+        self._start = 0
+
+    def _sample(self) -> None:
+        while True:
+            now = _current_rss()
+            if now is not None:
+                self.peak = max(self.peak, now - self._start)
+            if self._stop.wait(self.interval):
+                return
+
+    def __enter__(self) -> RssGrowth:
+        self._start = _current_rss() or 0
+        self._thread = threading.Thread(target=self._sample, name="rss-growth", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def _is_peak(key: str) -> bool:
