@@ -76,8 +76,10 @@ def _cell(key: str, value) -> str:
         return f"{value:.1%}"
     if key == "size_mib":
         return f"{value:.3f}"
-    if key == "tokens_per_s":
+    if key in ("tokens_per_s", "generate_tokens_per_s"):
         return f"{value:,.0f}"
+    if key == "peak_rss_growth_mib":
+        return f"{value:.1f}"
     return f"{value:.5f}" if isinstance(value, float) else str(value)  # f16 moves CE in the 5th decimal
 
 
