@@ -6,15 +6,19 @@ export RAY_AUTH_MODE := disabled
 export TOKENIZERS_PARALLELISM := false
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: setup demo test test-fast lint bench lock lock-newest
+.PHONY: setup setup-vllm demo test test-fast lint bench lock lock-newest
 
 setup:
 	@bash scripts/setup.sh
 
+# The vLLM environment (.venv-vllm) for teacher.backend=vllm|endpoint and their tests (scripts/setup_vllm.sh).
+setup-vllm:
+	@bash scripts/setup_vllm.sh
+
 demo: setup
 	$(VENV)/bin/distill demo
 
-test: setup
+test: setup setup-vllm
 	$(VENV)/bin/python -m pytest tests
 
 test-fast: setup

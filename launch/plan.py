@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> None:
         micro_batch=args.micro_batch,
         global_batch=args.global_batch,
         topk=cfg.teacher.topk,
+        teacher_backend=cfg.teacher.backend,
         teacher_tokens_per_s=teacher_rate,
         student_tokens_per_s=student_rate,
     )

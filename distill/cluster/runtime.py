@@ -11,6 +11,14 @@ import ray
 from distill.cluster.cache_source import CacheSpec, CacheWorker
 from distill.cluster.placement import teacher_layout
 from distill.cluster.teacher_group import TeacherGroup, TeacherSpec
+from distill.cluster.vllm_worker import (
+    EndpointSpec,
+    EndpointWorker,
+    VllmSpec,
+    VllmTeacherWorker,
+    vllm_actor_options,
+)
+from distill.errors import ConfigError
 
 
 def connect(cluster) -> None:
@@ -44,8 +52,19 @@ def fetched_outputs(group: TeacherGroup, inputs):
 def teacher_group_from_config(
     cfg, teacher_path: Path, hidden_layers, attention_layers, token_table: np.ndarray | None = None
 ) -> TeacherGroup:
-    """The run's TeacherGroup; `token_table` (teacher id -> student id) makes its actors cross-tokenizer."""
+    """The run's TeacherGroup; `token_table` (teacher id -> student id) makes its actors cross-tokenizer.
+
+    teacher.backend picks the actors: TeacherWorker (hf), VllmTeacherWorker (a vLLM engine per replica, in the
+    vLLM environment's interpreter) or EndpointWorker (clients of a running server)."""
     c = cfg.cluster
+    backend = cfg.teacher.backend
+    if backend != "hf":
+        if token_table is not None or hidden_layers or attention_layers:
+            raise ConfigError(
+                f"teacher.backend={backend} ships top-k log-probs only: no hidden states, attention maps or "
+                "cross-tokenizer projection; use teacher.backend=hf for feature terms and token maps"
+            )
+        return served_group_from_config(cfg, teacher_path)
     spec = TeacherSpec(
         path=str(teacher_path),
         topk=cfg.teacher.topk,
@@ -61,6 +80,78 @@ def teacher_group_from_config(
         token_table=token_table,
     )
     return TeacherGroup(spec, **teacher_layout(c))
+
+
+def served_group_from_config(cfg, teacher_path: Path) -> TeacherGroup:
+    """teacher.backend=vllm: one actor per replica holding a vLLM engine of TP cluster.teacher_tp (it reserves
+    the whole replica's CPUs/GPUs); teacher.backend=endpoint: cluster.teacher_replicas concurrent clients of the
+    server, one CPU each."""
+    from distill.teacher.vllm_env import require_vllm_python
+
+    c, t = cfg.cluster, cfg.teacher
+    layout = teacher_layout(c)
+    if t.backend == "endpoint":
+        spec = EndpointSpec(
+            url=t.endpoint_url,
+            model=t.endpoint_model or str(teacher_path),
+            topk=t.topk,
+            api_key_env=t.endpoint_api_key_env,
+            logits_dtype=t.logits_dtype,
+        )
+        return TeacherGroup(spec, worker=EndpointWorker, **{**layout, "tp": 1, "gpus_per_actor": 0.0})
+    tp, pp = layout["tp"], t.pipeline_parallel
+    threads = max(1, int(c.cpus_per_teacher_actor * tp))
+    spec = VllmSpec(
+        path=str(teacher_path),
+        topk=t.topk,
+        dtype=t.dtype,
+        logits_dtype=t.logits_dtype,
+        tensor_parallel_size=tp,
+        pipeline_parallel_size=pp,
+        device=c.device,
+        threads=threads,
+    )
+    group = TeacherGroup(
+        spec,
+        worker=VllmTeacherWorker,
+        actor_options=vllm_actor_options(str(require_vllm_python(t.vllm_python)), threads, c.device),
+        **{
+            **layout,
+            "tp": 1,
+            "cpus_per_actor": layout["cpus_per_actor"] * tp,
+            # Pipeline stages on other nodes are vLLM's own Ray workers: the actor then holds no device.
+            "gpus_per_actor": layout["gpus_per_actor"] * tp if pp == 1 else 0.0,
+        },
+    )
+    try:
+        check_determinism(group)
+    except ConfigError:
+        group.shutdown()
+        raise
+    return group
+
+
+DETERMINISM_TOLERANCE = 1e-3
+"""Largest log-prob difference allowed between two scorings of one batch, on a replica or across replicas: the
+acceptance bound of the vLLM backend against the hf engine (test_teacher_vllm.py measures ~3e-5 in fp32)."""
+
+
+def check_determinism(group: TeacherGroup, tolerance: float = DETERMINISM_TOLERANCE) -> None:
+    """Before any training step: every replica scores a probe batch twice; ConfigError when a replica differs from
+    itself or from replica 0 by more than `tolerance` (or in its top-k ids), naming the replica and the figure."""
+    from distill.cluster.vllm_worker import scored_difference
+
+    results = ray.get([rep.actors[0].self_test.remote() for rep in group.replicas])
+    _, reference = results[0]
+    for index, (repeat, scored) in enumerate(results):
+        across = scored_difference(reference, scored)
+        if repeat > tolerance or across > tolerance:
+            raise ConfigError(
+                f"teacher replica {index} is not deterministic enough to distill from: scoring one batch twice "
+                f"differs by {repeat:.2e} in log-probs, and from replica 0 by {across:.2e} (inf: different top-k "
+                f"ids); the limit is {tolerance:.0e}. Check that every replica runs the same model, dtype and "
+                "vLLM build (batch-invariant kernels on GPUs, VLLM_BATCH_INVARIANT=1)."
+            )
 
 
 def cache_group_from_config(cfg, identity: dict) -> TeacherGroup:

@@ -190,8 +190,10 @@ class TeacherGroup:
         max_in_flight_per_replica: int = 2,
         max_replica_restarts: int = 3,
         reserve_cpus: dict[str, float] | None = None,
+        actor_options: dict | None = None,
     ) -> None:
         self.spec, self.tp, self.worker = spec, tp, worker
+        self.actor_options = dict(actor_options or {})  # e.g. a runtime_env (distill.cluster.vllm_worker)
         self.cpus_per_actor, self.gpus_per_actor = cpus_per_actor, gpus_per_actor
         self.max_in_flight = max_in_flight_per_replica * replicas
         self.max_replica_restarts = max_replica_restarts
@@ -231,6 +233,7 @@ class TeacherGroup:
                 num_gpus=self.gpus_per_actor,
                 max_restarts=0,  # recovery is per replica (see module docstring), not per actor
                 **NO_TASK_EVENTS,
+                **self.actor_options,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     rep.pg, placement_group_bundle_index=rank
                 ),

@@ -58,6 +58,22 @@ class TeacherConfig:
     """Train from this offline cache (`distill teacher-cache`) instead of running the teacher online."""
     token_map: TokenMapConfig = field(default_factory=TokenMapConfig)
     """Cross-tokenizer distillation (teacher and student with different tokenizers)."""
+    backend: str = "hf"
+    """Who scores batches: `hf` (transformers forward, the reference), `vllm` (a vLLM engine inside each teacher
+    replica's Ray actor, in the vLLM environment of scripts/setup_vllm.sh), `endpoint` (an OpenAI-compatible vLLM
+    server at `endpoint_url`). vllm and endpoint ship top-k log-probs (log-normaliser 0): same losses at every
+    temperature (distill/teacher/logprobs.py)."""
+    pipeline_parallel: int = 1
+    """backend=vllm: pipeline stages per replica, one node each (`distill plan` prints it for a replica that spans
+    nodes); vLLM's tensor parallel size is cluster.teacher_tp."""
+    vllm_python: str | None = None
+    """backend=vllm: the vLLM environment's interpreter; None: $DISTILL_VLLM_PYTHON, else the repo's .venv-vllm."""
+    endpoint_url: str | None = None
+    """backend=endpoint: the server's base URL, e.g. http://127.0.0.1:8000/v1."""
+    endpoint_model: str | None = None
+    """backend=endpoint: the served model name (the server's --served-model-name); None: teacher.path."""
+    endpoint_api_key_env: str = "DISTILL_TEACHER_API_KEY"
+    """backend=endpoint: the environment variable holding the API key (never in config, never logged)."""
 
 
 @dataclass

@@ -53,6 +53,9 @@ class Workload:
     micro_batch: int = 4
     global_batch: int = 256
     topk: int = 64
+    teacher_backend: str = "hf"
+    """`hf`: a replica is one TP group on one node. `vllm`: TP within a node x pipeline stages across nodes (vLLM
+    runs pipeline parallelism over its own Ray workers), so a replica may span nodes."""
 
     @property
     def micro_batches(self) -> int:
@@ -78,6 +81,8 @@ class Plan:
     """Per student device."""
     buffer_gb: float
     idle_devices: int
+    teacher_pp: int = 1
+    """Pipeline stages per teacher replica, one node each (vLLM backend); a replica uses TP x PP devices."""
 
     def __getattr__(self, name: str):
         # The layout's numbers read through: plan.teacher_tp is plan.topology.teacher_tp.
@@ -130,7 +135,7 @@ def plan_layout(teacher: ModelFacts, student: ModelFacts, hw: Hardware, work: Wo
     then to the smaller TP. TopologyError (with the numbers) when the teacher or the student cannot fit."""
     devices, usable = hw.nodes * hw.gpus_per_node, hw.gpu_memory_gb * USABLE
     t_mem = teacher_memory_gb(teacher, work.teacher_dtype)
-    tps = _teacher_tps(teacher, hw, work, t_mem, usable)
+    shapes = _teacher_shapes(teacher, hw, work, t_mem, usable)
     per_device_t = work.teacher_tokens_per_s or estimated_tokens_per_s(2 * teacher.active_param_count, hw)
     per_device_s = work.student_tokens_per_s or estimated_tokens_per_s(6 * student.param_count, hw)
     micro_batches = work.micro_batches
@@ -140,7 +145,7 @@ def plan_layout(teacher: ModelFacts, student: ModelFacts, hw: Hardware, work: Wo
         if micro_batches % w == 0
         and student_memory_gb(student, work.student_dtype, work.zero_stage, w) <= usable
     ]
-    tp, replicas, world = _best_layout(tps, worlds, hw, per_device_t, per_device_s)
+    (tp, pp), replicas, world = _best_layout(shapes, worlds, hw, per_device_t, per_device_s)
     accum = micro_batches // world
     shards = min(hw.nodes, world * accum)
     capacity = math.ceil(2 * accum * world / shards) * shards  # the teacher may run one step ahead
@@ -153,19 +158,38 @@ def plan_layout(teacher: ModelFacts, student: ModelFacts, hw: Hardware, work: Wo
     check_capacity(capacity, shards, accum * world)
     return Plan(
         topology,
-        teacher_tokens_per_s=replicas * tp * per_device_t,
+        teacher_tokens_per_s=replicas * tp * pp * per_device_t,
         student_tokens_per_s=world * per_device_s,
-        teacher_memory_gb=t_mem / tp,
+        teacher_memory_gb=t_mem / (tp * pp),
         student_memory_gb=student_memory_gb(student, work.student_dtype, work.zero_stage, world),
         buffer_gb=capacity * per_batch / 1e9,
-        idle_devices=devices - replicas * tp - world,
+        idle_devices=devices - replicas * tp * pp - world,
+        teacher_pp=pp,
     )
 
 
-def _teacher_tps(teacher: ModelFacts, hw: Hardware, work: Workload, t_mem: float, usable: float) -> list[int]:
-    """TP sizes whose teacher shard fits one device; TopologyError with the memory it needs when none does."""
-    tps = [tp for tp in valid_tp(teacher, hw.gpus_per_node) if t_mem / tp <= usable]
-    if not tps:
+def _teacher_shapes(
+    teacher: ModelFacts, hw: Hardware, work: Workload, t_mem: float, usable: float
+) -> list[tuple[int, int]]:
+    """(TP, PP) replica shapes whose teacher shard fits one device: PP 1 for the hf backend, up to one stage per
+    node for vLLM. TopologyError with the memory it needs when none fits."""
+    if work.teacher_backend not in ("hf", "vllm"):
+        raise TopologyError(
+            f"teacher backend {work.teacher_backend!r} cannot be planned: `hf` or `vllm` (an endpoint teacher is "
+            "served outside the cluster)"
+        )
+    stages = range(1, hw.nodes + 1) if work.teacher_backend == "vllm" else [1]
+    tps = valid_tp(teacher, hw.gpus_per_node)
+    shapes = [(tp, pp) for pp in stages for tp in tps if t_mem / (tp * pp) <= usable]
+    if not shapes and work.teacher_backend == "vllm":
+        need = math.ceil(t_mem / usable)
+        raise TopologyError(
+            f"the teacher needs {t_mem:.0f} GB ({teacher.param_count / 1e9:.1f}B params in {work.teacher_dtype} x "
+            f"{TEACHER_HEADROOM} headroom), i.e. at least {need} devices of {hw.gpu_memory_gb:g} GB ({usable:.0f} GB "
+            f"usable), more than the whole cluster holds ({hw.nodes} nodes x {hw.gpus_per_node}). Add nodes, use "
+            f"devices with more memory, or {_smaller_dtype_hint(work.teacher_dtype)}a smaller teacher."
+        )
+    if not shapes:
         need = math.ceil(t_mem / usable)
         raise TopologyError(
             f"the teacher needs {t_mem:.0f} GB ({teacher.param_count / 1e9:.1f}B params in {work.teacher_dtype} x "
@@ -173,9 +197,9 @@ def _teacher_tps(teacher: ModelFacts, hw: Hardware, work: Workload, t_mem: float
             f"usable) in one TP group, but a TP group lives on one node of {hw.gpus_per_node} devices "
             f"(cluster: {hw.nodes} nodes x {hw.gpus_per_node} = {hw.nodes * hw.gpus_per_node} devices). Use "
             f"devices with more memory (--gpu-memory-gb), {_smaller_dtype_hint(work.teacher_dtype)}more devices "
-            "per node."
+            "per node; teacher.backend=vllm can also span nodes with pipeline stages."
         )
-    return tps
+    return shapes
 
 
 def _smaller_dtype_hint(dtype: str) -> str:
@@ -185,27 +209,29 @@ def _smaller_dtype_hint(dtype: str) -> str:
 
 
 def _best_layout(
-    tps: list[int], worlds: list[int], hw: Hardware, per_device_t: float, per_device_s: float
-) -> tuple[int, int, int]:
-    """(TP, replicas, student world) with the highest min(teacher, student) rate; fewer devices, then smaller TP."""
+    shapes: list[tuple[int, int]], worlds: list[int], hw: Hardware, per_device_t: float, per_device_s: float
+) -> tuple[tuple[int, int], int, int]:
+    """((TP, PP), replicas, student world) with the highest min(teacher, student) rate; fewer devices, then fewer
+    pipeline stages, then smaller TP. A replica's TP group lives on one node; its PP stages on PP distinct nodes."""
     devices = hw.nodes * hw.gpus_per_node
     best: tuple | None = None
-    for tp in tps:
-        slots = hw.nodes * (hw.gpus_per_node // tp)  # a replica never spans nodes
+    for tp, pp in shapes:
+        slots = hw.nodes * (hw.gpus_per_node // tp) // pp
         for replicas in range(1, slots + 1):
             for world in worlds:
-                used = replicas * tp + world
+                used = replicas * tp * pp + world
                 if used > devices:
                     break
-                rate = min(replicas * tp * per_device_t, world * per_device_s)
-                key = (round(rate, 6), -used, -tp)
+                rate = min(replicas * tp * pp * per_device_t, world * per_device_s)
+                key = (round(rate, 6), -used, -pp, -tp)
                 if best is None or key > best[0]:
-                    best = (key, tp, replicas, world)
+                    best = (key, (tp, pp), replicas, world)
     if best is None:
-        smallest = min(tps)
+        tp, pp = min(shapes, key=lambda shape: shape[0] * shape[1])
+        smallest, label = tp * pp, f"TP {tp}" + (f" x PP {pp}" if pp > 1 else "")
         raise TopologyError(
             f"the cluster has {devices} devices ({hw.nodes} nodes x {hw.gpus_per_node}); one teacher replica "
-            f"needs {smallest} (TP {smallest}) and the student at least "
+            f"needs {smallest} ({label}) and the student at least "
             f"{worlds[0] if worlds else '(none fits: ZeRO state exceeds device memory)'} more. Add nodes."
         )
     return best[1:]
@@ -230,8 +256,12 @@ def measured_per_device(run_dir: str | Path) -> tuple[float, float]:
 
 
 def overrides(plan: Plan) -> list[str]:
-    """The `cluster.*` overrides of the plan (GPU nodes: cuda + nccl, one device per actor)."""
-    return [f"cluster.{name}={getattr(plan.topology, name)}" for name in Topology.__dataclass_fields__]
+    """The `cluster.*` overrides of the plan (GPU nodes: cuda + nccl, one device per actor); a replica that spans
+    nodes adds its pipeline stages (teacher.backend=vllm)."""
+    out = [f"cluster.{name}={getattr(plan.topology, name)}" for name in Topology.__dataclass_fields__]
+    if plan.teacher_pp > 1:
+        out.append(f"teacher.pipeline_parallel={plan.teacher_pp}")
+    return out
 
 
 def _topology(
@@ -272,11 +302,17 @@ def _bytes(dtype: str) -> float:
 
 
 def report(teacher: ModelFacts, student: ModelFacts, plan: Plan, hw: Hardware, work: Workload) -> str:
-    t_dev, s_dev = plan.teacher_replicas * plan.teacher_tp, plan.student_world_size
+    t_dev, s_dev = plan.teacher_replicas * plan.teacher_tp * plan.teacher_pp, plan.student_world_size
+    shape = f"TP {plan.teacher_tp}" + (
+        f" x PP {plan.teacher_pp} (each replica across {plan.teacher_pp} nodes)"
+        if plan.teacher_pp > 1
+        else ""
+    )
     lines = [
         f"cluster   {hw.nodes} nodes x {hw.gpus_per_node} devices ({hw.gpu_memory_gb:g} GB each)",
         f"teacher   {teacher.architecture} {teacher.param_count / 1e9:.1f}B ({teacher.active_param_count / 1e9:.1f}B "
-        f"active) {work.teacher_dtype}: {plan.teacher_replicas} replicas x TP {plan.teacher_tp} = {t_dev} devices, "
+        f"active) {work.teacher_dtype} ({work.teacher_backend}): {plan.teacher_replicas} replicas x {shape} = {t_dev} "
+        f"devices, "
         f"{plan.teacher_memory_gb:.1f} GB/device, {plan.teacher_tokens_per_s:,.0f} tokens/s",
         f"student   {student.architecture} {student.param_count / 1e9:.2f}B ZeRO-{work.zero_stage}: "
         f"{s_dev} ranks, {plan.student_memory_gb:.1f} GB/device, {plan.student_tokens_per_s:,.0f} tokens/s",

@@ -8,6 +8,7 @@ from __future__ import annotations
 from distill.config.topology import PairFacts, Topology
 from distill.data.sources import validate_sources
 from distill.errors import ConfigError
+from distill.losses import get as loss_term
 from distill.losses.validation import validate_layer_map, validate_term
 from distill.models.facts import ModelFacts
 from distill.models.head import check_fusable_type
@@ -27,6 +28,7 @@ def validate_run(cfg, facts: PairFacts) -> Topology:
     elif cfg.cluster.mode != "local":
         raise ConfigError(f"cluster.mode={cfg.cluster.mode!r}: use 'local' (reference) or 'ray'.")
     check_length_groups(cfg.teacher.length_groups)
+    validate_teacher_backend(cfg)
     _validate_max_length(cfg, facts)
     if cfg.loss.fused_head:
         check_fusable_type(student_facts(cfg, facts.student_vocab).model_type)
@@ -125,3 +127,57 @@ def _validate_terms(cfg, facts: PairFacts) -> None:
                         f"0..{facts.student_layers - 1} for the student and 0..{facts.teacher_layers - 1} for "
                         "the teacher."
                     )
+
+
+TEACHER_BACKENDS = ("hf", "vllm", "endpoint")
+
+
+def validate_teacher_backend(cfg) -> None:
+    """teacher.backend's own rules, before any cluster time: a known name; vllm runs in the Ray actors (its own
+    environment, which must exist); endpoint needs a URL; the served backends ship top-k log-probs only."""
+    t = cfg.teacher
+    if t.backend not in TEACHER_BACKENDS:
+        raise ConfigError(f"teacher.backend={t.backend!r} is unknown; valid: {', '.join(TEACHER_BACKENDS)}")
+    if (
+        isinstance(t.pipeline_parallel, bool)
+        or not isinstance(t.pipeline_parallel, int)
+        or t.pipeline_parallel < 1
+    ):
+        raise ConfigError(f"teacher.pipeline_parallel={t.pipeline_parallel!r} must be an integer >= 1")
+    if t.pipeline_parallel > 1 and (t.backend != "vllm" or cfg.cluster.device != "cuda"):
+        raise ConfigError(
+            f"teacher.pipeline_parallel={t.pipeline_parallel} (a replica across nodes) needs teacher.backend=vllm on "
+            f"GPUs (cluster.device=cuda); got backend={t.backend}, device={cfg.cluster.device}. Set it to 1."
+        )
+    if t.backend == "hf" or t.cache:
+        return  # an offline cache replaces the teacher whatever served it
+    if t.backend == "vllm":
+        from distill.teacher.vllm_env import require_vllm_python
+
+        if cfg.cluster.mode != "ray":
+            raise ConfigError(
+                "teacher.backend=vllm runs the engine inside the Ray teacher actors (vLLM has its own environment); "
+                "use a Ray cluster config (cluster=local_ray, cluster=sim_2node, ...), or teacher.backend=endpoint "
+                "against a running `vllm serve` for the single-process path."
+            )
+        require_vllm_python(t.vllm_python)
+    if t.backend == "endpoint" and not t.endpoint_url:
+        raise ConfigError(
+            "teacher.backend=endpoint needs teacher.endpoint_url (the server's base URL, e.g. "
+            "http://127.0.0.1:8000/v1) and teacher.endpoint_model when the server's model name is not teacher.path."
+        )
+    if t.token_map.enabled:
+        raise ConfigError(
+            f"teacher.backend={t.backend} does not support teacher.token_map (cross-tokenizer projection runs on "
+            "the hf engine's outputs); use teacher.backend=hf."
+        )
+    features = [
+        label
+        for label, term in cfg.loss.terms.items()
+        if term.weight and loss_term(term.name).kind != "logits"
+    ]
+    if features:
+        raise ConfigError(
+            f"teacher.backend={t.backend} ships top-k log-probs only, but loss.terms {features} need the teacher's "
+            "hidden states or attention maps; use teacher.backend=hf or drop those terms."
+        )
