@@ -30,7 +30,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import ray
+from ray.exceptions import GetTimeoutError, RayActorError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from distill.cluster.placement import alive_node_ids, alive_nodes
 from distill.cluster.worker import NO_TASK_EVENTS
 from distill.config.topology import check_capacity  # noqa: F401  (re-exported: the buffer's capacity rule)
 from distill.tracking.memory import MemoryPeaks, measure
@@ -267,6 +270,20 @@ class BufferShard:
             raise KeyError(f"buffer shard {self.index} holds none of {missing}")
         return [self._entries[tuple(b)].payload[0] for b in batch_ids]
 
+    async def ping(self) -> str:
+        """This shard's node id (see `Buffer.dead_shards`)."""
+        return ray.get_runtime_context().get_node_id()
+
+    async def clear(self) -> int:
+        """Drop every batch held, unacked (after a node's loss their payloads may be gone with its object store;
+        the driver re-produces them from its checkpoint's cursor). Pending puts and leases are woken."""
+        async with self._cond:
+            n = len(self._entries)
+            self._entries.clear()
+            self._bytes = 0
+            self._cond.notify_all()
+            return n
+
     async def held(self) -> list[BatchId]:
         """Ids of the batches currently held (ready or leased)."""
         return list(self._entries)
@@ -300,10 +317,21 @@ class Buffer:
     """Client of the S shards; picklable (actor handles), so the students hold one too.
 
     batches_per_epoch maps a batch id (epoch, index) to its stream position, which picks the shard.
+    A dead shard is replaced by the driver (`replace_dead`: a new, empty shard at the same index); its batches
+    are re-produced from the last checkpoint's cursor (see `distill.cluster.driver.Driver._recover`).
     """
 
-    def __init__(self, shards: list, batches_per_epoch: int) -> None:
+    def __init__(
+        self,
+        shards: list,
+        batches_per_epoch: int,
+        *,
+        capacity_per_shard: int = 0,
+        max_bytes_per_shard: int | None = None,
+    ) -> None:
         self.shards, self.batches_per_epoch = shards, batches_per_epoch
+        self.capacity_per_shard, self.max_bytes_per_shard = capacity_per_shard, max_bytes_per_shard
+        self.replaced = 0  # shards replaced after their death
 
     @classmethod
     def create(
@@ -314,15 +342,64 @@ class Buffer:
         batches_per_epoch: int,
         max_bytes_per_shard: int | None = None,
     ) -> Buffer:
-        actor = ray.remote(BufferShard)
-        handles = [
-            # max_restarts=0: a shard holds the only references to its batches; losing one is not silent.
-            actor.options(num_cpus=0, max_restarts=0, max_concurrency=1000, **NO_TASK_EVENTS).remote(
-                i, capacity_per_shard, max_bytes_per_shard
+        """S shard actors, spread round-robin over the live nodes (a node's loss takes only its share)."""
+        buffer = cls(
+            [],
+            batches_per_epoch,
+            capacity_per_shard=capacity_per_shard,
+            max_bytes_per_shard=max_bytes_per_shard,
+        )
+        nodes = [n.node_id for n in alive_nodes()]
+        buffer.shards = [buffer._new_shard(i, nodes[i % len(nodes)]) for i in range(shards)]
+        return buffer
+
+    def _new_shard(self, index: int, node_id: str | None):
+        # max_restarts=0: a restarted shard would come back empty while its clients believe it holds batches;
+        # the driver replaces a dead one itself (replace_dead) and re-produces what it held.
+        # Soft affinity: a node that is gone (or full) does not stop the shard from starting elsewhere.
+        strategy = NodeAffinitySchedulingStrategy(node_id, soft=True) if node_id is not None else "DEFAULT"
+        return (
+            ray.remote(BufferShard)
+            .options(
+                num_cpus=0,
+                max_restarts=0,
+                max_concurrency=1000,
+                scheduling_strategy=strategy,
+                **NO_TASK_EVENTS,
             )
-            for i in range(shards)
-        ]
-        return cls(handles, batches_per_epoch)
+            .remote(index, self.capacity_per_shard, self.max_bytes_per_shard)
+        )
+
+    def dead_shards(self, timeout: float = 30.0) -> list[int]:
+        """Indices of the shards that are dead, silent for `timeout` s, or on a node that is gone: a shard's
+        process may still answer for a moment after its node was removed (calls go to it directly), then die."""
+        pings = [s.ping.remote() for s in self.shards]
+        dead, alive = [], alive_node_ids()
+        for i, ping in enumerate(pings):
+            try:
+                if ray.get(ping, timeout=timeout) not in alive:
+                    dead.append(i)
+            except (RayActorError, GetTimeoutError):
+                dead.append(i)
+        return dead
+
+    def replace_dead(self) -> list[int]:
+        """Replace every dead shard by a new, empty one at its index (the batches it held must be produced
+        again; the driver does that from its checkpoint's cursor); returns the indices replaced."""
+        dead = self.dead_shards()
+        for i in dead:
+            ray.kill(self.shards[i], no_restart=True)
+            self.shards[i] = self._new_shard(i, None)
+        self.replaced += len(dead)
+        return dead
+
+    def clear(self) -> int:
+        """Drop every held batch on every shard (see BufferShard.clear); returns how many were dropped."""
+        return sum(ray.get([s.clear.remote() for s in self.shards]))
+
+    def kill_shard(self, index: int) -> None:
+        """Failure injection for tests and chaos drills."""
+        ray.kill(self.shards[index], no_restart=True)
 
     def shard_of(self, batch_id: BatchId) -> int:
         epoch, index = batch_id

@@ -10,11 +10,18 @@ acks the step's batches once the step is committed on every rank (never the pref
 sent before the current one commits (`Driver._runs_ahead`), so the ranks start it without waiting for the
 driver's round trip.
 
-Failures: a dead teacher actor is the teacher group's business (it re-dispatches in order). A dead student
-actor fails the step; the driver restarts the whole student group, loads the latest checkpoint, requeues the
-dead consumers' leases (prefetched ones included), rolls back the consumption counts of the undone steps and
-restarts the teacher stream at the checkpoint's data cursor (batches already acked are recomputed; batches still
-held are reused).
+Failures: a dead teacher actor is the teacher group's business (it re-dispatches in order; a replica whose node
+is gone is re-placed on another). Anything else that dies fails the step: a student actor, a buffer shard, a
+payload lost with its node's object store, or a whole node (its students, teachers and shards at once). The
+driver then restores the pipeline as Ray Train / TorchElastic restore a worker group (`Driver._recover`):
+replaces dead buffer shards with empty ones, restarts the whole student group (re-placed on the live nodes, or a
+node added back, if one of its nodes is gone), loads the latest checkpoint, requeues the dead consumers' leases
+(prefetched ones included), resets the consumption counts to the checkpoint's and restarts the teacher stream at
+the checkpoint's data cursor: batches already acked and those a dead shard held are produced again, once;
+batches still held by live shards are reused (after a node's loss, none: their payloads may be gone with it).
+
+Consumption counts: the driver counts every batch of every committed step (`Driver.consumption`) and saves the
+counts with each checkpoint, so they stay exact across restores, dead shards and a restarted driver (resume).
 """
 
 from __future__ import annotations
@@ -34,11 +41,13 @@ from typing import Any, Protocol
 
 import numpy as np
 import ray
+from ray.exceptions import ObjectLostError, RayActorError
 from tqdm.auto import tqdm
 
 from distill.batch import BatchId
 from distill.cluster.buffer import PUT_FULL, Buffer
-from distill.cluster.student_group import StudentFailure, StudentGroup
+from distill.cluster.placement import alive_node_ids
+from distill.cluster.student_group import StudentFailure, StudentGroup, actor_or_object_lost
 from distill.errors import CheckpointError
 from distill.io import (
     atomic_write_json,
@@ -343,6 +352,16 @@ def check_identity(saved: dict[str, Any], current: dict[str, Any], *, where: Pat
 
 
 # ---- the teacher side --------------------------------------------------------------------------------------
+class PipelineFailure(RuntimeError):
+    """A process or an object of the pipeline is gone (a buffer shard, a payload with its node): the driver
+    restores from the last checkpoint, as after a student's death."""
+
+
+# What the training loop answers with a restore (`Driver._recover`); anything else ends the run.
+RECOVERABLE = (StudentFailure, PipelineFailure, RayActorError, ObjectLostError)
+_CONSUMPTION = "consumption.json"
+
+
 class Producer:
     """A thread that keeps the buffer filled from the teacher stream, in stream order.
 
@@ -374,6 +393,10 @@ class Producer:
 
     def check(self) -> None:
         if self.error is not None:
+            if actor_or_object_lost(
+                self.error
+            ):  # a dead buffer shard; a dead teacher is its group's business
+                raise PipelineFailure(f"the teacher producer lost a peer: {self.error!r}") from self.error
             raise RuntimeError(f"the teacher producer failed: {self.error!r}") from self.error
 
     def stop(self, timeout: float = 300.0) -> None:
@@ -424,6 +447,8 @@ class Driver:
     mode: the run mode's step hooks (`distill.training.modes.StepHooks`). The driver puts a step's stored
         batches into the buffer itself (they carry stored teacher outputs; the teacher never sees them) and, once
         a step is committed, hands the mode the batches it keeps (`Buffer.peek`, before the ack).
+    max_restores: failures answered with a restore from the last checkpoint (`_recover`) before the run gives
+        up (Ray Train's FailureConfig.max_failures, TorchElastic's max_restarts).
     """
 
     def __init__(
@@ -441,7 +466,7 @@ class Driver:
         checkpoints: CheckpointStore | None = None,
         checkpoint_every: int = 0,
         hooks: Hooks | None = None,
-        max_student_restarts: int = 3,
+        max_restores: int = 6,
         progress: bool = False,
         plans: Callable[[int], Any] | None = None,
         mode: StepHooks | None = None,
@@ -451,7 +476,13 @@ class Driver:
         self.total_steps, self.sink, self.log_every = total_steps, sink, log_every
         self.checkpoints, self.checkpoint_every = checkpoints, checkpoint_every
         self.hooks = hooks or Hooks()
-        self.max_student_restarts = max_student_restarts
+        self.max_restores = max_restores
+        self.restores: list[dict[str, Any]] = []  # one per restore from a checkpoint after a failure
+        self.failures = 0  # failures answered with a restore (one restore may meet several)
+        self.consumption: dict[
+            BatchId, int
+        ] = {}  # committed consumption per batch (see the module docstring)
+        self._nodes: set[str] = set()  # the live nodes as of the start or the last restore
         self.progress = progress
         self.plans = plans
         self.mode = mode or StepHooks()
@@ -467,6 +498,7 @@ class Driver:
     def run(self, start: Path | None = None) -> None:
         """Train to total_steps, from checkpoint `start` (a `CheckpointStore` folder) or from scratch."""
         self.students.wait_ready()
+        self._nodes = alive_node_ids()
         step = self._load(start) if start is not None else 0
         self.first_step = step
         self.committed = step
@@ -486,7 +518,7 @@ class Driver:
                     self._train_step(step)
                     if self.checkpoint_every and self.committed % self.checkpoint_every == 0:
                         self._checkpoint(self.committed)
-                except StudentFailure as err:
+                except RECOVERABLE as err:
                     bar.n = self._recover(err)  # steps after the restored checkpoint are trained again
                     bar.refresh()
                     continue
@@ -556,6 +588,8 @@ class Driver:
         # which surfaces an error one step late at worst.
         self._settle_acks()
         self._acks = self.buffer.ack(d.batch_ids, wait=False)
+        for b in d.batch_ids:
+            self.consumption[b] = self.consumption.get(b, 0) + 1
         self.committed = step + 1
         # A step's time runs from when it could start (sent, or the previous step committed) to its commit.
         now = time.perf_counter()
@@ -623,6 +657,8 @@ class Driver:
         with self.checkpoints.write(step, cursor) as folder:
             self.students.save(folder, {"step": step, "next_batch": list(cursor)})
             self.mode.save(folder)
+            counts = {f"{e}:{i}": n for (e, i), n in sorted(self.consumption.items())}
+            atomic_write_json(folder / _CONSUMPTION, counts)
 
     def _load(self, path: Path) -> int:
         state = CheckpointStore.state(path)
@@ -637,38 +673,62 @@ class Driver:
                 f"{path}: data cursor {state['next_batch']} is not step {state['step']}'s {expected}"
             )
         self.mode.load(path)
+        self.consumption = _read_consumption(path / _CONSUMPTION)
         log.info("restored %s (step %d, next batch %s)", path, state["step"], state["next_batch"])
         return state["step"]
 
-    def _recover(self, err: StudentFailure) -> int:
-        """Restart the student world from the latest checkpoint; returns the step to continue from."""
+    def _recover(self, err: BaseException) -> int:
+        """Restore the pipeline from the latest checkpoint after a lost process or object (see the module
+        docstring); returns the step to continue from. Gives up after max_restores failures in a run."""
+        clock, failed_at = time.perf_counter(), self.committed
         self._ahead = None  # sent to the failed world: it will not answer
+        self.students.stop()  # at once: frees their resources for a teacher replica re-placed meanwhile
         self._stop_producer()
-        self._settle_acks()  # the rollback below must see every ack of the committed steps
-        while True:  # a rank may die again while the new world starts or loads
-            if self.students.restarts >= self.max_student_restarts:
+        # An ack to a dead shard fails: its batches are gone with it, and the driver's counts are the record.
+        with contextlib.suppress(RayActorError, ObjectLostError):
+            self._settle_acks()
+        record = {"failed_at_step": failed_at, "shards_replaced": [], "nodes_lost": [], "batches_dropped": 0}
+        while True:  # a rank (or a node) may die again while the new world starts or loads
+            self.failures += 1
+            if self.failures > self.max_restores:
                 raise RuntimeError(
-                    f"student group failed {self.students.restarts + 1} times; giving up"
+                    f"the run failed {self.failures} times; giving up (max_restores={self.max_restores})"
                 ) from err
-            log.warning("student failure (%s); restarting the student group", err)
+            log.warning("lost a process or object (%s); restoring from the last checkpoint", err)
             try:
-                # Declared dead first: their leases come back and any lease they still attempt fails.
-                self.buffer.requeue(self.students.consumers)
-                self.students.restart()
-                latest = self.checkpoints.resume_point() if self.checkpoints else None
-                # Without a checkpoint the new actors start from the same initial weights: step 0.
-                step = self._load(latest) if latest is not None else 0
-                if latest is None:
-                    self.mode.load(None)
+                step = self._restore_world(record)
                 break
-            except StudentFailure as again:
+            except RECOVERABLE as again:
                 err = again
         undone = [b for s in range(step, self.committed) for b in self.assignment.step_batches(s)]
-        self.buffer.rollback(undone)
+        with contextlib.suppress(RayActorError):  # the shards' own figures
+            self.buffer.rollback(undone)
         self.committed = step
+        self._nodes = alive_node_ids()
         self.sink.rewind(step)
         self._start_producer(step)
+        seconds = time.perf_counter() - clock
+        self.restores.append({**record, "restored_step": step, "seconds": seconds, "cause": _cause(err)})
+        log.warning("restored step %d in %.1f s (failed at step %d)", step, seconds, failed_at)
         return step
+
+    def _restore_world(self, record: dict[str, Any]) -> int:
+        """One try of a restore: replace dead shards (and drop every held batch after a node's loss), start a new
+        student world, load the latest checkpoint into it; returns its step. Notes what it did in `record`."""
+        record["shards_replaced"] += self.buffer.replace_dead()
+        if gone := self._nodes - alive_node_ids():
+            record["nodes_lost"] = sorted(set(record["nodes_lost"]) | gone)
+            record["batches_dropped"] += self.buffer.clear()  # their payloads may be gone with the node
+        # Declared dead first: their leases come back and any lease they still attempt fails.
+        self.buffer.requeue(self.students.consumers)
+        self.students.restart()
+        latest = self.checkpoints.resume_point() if self.checkpoints else None
+        if latest is not None:
+            return self._load(latest)
+        # Without a checkpoint the new actors start from the same initial weights: step 0.
+        self.mode.load(None)
+        self.consumption = {}
+        return 0
 
     def _settle_acks(self) -> None:
         """Wait for the acks in flight (normally long done); raises the shard's error if one failed."""
@@ -708,12 +768,29 @@ class Driver:
     def summary(self) -> dict[str, Any]:
         """Consumption counts of the committed steps, restarts and buffer figures (for online_stats.json)."""
         self._settle_acks()
-        counts = self.buffer.consumption()
         replicas = getattr(self.teachers, "replicas", [])
         return {
             "committed_steps": self.committed,
-            "consumption": {f"{e}:{i}": n for (e, i), n in counts.items()},
+            "consumption": {f"{e}:{i}": n for (e, i), n in sorted(self.consumption.items())},
             "student_restarts": self.students.restarts,
             "teacher_restarts": sum(r.restarts for r in replicas),
+            "buffer_shards_replaced": self.buffer.replaced,
+            "restores": self.restores,
+            "teacher_restart_log": getattr(self.teachers, "restart_log", []),
             "buffer": self.buffer.stats(),
         }
+
+
+def _cause(err: BaseException) -> str:
+    """A one-line account of a failure for the run's stats (the first line of its message, cut)."""
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:200] if text else ''}"
+
+
+def _read_consumption(path: Path) -> dict[BatchId, int]:
+    """The consumption counts a checkpoint saved ({} for a checkpoint written before they were saved)."""
+    if not path.is_file():
+        log.warning("%s is missing (a checkpoint from before counts were saved): counting from here", path)
+        return {}
+    counts = json.loads(path.read_text())
+    return {tuple(int(x) for x in key.split(":")): n for key, n in counts.items()}

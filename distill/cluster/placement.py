@@ -67,24 +67,58 @@ def alive_nodes() -> list[NodeResources]:
     ]
 
 
-def replica_placement_group(
-    node_id: str, *, tp: int, cpus_per_actor: float, gpus_per_actor: float, name: str
-):
-    """One STRICT_PACK placement group with `tp` bundles pinned to `node_id`; waits until it is placed."""
+def alive_node_ids() -> set[str]:
     import ray
+
+    return {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+
+
+def replica_placement_group(
+    node_id: str | None,
+    *,
+    tp: int,
+    cpus_per_actor: float,
+    gpus_per_actor: float,
+    name: str,
+    timeout: float = 120.0,
+):
+    """One STRICT_PACK placement group with `tp` bundles pinned to `node_id` (None: any node with room, as a
+    replica re-placed after its node's loss); waits until it is placed (see `wait_placed`)."""
     from ray.util.placement_group import placement_group
 
     bundle = {"CPU": cpus_per_actor}
     if gpus_per_actor:
         bundle["GPU"] = gpus_per_actor
-    pg = placement_group(
-        [dict(bundle) for _ in range(tp)],
-        strategy="STRICT_PACK",
-        name=name,
-        bundle_label_selector=[{"ray.io/node-id": node_id} for _ in range(tp)],
-    )
-    ray.get(pg.ready(), timeout=120)
+    pinned = {} if node_id is None else {"bundle_label_selector": [{"ray.io/node-id": node_id}] * tp}
+    pg = placement_group([dict(bundle) for _ in range(tp)], strategy="STRICT_PACK", name=name, **pinned)
+    wait_placed(pg, f"teacher replica {name!r} ({tp} x {bundle})", timeout)
     return pg
+
+
+def wait_placed(pg, what: str, timeout: float) -> None:
+    """Wait until `pg` is placed; after `timeout` s remove it and raise TopologyError. A group re-placed after a
+    node's loss waits here for the cluster to have room again (a node added back), as Ray Train's worker group
+    does, instead of failing at once."""
+    import ray
+    from ray.util.placement_group import remove_placement_group
+
+    try:
+        ray.get(pg.ready(), timeout=timeout)
+    except ray.exceptions.GetTimeoutError:
+        remove_placement_group(pg)
+        have = ", ".join(f"{n.node_id[:8]}: {n.cpus:g} CPU/{n.gpus:g} GPU" for n in alive_nodes())
+        raise TopologyError(
+            f"{what} found no room on the live Ray cluster within {timeout:g} s (alive nodes, total resources: "
+            f"{have}). Add nodes (or restart the lost ones), or lower the per-actor resources."
+        ) from None
+
+
+def bundle_nodes(pg) -> list[str]:
+    """The node id of each bundle of a placed placement group, in bundle order."""
+    from ray.util import placement_group_table
+
+    table = placement_group_table(pg)["bundles_to_node_id"]
+    return [table[i] for i in range(len(table))]
 
 
 def plan_student_nodes(
@@ -155,3 +189,18 @@ def plan_nodes(topology: Topology) -> tuple[list[str], list[str]]:
         used=dict(used),
     )
     return teacher_nodes, student_nodes
+
+
+def wait_on_nodes(refs: list, nodes: set[str], *, poll_s: float = 2.0) -> bool:
+    """Wait for `refs` (actors starting on `nodes`): True once all are done (ray.get raises a task's error),
+    False as soon as one of `nodes` is no longer alive (a group started in a placement group whose node was lost
+    would wait forever: its bundles are pinned there)."""
+    import ray
+
+    pending = list(refs)
+    while pending:
+        _, pending = ray.wait(pending, num_returns=len(pending), timeout=poll_s)
+        if pending and not nodes <= alive_node_ids():
+            return False
+    ray.get(refs)
+    return True

@@ -13,7 +13,9 @@ nodes teachers and students sit on different nodes whenever the resources allow 
 
 Failure model: the W ranks are one torch.distributed world, so a dead rank leaves the others stuck in (or
 failing) a collective. The group is therefore restarted as a whole (`restart`: new actors in the same placement
-group, a new rendezvous port, a new consumer generation); the driver then loads the latest checkpoint.
+group, a new rendezvous port, a new consumer generation); the driver then loads the latest checkpoint. If a node
+of the group is gone, the new world gets a new placement group PACKed onto the live nodes (waiting for room, e.g. a
+node added back), as Ray Train re-forms its worker group.
 """
 
 from __future__ import annotations
@@ -27,11 +29,12 @@ from pathlib import Path
 from typing import Any
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError, RayTaskError
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from distill.batch import BatchId
 from distill.cluster.buffer import Buffer
+from distill.cluster.placement import alive_node_ids, bundle_nodes, wait_on_nodes, wait_placed
 from distill.cluster.prefetch import Prefetcher
 from distill.cluster.worker import NO_TASK_EVENTS, TorchrunWorker
 from distill.tracking.memory import measure
@@ -181,30 +184,54 @@ class StudentGroup:
         cpus_per_actor: float = 1.0,
         gpus_per_actor: float = 0.0,
         failure_grace_s: float = 30.0,
+        placement_timeout_s: float = 300.0,
     ) -> None:
         """nodes: node id per rank (`plan_student_nodes`). Returns once the placement group is placed; the
-        actors load in the background until `wait_ready` (so the teachers can load meanwhile)."""
-        from ray.util.placement_group import placement_group
-
+        actors load in the background until `wait_ready` (so the teachers can load meanwhile).
+        placement_timeout_s: how long a restart after a node's loss waits for room (a node added back)."""
         self.spec, self.buffer = spec, buffer
         self.world_size = len(nodes)
-        self.nodes = nodes
         self.cpus_per_actor, self.gpus_per_actor = cpus_per_actor, gpus_per_actor
         self.failure_grace_s = failure_grace_s
-        bundle = {"CPU": cpus_per_actor, **({"GPU": gpus_per_actor} if gpus_per_actor else {})}
-        self.pg = placement_group(
-            [dict(bundle) for _ in nodes],
-            strategy="PACK",
-            name=f"students-{os.getpid()}-{id(self)}",
-            bundle_label_selector=[{"ray.io/node-id": n} for n in nodes],
-        )
-        ray.get(self.pg.ready(), timeout=120)
+        self.placement_timeout_s = placement_timeout_s
+        self.nodes: list[str] = []
+        self.pg = None
+        self._place(nodes, timeout=120.0)
         self.generation = 0
         self.restarts = 0
         self.actors: list = []
         self._pending_setup = self._start()
 
-    # ---- start-up and restart ---------------------------------------------------------------------------
+    # ---- placement, start-up and restart -------------------------------------------------------------------
+    def _place(self, nodes: list[str] | None, *, timeout: float) -> None:
+        """The ranks' placement group: one bundle per rank, pinned to `nodes` (the plan), or with None PACKed
+        wherever there is room (a restart after a node's loss, as Ray Train re-forms its worker group)."""
+        from ray.util.placement_group import placement_group
+
+        bundle = {"CPU": self.cpus_per_actor, **({"GPU": self.gpus_per_actor} if self.gpus_per_actor else {})}
+        pinned = {} if nodes is None else {"bundle_label_selector": [{"ray.io/node-id": n} for n in nodes]}
+        self.pg = placement_group(
+            [dict(bundle) for _ in range(self.world_size)],
+            strategy="PACK",
+            name=f"students-{os.getpid()}-{id(self)}-{time.monotonic_ns()}",
+            **pinned,
+        )
+        wait_placed(self.pg, f"{self.world_size} student ranks ({bundle} each)", timeout)
+        # Ranks in node order (rank 0 on the first); a re-placed group reads where Ray put its bundles.
+        self.nodes = list(nodes) if nodes is not None else bundle_nodes(self.pg)
+
+    def _replace_if_lost(self) -> bool:
+        """Drop the placement group if a node of it is gone and place a new one on the live nodes."""
+        from ray.util.placement_group import remove_placement_group
+
+        if set(self.nodes) <= alive_node_ids():
+            return False
+        lost = sorted(set(self.nodes) - alive_node_ids())
+        log.warning("student nodes %s lost; re-placing the %d ranks", lost, self.world_size)
+        remove_placement_group(self.pg)
+        self._place(None, timeout=self.placement_timeout_s)
+        return True
+
     @property
     def consumers(self) -> list[str]:
         """The buffer consumer names of the current actors (generation-tagged, so a restart gets new ones)."""
@@ -234,21 +261,33 @@ class StudentGroup:
         try:
             return ray.get(pending)
         except (RayActorError, RayTaskError) as err:
-            if _actor_died(err):
+            if actor_or_object_lost(err):
                 raise StudentFailure(f"a student actor died while starting: {err}") from err
             raise
 
     def restart(self) -> None:
-        """Kill every actor and start a new world (new consumer names) in the same placement group; waits
-        until it is ready (StudentFailure if a new rank dies meanwhile)."""
-        self._kill_all()
+        """Kill every actor and start a new world (new consumer names) in the same placement group, or in a new
+        one on the live nodes if a node of it is gone; waits until it is ready (StudentFailure if a new rank
+        dies meanwhile)."""
+        self.stop()
         self.generation += 1
         self.restarts += 1
         log.warning("student group restarted (generation %d)", self.generation)
-        self._pending_setup = self._start()
-        self.wait_ready()
+        while True:
+            self._replace_if_lost()
+            self._pending_setup = self._start()
+            pending, self._pending_setup = self._pending_setup, []
+            try:
+                if wait_on_nodes(pending, set(self.nodes)):
+                    return
+            except (RayActorError, RayTaskError) as err:
+                if actor_or_object_lost(err):
+                    raise StudentFailure(f"a student actor died while starting: {err}") from err
+                raise
+            self.stop()  # a node lost while the ranks started (pinned to it, they would wait forever)
 
-    def _kill_all(self) -> None:
+    def stop(self) -> None:
+        """Kill every actor now (a failed world: frees its resources for what is re-placed meanwhile)."""
         for a in self.actors:
             ray.kill(a, no_restart=True)
 
@@ -285,7 +324,7 @@ class StudentGroup:
     def _classify(self, err: Exception, pending: list) -> None:
         """Raise StudentFailure if any rank's actor died (the error may first come from a surviving rank whose
         collective lost its peer), else re-raise `err` (a bug: retrying would fail the same way)."""
-        if _actor_died(err):
+        if actor_or_object_lost(err):
             raise StudentFailure(f"student actor died: {err}") from err
         deadline = time.monotonic() + self.failure_grace_s
         while pending and time.monotonic() < deadline:
@@ -294,7 +333,7 @@ class StudentGroup:
                 try:
                     ray.get(ref)
                 except (RayActorError, RayTaskError) as other:
-                    if _actor_died(other):
+                    if actor_or_object_lost(other):
                         raise StudentFailure(f"student actor died: {other}") from other
         if not self._all_alive():
             raise StudentFailure(f"a student actor died ({err})") from err
@@ -359,12 +398,14 @@ class StudentGroup:
     def shutdown(self) -> None:
         from ray.util.placement_group import remove_placement_group
 
-        self._kill_all()
+        self.stop()
         self.actors = []
         remove_placement_group(self.pg)
 
 
-def _actor_died(err: Exception) -> bool:
-    if isinstance(err, RayActorError):
-        return True
-    return isinstance(err, RayTaskError) and isinstance(err.cause, RayActorError)
+def actor_or_object_lost(err: BaseException) -> bool:
+    """Whether `err` says a process or an object is gone (an actor died: this one, a peer, a buffer shard it
+    leased from; or a payload lost with its node's object store), directly or as the cause of a task's error:
+    what a restore from the last checkpoint recovers, unlike an error that a retry would raise again."""
+    lost = (RayActorError, ObjectLostError)
+    return isinstance(err, lost) or (isinstance(err, RayTaskError) and isinstance(err.cause, lost))

@@ -8,13 +8,16 @@ failure without touching the payload.
 Failure model: a TP replica is one torch.distributed world, so when any of its actors dies the surviving
 ranks are stuck in a collective with a dead peer. The group therefore recovers a replica as a whole: it kills
 the replica's actors, starts new ones in the same placement group (new rendezvous port) and re-dispatches the
-replica's in-flight batches. Every batch's output is yielded exactly once, in submission order.
+replica's in-flight batches. Every batch's output is yielded exactly once, in submission order. A replica whose
+node is gone gets a new placement group on any node with room (waiting up to `placement_timeout_s` for one, e.g.
+a node added back), as Ray Train re-places a worker group.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -25,7 +28,14 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from distill.batch import BatchId, TeacherBatch, readonly_tensor
-from distill.cluster.placement import alive_nodes, plan_replica_nodes, replica_placement_group
+from distill.cluster.placement import (
+    alive_node_ids,
+    alive_nodes,
+    bundle_nodes,
+    plan_replica_nodes,
+    replica_placement_group,
+    wait_on_nodes,
+)
 from distill.cluster.worker import NO_TASK_EVENTS, TorchrunWorker
 from distill.tracking.memory import MemoryPeaks, measure
 
@@ -190,10 +200,13 @@ class TeacherGroup:
         max_in_flight_per_replica: int = 2,
         max_replica_restarts: int = 3,
         reserve_cpus: dict[str, float] | None = None,
+        placement_timeout_s: float = 300.0,
         actor_options: dict | None = None,
     ) -> None:
         self.spec, self.tp, self.worker = spec, tp, worker
         self.actor_options = dict(actor_options or {})  # e.g. a runtime_env (distill.cluster.vllm_worker)
+        self.placement_timeout_s = placement_timeout_s
+        self.restart_log: list[dict] = []  # one entry per replica restart: which, how long, re-placed or not
         self.cpus_per_actor, self.gpus_per_actor = cpus_per_actor, gpus_per_actor
         self.max_in_flight = max_in_flight_per_replica * replicas
         self.max_replica_restarts = max_replica_restarts
@@ -252,16 +265,47 @@ class TeacherGroup:
             return False
 
     def _restart(self, rep: _Replica) -> None:
+        """New actors for a dead replica: in its placement group, or, when its node is gone, in a new one on any
+        node with room (waiting up to placement_timeout_s for one, e.g. a node added back)."""
         if rep.restarts >= self.max_replica_restarts:
             raise RuntimeError(
                 f"teacher replica {rep.index} failed {rep.restarts + 1} times; giving up (max_replica_restarts="
                 f"{self.max_replica_restarts}). Check the actor logs for the cause."
             )
         rep.restarts += 1
+        clock, lost = time.perf_counter(), rep.node_id
         log.warning("teacher replica %d died; restarting it (restart %d)", rep.index, rep.restarts)
-        for a in rep.actors:
-            ray.kill(a, no_restart=True)
-        ray.get(self._start_actors(rep))
+        while True:
+            for a in rep.actors:
+                ray.kill(a, no_restart=True)
+            if rep.node_id not in alive_node_ids():
+                self._replace(rep)
+            # A node lost while the new actors start (its death not yet known above) leaves them pending forever.
+            if wait_on_nodes(self._start_actors(rep), {rep.node_id}):
+                break
+        self.restart_log.append(
+            {
+                "replica": rep.index,
+                "seconds": time.perf_counter() - clock,
+                "moved": rep.node_id != lost,
+            }
+        )
+
+    def _replace(self, rep: _Replica) -> None:
+        """A new placement group for a replica whose node is gone, on whatever node has room."""
+        from ray.util.placement_group import remove_placement_group
+
+        remove_placement_group(rep.pg)
+        rep.pg = replica_placement_group(
+            None,
+            tp=self.tp,
+            cpus_per_actor=self.cpus_per_actor,
+            gpus_per_actor=self.gpus_per_actor,
+            name=f"teacher-replica-{rep.index}-{os.getpid()}-{rep.restarts}",
+            timeout=self.placement_timeout_s,
+        )
+        rep.node_id = bundle_nodes(rep.pg)[0]
+        log.warning("teacher replica %d re-placed on node %s (its node was lost)", rep.index, rep.node_id)
 
     # ---- scoring ----------------------------------------------------------------------------------------
     def _submit(self, batch_id: BatchId, inputs: ray.ObjectRef, replica: int | None = None) -> _InFlight:
