@@ -28,18 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_env import TINY, offline_cpu_environment
+
 REPO = Path(__file__).resolve().parent.parent
-# The tests' teacher recipe (tests/conftest.py TEST_OVERRIDES) and tests/test_chaos.py's run.
-TINY = [
-    "experiment=ci_tiny",
-    "prepare.teacher_steps=150",
-    "prepare.teacher_batch_size=16",
-    "prepare.teacher_train_size=2000",
-    "prepare.teacher_levels=[1]",
-    "prepare.vocab_size=384",
-    "prepare.eval_examples=16",
-    "tracking.progress=false",
-]
 BATCHES_PER_EPOCH = 10
 TOLERANCE = 1e-6
 STORE = 256 * 2**20
@@ -143,16 +134,7 @@ def main() -> None:
     p.add_argument("--no-driver-kill", action="store_true", help="skip the driver kill/restart")
     p.add_argument("--out", default=None, help="default: a new /tmp/chaos_* folder")
     args = p.parse_args()
-    for name, value in (
-        ("HF_HUB_OFFLINE", "1"),
-        ("DS_ACCELERATOR", "cpu"),
-        ("RAY_AUTH_MODE", "disabled"),
-        ("TOKENIZERS_PARALLELISM", "false"),
-        ("OMP_WAIT_POLICY", "PASSIVE"),
-        ("DISTILL_CACHE", "/tmp/soak_cache"),
-    ):
-        os.environ.setdefault(name, value)
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/distill/torch_extensions"))
+    offline_cpu_environment(DISTILL_CACHE="/tmp/soak_cache")
 
     import ray
 

@@ -19,6 +19,7 @@ import os
 import time
 
 import numpy as np
+from bench_env import offline_cpu_environment
 
 # The tests' teacher (tests/conftest.py TEST_OVERRIDES): same prepare keys, so the same cached folder.
 TINY = [
@@ -48,9 +49,7 @@ def main() -> None:
     p.add_argument("--capacity", type=int, default=4, help="buffer capacity in batches")
     p.add_argument("--warmup", type=int, default=3)
     args = p.parse_args()
-    for name, value in (("HF_HUB_OFFLINE", "1"), ("DS_ACCELERATOR", "cpu"), ("RAY_AUTH_MODE", "disabled")):
-        os.environ.setdefault(name, value)
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/distill/torch_extensions"))
+    offline_cpu_environment()
 
     import ray
 

@@ -55,17 +55,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-# The tests' teacher recipe (tests/conftest.py TEST_OVERRIDES) and ci_tiny's student and data.
-TINY = [
-    "experiment=ci_tiny",
-    "prepare.teacher_steps=150",
-    "prepare.teacher_batch_size=16",
-    "prepare.teacher_train_size=2000",
-    "prepare.teacher_levels=[1]",
-    "prepare.vocab_size=384",
-    "prepare.eval_examples=16",
-    "tracking.progress=false",
-]
+from bench_env import TINY, offline_cpu_environment
+
 TARGET_PCT = 5.0
 MIB = 1 << 20
 RAY_PROCESSES = (("ray raylet", "raylet_rss"), ("ray gcs_server", "gcs_rss"))
@@ -195,15 +186,7 @@ class Sampler(threading.Thread):
 
 def soak(args: argparse.Namespace) -> Path:
     """Train the run while sampling; returns its folder (metrics.jsonl, soak_samples.jsonl, soak.json)."""
-    for name, value in (
-        ("HF_HUB_OFFLINE", "1"),
-        ("DS_ACCELERATOR", "cpu"),
-        ("RAY_AUTH_MODE", "disabled"),
-        ("TOKENIZERS_PARALLELISM", "false"),
-        ("DISTILL_CACHE", "/tmp/soak_cache"),
-    ):
-        os.environ.setdefault(name, value)
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/distill/torch_extensions"))
+    offline_cpu_environment(DISTILL_CACHE="/tmp/soak_cache")
 
     import ray
 

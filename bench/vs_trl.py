@@ -17,10 +17,11 @@ excluded on both sides; each side run --repeats times, alternating, and the medi
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import tempfile
 import time
+
+from bench_env import offline_cpu_environment
 
 
 def trl_rate(cfg, rows: list[dict], steps: int, warmup: int, batch: int, threads: int) -> float:
@@ -125,15 +126,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="alternating runs of each side (medians compared)")
     p.add_argument("overrides", nargs="*", help="extra `distill` overrides, e.g. prepare.cache_dir=...")
     args = p.parse_args()
-    for name, value in (
-        ("HF_HUB_OFFLINE", "1"),
-        ("DS_ACCELERATOR", "cpu"),
-        ("RAY_AUTH_MODE", "disabled"),
-        ("TOKENIZERS_PARALLELISM", "false"),
-        ("OMP_WAIT_POLICY", "PASSIVE"),
-    ):
-        os.environ.setdefault(name, value)
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/distill/torch_extensions"))
+    offline_cpu_environment()
 
     from distill.config import compose
     from distill.data.build import build_data

@@ -8,7 +8,7 @@ stored as their raw uint16 bit pattern and tagged in `float_dtypes`; `to_torch()
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 
 import numpy as np
@@ -152,3 +152,20 @@ def model_inputs(batch: Mapping[str, torch.Tensor | None]) -> dict[str, torch.Te
     if batch.get("position_ids") is not None:
         return {"attention_mask": None, "position_ids": batch["position_ids"]}
     return {"attention_mask": batch["attention_mask"].long(), "position_ids": None}
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) int64 [B, T] of `prompts` padded on the left, so every row ends where
+    decoder-only generation continues it."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attend = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p) :] = torch.tensor(list(p), dtype=torch.long)
+        attend[row, width - len(p) :] = 1
+    return ids, attend
+
+
+def cut_after_stop(row: list[int], stop_id: int) -> list[int]:
+    """A generated row up to and including its first stop token (the padding after it dropped)."""
+    return row[: row.index(stop_id) + 1] if stop_id in row else row

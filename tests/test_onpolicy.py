@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 
+from distill.batch import left_pad
 from distill.config import compose
 from distill.curriculum.stages import OnPolicy
 from distill.data import encode_example, encode_prompt, pad_batch
@@ -73,8 +74,6 @@ def test_rollout_trains_only_the_students_seeded_completion(student_and_rows):
     # The same samples as the model's own sampling from the same seed (no other randomness consumed).
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(7)
-        from distill.data.batching import left_pad
-
         prompts, attend = left_pad([encode_prompt(tokenizer, ex) for ex in examples], tokenizer.pad_token_id)
         model.eval()
         direct = model.generate(

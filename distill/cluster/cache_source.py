@@ -20,7 +20,7 @@ from distill.batch import BatchId, TeacherBatch
 from distill.cache import CacheReader
 from distill.cluster.teacher_group import BatchMeta
 from distill.cluster.worker import TorchrunWorker
-from distill.tracking.memory import MemoryPeaks, measure
+from distill.tracking.memory import measure
 
 
 @dataclass(frozen=True)
@@ -51,14 +51,3 @@ class CacheWorker(TorchrunWorker):
         out = self.reader.read_matching(tuple(batch_id), inputs["input_ids"], inputs.get("position_ids"))
         meta = BatchMeta(tuple(batch_id), out.num_tokens, out.nbytes(), self.replica, os.getpid(), measure())
         return meta, out
-
-    def pid(self) -> int:
-        return os.getpid()
-
-    def node_id(self) -> str:
-        import ray
-
-        return ray.get_runtime_context().get_node_id()
-
-    def memory(self) -> MemoryPeaks:
-        return measure()

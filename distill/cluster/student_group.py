@@ -165,12 +165,6 @@ class StudentWorker(TorchrunWorker):
         tokenizer = load_tokenizer_folder(self.spec.tokenizer_path) if self.spec.tokenizer_path else None
         return str(self.engine.export_hf(out_dir, tokenizer))
 
-    def pid(self) -> int:
-        return os.getpid()
-
-    def node_id(self) -> str:
-        return ray.get_runtime_context().get_node_id()
-
 
 class StudentGroup:
     """Places, starts, addresses and restarts the W student actors."""

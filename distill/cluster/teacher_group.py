@@ -141,12 +141,6 @@ class TeacherWorker(TorchrunWorker):
         out = sample_with_engine(self.engine, prompts, params, first_index)
         return out if self.rank == 0 else None
 
-    def pid(self) -> int:
-        return os.getpid()
-
-    def node_id(self) -> str:
-        return ray.get_runtime_context().get_node_id()
-
 
 @dataclass
 class _Replica:

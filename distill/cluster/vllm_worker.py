@@ -24,7 +24,7 @@ import numpy as np
 from distill.batch import BatchId, TeacherBatch
 from distill.cluster.teacher_group import BatchMeta
 from distill.cluster.worker import TorchrunWorker
-from distill.tracking.memory import MemoryPeaks, measure
+from distill.tracking.memory import measure
 
 
 @dataclass(frozen=True)
@@ -81,17 +81,6 @@ class _ServedWorker(TorchrunWorker):
         out = self.engine.score_batch(tuple(batch_id), inputs)
         meta = BatchMeta(tuple(batch_id), out.num_tokens, out.nbytes(), self.replica, os.getpid(), measure())
         return meta, out
-
-    def pid(self) -> int:
-        return os.getpid()
-
-    def node_id(self) -> str:
-        import ray
-
-        return ray.get_runtime_context().get_node_id()
-
-    def memory(self) -> MemoryPeaks:
-        return measure()
 
 
 def probe_batch(rows: int = 2, length: int = 24) -> dict[str, np.ndarray]:

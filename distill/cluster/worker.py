@@ -21,6 +21,13 @@ NO_TASK_EVENTS = {"enable_task_events": False}
 class TorchrunWorker:
     """Base of the teacher and student actors: the rendezvous and environment every rank of a group shares."""
 
+    def pid(self) -> int:
+        return os.getpid()
+
+    def node_id(self) -> str:
+        """The Ray node this actor runs on (groups check where their actors landed, and notice lost nodes)."""
+        return ray.get_runtime_context().get_node_id()
+
     def rendezvous_address(self) -> tuple[str, int]:
         """(this node's IP, a free port): called on rank 0, handed to every rank of the group."""
         with socket.socket() as s:

@@ -49,18 +49,6 @@ def pad_batch(rows: Sequence[dict], pad_id: int, pad_to: int | None = None) -> d
     return batch
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask) int64 [B, T] of `prompts` padded on the left, so every row ends where
-    decoder-only generation continues it."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    attend = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, p in enumerate(prompts):
-        ids[row, width - len(p) :] = torch.tensor(list(p), dtype=torch.long)
-        attend[row, width - len(p) :] = 1
-    return ids, attend
-
-
 def _pad_positions(rows: Sequence[dict], width: int) -> torch.Tensor:
     """position_ids int64 [B, width] of packed rows; padding (packed rows are full-width, so only a wider
     `pad_to`) is one more segment restarting at 0, like the filler, so it never joins a document's attention."""

@@ -11,8 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distill import losses
-from distill.batch import BatchId, next_token_labels
-from distill.data.batching import left_pad
+from distill.batch import BatchId, left_pad, next_token_labels
 from distill.data.task import answer_matches
 from distill.losses import TopKTeacher
 

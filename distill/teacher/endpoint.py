@@ -22,7 +22,7 @@ import torch
 
 from distill.batch import BatchId, TeacherBatch
 from distill.errors import ConfigError
-from distill.teacher.logprobs import Entries, batch_from_logprobs, prompt_token_ids, segments
+from distill.teacher.logprobs import Entries, score_served_batch
 
 
 def json_entries(position: Mapping[str, Mapping] | None) -> Entries:
@@ -108,9 +108,4 @@ class EndpointTeacher:
         self, batch_id: BatchId, batch: Mapping[str, torch.Tensor | np.ndarray | None]
     ) -> TeacherBatch:
         """A stream micro-batch (input_ids, attention_mask, loss_mask, optional position_ids) -> TeacherBatch."""
-        inputs = {k: np.asarray(v) for k, v in batch.items() if v is not None}
-        segs = segments(inputs["attention_mask"], inputs.get("position_ids"))
-        scored = self.score_prompts(prompt_token_ids(inputs, segs))
-        return batch_from_logprobs(
-            batch_id, inputs, list(zip(segs, scored, strict=True)), self.topk, logits_dtype=self.logits_dtype
-        )
+        return score_served_batch(self.score_prompts, batch_id, batch, self.topk, self.logits_dtype)

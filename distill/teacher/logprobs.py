@@ -20,7 +20,7 @@ used: they would apply the temperature twice.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -125,3 +125,21 @@ def prompt_token_ids(inputs: Mapping[str, np.ndarray], segs: Sequence[Segment]) 
     """Each segment's token ids, the prompts sent to the engine."""
     input_ids = np.asarray(inputs["input_ids"])
     return [input_ids[s.row, s.start : s.end].astype(np.int64).tolist() for s in segs]
+
+
+def score_served_batch(
+    score_prompts: Callable[[list[list[int]]], list],
+    batch_id: BatchId,
+    batch: Mapping[str, torch.Tensor | np.ndarray | None],
+    topk: int,
+    logits_dtype: torch.dtype,
+) -> TeacherBatch:
+    """A stream micro-batch (input_ids, attention_mask, loss_mask, optional position_ids) scored by a served
+    teacher: each segment (row, or document of a packed row) as one prompt through `score_prompts` (per prompt,
+    its positions' log-prob entries), assembled into the TeacherBatch the hf engine would give."""
+    inputs = {k: np.asarray(v) for k, v in batch.items() if v is not None}
+    segs = segments(inputs["attention_mask"], inputs.get("position_ids"))
+    scored = score_prompts(prompt_token_ids(inputs, segs))
+    return batch_from_logprobs(
+        batch_id, inputs, list(zip(segs, scored, strict=True)), topk, logits_dtype=logits_dtype
+    )

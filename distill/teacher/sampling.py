@@ -30,6 +30,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from distill.batch import cut_after_stop, left_pad
 from distill.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -100,22 +101,6 @@ class GumbelNoise(LogitsProcessor):
         return scores.float() + gumbel
 
 
-def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """prompts -> input_ids, attention_mask [B, T_max], left-padded so every prompt ends where decoding starts."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, p in enumerate(prompts):
-        ids[row, width - len(p) :] = torch.tensor(list(p), dtype=torch.long)
-        mask[row, width - len(p) :] = 1
-    return ids, mask
-
-
-def _trim(row: list[int], stop_id: int) -> list[int]:
-    """Cut a generated row after its first stop token (padding after it is dropped)."""
-    return row[: row.index(stop_id) + 1] if stop_id in row else row
-
-
 @torch.inference_mode()
 def sample(
     model: PreTrainedModel,
@@ -145,7 +130,7 @@ def sample(
     flat: list[list[int]] = []
     for start in range(0, len(rows), params.batch_size):
         chunk = rows[start : start + params.batch_size]
-        ids, mask = _left_pad([prompts[i] for i, _ in chunk], pad_id)
+        ids, mask = left_pad([prompts[i] for i, _ in chunk], pad_id)
         processors = LogitsProcessorList()
         if temperature > 0:
             if temperature != 1.0:
@@ -168,7 +153,7 @@ def sample(
                 eos_token_id=stop_id,
                 pad_token_id=pad_id,
             )
-        flat += [_trim(row, stop_id) for row in out[:, ids.shape[1] :].tolist()]
+        flat += [cut_after_stop(row, stop_id) for row in out[:, ids.shape[1] :].tolist()]
     return [flat[i * n : (i + 1) * n] for i in range(len(prompts))]
 
 

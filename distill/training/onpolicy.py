@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from distill.batch import BatchId
-from distill.curriculum.stages import OnPolicy, StepPlan
-from distill.data.batching import left_pad, pad_batch
+from distill.batch import BatchId, cut_after_stop, left_pad
+from distill.curriculum.stages import HARD, OnPolicy, StepPlan
+from distill.data.batching import pad_batch
 from distill.errors import ConfigError
 
 # Loss terms whose labels must be the student's samples (distill.losses.terms.sampled_reverse_kl).
@@ -123,8 +123,7 @@ def rollout(
         model.train(was_training)
     written, ended, encoded = [], [], []
     for ids, new in zip(rows, out[:, width:].cpu().tolist(), strict=True):
-        stop = new.index(eos_id) + 1 if eos_id in new else len(new)
-        completion = new[:stop]
+        completion = cut_after_stop(new, eos_id)
         written.append(len(completion))
         ended.append(eos_id in new)
         # loss_mask[t] trains the prediction of token t + 1: the completion's tokens sit at len(ids)..end.
@@ -145,7 +144,7 @@ def check_on_policy_run(cfg, curriculum) -> None:
                 f"{stage.name!r} trains on the dataset's text: give them weight only in on-policy stages (name the "
                 "stages' terms, e.g. terms: {hard: 1.0, forward_kl: 1.0} off-policy and {k1: 1.0} on-policy)."
             )
-        soft = [label for label in live if curriculum.term_groups[label] != "hard"]
+        soft = [label for label in live if curriculum.term_groups[label] != HARD]
         if stage.on_policy is not None and stage.on_policy.lmbda >= 1.0 and not soft:
             raise ConfigError(
                 f"curriculum stage {stage.name!r} is on-policy with only hard-label terms {live}, which are off on "
