@@ -165,7 +165,9 @@ def test_a_run_under_a_seeded_fault_schedule_completes_exactly_once_with_the_uni
     # The student, shard and node faults each restore the pipeline from the last checkpoint.
     restores = stats["restores"]
     assert len(restores) >= 3, restores
-    assert stats["buffer_shards_replaced"] >= 2  # the killed one and the lost node's
+    # The killed shard is always replaced; the lost node held a shard only if none moved off it before (a
+    # replaced shard may land on the head node), so ">= 2" failed in 1 of 3 seeds on some runs.
+    assert stats["buffer_shards_replaced"] >= 1
     assert [n for r in restores for n in r["nodes_lost"]], restores
     assert all(r["restored_step"] % 2 == 0 and r["restored_step"] <= r["failed_at_step"] for r in restores)
     assert_exactly_once_per_epoch(tmp_path)
