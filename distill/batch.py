@@ -16,6 +16,13 @@ import torch
 
 BatchId = tuple[int, int]  # (epoch, index): global order; decides which rank and micro-step consume it
 
+ROUTE = "teacher"
+"""With several teachers, a micro-batch's [B] field: each row's teacher (its index in the run's `teachers`)."""
+ENSEMBLE = -1
+"""ROUTE's value for a row that every teacher of the ensemble scores (their mixture)."""
+ENSEMBLE_NAME = "ensemble"
+"""What routing rules and data fields call the ensemble."""
+
 _TORCH_FLOAT = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _FLOAT_FIELDS = ("topk_logits", "hidden", "attention")
 _ID_FIELDS = ("input_ids", "topk_ids", "position_ids")  # int32 on the wire, int64 in torch

@@ -373,6 +373,8 @@ class PrepareConfig:
     teacher_train_size: int = 8000
     """Problems (all domains, `teacher_levels`) the teacher is trained on; held-out questions never appear."""
     teacher_levels: list[int] = field(default_factory=lambda: [1, 2])
+    teacher_domains: list[str] | None = None
+    """Train the teacher on these embedded-task domains only (a domain expert for multi-teacher runs); None: all."""
     teacher_steps: int = 400
     student_vocab_size: int = 0
     """>0: also train a second, different tokenizer (seed + 1, this vocab size) for cross-tokenizer demos,
@@ -429,11 +431,42 @@ class ExportConfig:
 
 
 @dataclass
+class RoutingConfig:
+    """Which teacher scores each example of a run with several `teachers` (distill/teacher/routing.py)."""
+
+    key: str | None = None
+    """A data field whose value names the example's teacher (or `ensemble`), e.g. a `teacher` column."""
+    subsets: dict[str, str] = field(default_factory=dict)
+    """data.subsets name -> teacher name (or `ensemble`): an example in that slice goes to that teacher (the first
+    matching subset, in this order, wins). Checked after `key`."""
+    default: str | None = "ensemble"
+    """The teacher of an example no rule names (a teacher name or `ensemble`); None: such an example is an error."""
+
+
+@dataclass
+class EnsembleConfig:
+    """How the teachers' outputs combine on an example scored by several: their weighted mixture in probability
+    space over the union of their top-k ids, each teacher's tail mass kept in the tail (distill/teacher/ensemble.py)."""
+
+    weights: dict[str, float] = field(default_factory=dict)
+    """Teacher name -> weight (normalised per token; a teacher left out weighs 0); empty: equal weights."""
+    weighting: str = "static"
+    """`static`: the weights as given; `confidence`: each weight times the teacher's top-1 probability at that
+    token, renormalised (a teacher sure of the next token counts more there)."""
+
+
+@dataclass
 class RunConfig:
     """The root config of `distill`."""
 
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    teachers: dict[str, TeacherConfig] = field(default_factory=dict)
+    """Several named teachers (each a full teacher config, its own Ray teacher group); empty: `teacher` alone.
+    Non-empty: the first is the run's primary teacher (its tokenizer, the held-out evaluation) and `teacher` is
+    replaced by it; `routing` sends each example to one of them or to their `ensemble`."""
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)

@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
+from distill.batch import ROUTE
 from distill.errors import ConfigError
 
 BatchId = tuple[int, int]  # (epoch, index), as in distill.batch
@@ -46,6 +47,8 @@ def pad_batch(rows: Sequence[dict], pad_id: int, pad_to: int | None = None) -> d
         batch["position_ids"] = _pad_positions(rows, width)
     if "align" in rows[0]:
         batch |= _pad_cross_tokenizer(rows, width)
+    if ROUTE in rows[0]:  # several teachers: each row's own (distill/data/routing.py)
+        batch[ROUTE] = torch.tensor([row[ROUTE] for row in rows], dtype=torch.int64)
     return batch
 
 

@@ -240,8 +240,8 @@ def _subset_slice(cfg, name: str, ds, data: RunData, encode: RowEncoder, counts:
         )
         part = DataSlice(data.train_rows, data.eval_rows, data.eval_examples)
     else:
-        keep_train = [i for i, ex in enumerate(ds["train"]) if _in_subset(sub, ex)]
-        keep_eval = [i for i, ex in enumerate(ds["eval"]) if _in_subset(sub, ex)]
+        keep_train = [i for i, ex in enumerate(ds["train"]) if in_subset(sub, ex)]
+        keep_eval = [i for i, ex in enumerate(ds["eval"]) if in_subset(sub, ex)]
         part = DataSlice(
             [data.train_rows[i] for i in keep_train],
             [data.eval_rows[i] for i in keep_eval],
@@ -263,7 +263,7 @@ def _lacks_subset_fields(sub, split) -> bool:
     )
 
 
-def _in_subset(sub, example: dict) -> bool:
+def in_subset(sub, example: dict) -> bool:
     return (sub.domains is None or example.get("domain") in sub.domains) and (
         sub.levels is None or example.get("level") in sub.levels
     )

@@ -13,7 +13,7 @@ from torch import nn
 from distill import losses
 from distill.batch import BatchId, left_pad, next_token_labels
 from distill.data.task import answer_matches
-from distill.losses import TopKTeacher
+from distill.losses import MappedTopKTeacher
 
 Batch = dict[str, torch.Tensor]
 TeacherOutputs = Callable[[BatchId, Batch], Mapping[str, torch.Tensor]]
@@ -54,7 +54,8 @@ def heldout_metrics(
         tokens += int(mask.sum())
         if teacher is not None:
             top = teacher((HELDOUT_EPOCH, index), batch)
-            t = TopKTeacher(
+            # Mapped: a mixture of several teachers has empty (-1) slots; with every id present it is TopKTeacher.
+            t = MappedTopKTeacher(
                 ids=top["topk_ids"][mask].long(),
                 logits=top["topk_logits"][mask].float(),
                 log_normalizer=top["log_normalizer"][mask].float(),

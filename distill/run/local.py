@@ -19,6 +19,7 @@ from distill.models.loading import save_model
 from distill.models.resolve import build_student
 from distill.run.cache import CachedTeacher
 from distill.teacher.build import build_teacher_engine
+from distill.teacher.teacher_set import TeacherSet, static_weights
 from distill.tracking.memory import measure
 from distill.tracking.metrics_log import MetricsLog
 from distill.tracking.rates import RateMeter
@@ -54,6 +55,7 @@ class LocalBackend:
             hidden_layers=self.objective.teacher_hidden_layers,
             attention_layers=self.objective.teacher_attention_layers,
         )
+        self.teacher_set = self._teacher_set()
 
     def snapshot(self, name: str):
         return self.student  # the weights being trained, in this process
@@ -91,6 +93,8 @@ class LocalBackend:
                 record.update(measure().metrics("trainer"))  # one process: student, teacher and data
                 if rollouts is not None:
                     record.update(rollouts.stats.take())
+                if self.teacher_set is not None:
+                    record.update(self.teacher_set.take_rates())
                 metrics.write(record)
 
         run_steps(
@@ -123,10 +127,25 @@ class LocalBackend:
         # A reply ends where evaluation's greedy decoding stops (<|im_end|> for chat rows), not at the eos.
         return Rollouts(self.student, seed=self.cfg.train.seed, eos_id=generation_stop_id(tok), pad_id=pad)
 
+    def _teacher_set(self) -> TeacherSet | None:
+        """Several teachers: one engine each (the primary's is `self.engine`), each scoring its rows in the
+        student's vocabulary, combined per batch; None with one teacher."""
+        members = self.parts.teachers
+        if members is None:
+            return None
+        scorers = []
+        for i, m in enumerate(members):
+            engine = self.engine if i == 0 else build_teacher_engine(m.view, m.path)
+            scorers.append(batch_scorer(m.view, engine, m.tokenizer, self.parts.tokenizer))
+        names = [m.name for m in members]
+        return TeacherSet(names, scorers, static_weights(self.cfg), self.cfg.ensemble.weighting)
+
     def _heldout_teacher(self):
         """The teacher's side of the evaluation: the offline cache's held-out batches, or this process's engine
         (the reference path has the teacher here anyway); None across tokenizers."""
         cfg, parts = self.cfg, self.parts
+        if self.teacher_set is not None:  # the routed / mixed teacher, in the student's vocabulary
+            return lambda batch_id, batch: self.teacher_set.score(batch_id, batch).to_torch()
         if cfg.teacher.token_map.enabled:
             return None
         if cfg.teacher.cache:
@@ -149,7 +168,10 @@ class LocalBackend:
         if self.objective.needs_teacher and cfg.teacher.cache:
             fn = CachedTeacher(cfg.teacher.cache, parts.cache_identity)
         elif self.objective.needs_teacher or mode.needs_teacher:
-            score = batch_scorer(cfg, self.engine, parts.teacher_tokenizer, parts.tokenizer)
+            if self.teacher_set is not None:
+                score = self.teacher_set.score
+            else:
+                score = batch_scorer(cfg, self.engine, parts.teacher_tokenizer, parts.tokenizer)
 
             def fn(batch_id, batch):
                 scored[tuple(batch_id)] = teacher_batch = score(batch_id, batch)

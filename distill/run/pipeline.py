@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 from distill.config import resolved_yaml
 from distill.data.build import build_data
+from distill.data.routing import Router, routed_encoder
 from distill.errors import ConfigError
 from distill.eval.runs import (
     evaluate,
@@ -30,7 +31,9 @@ from distill.io import atomic_write_json, atomic_write_text
 from distill.models.loading import load_tokenizer
 from distill.models.resolve import model_facts, pair_facts, require_teacher, student_tokenizer
 from distill.run.cache import open_run_cache
+from distill.run.teachers import SetMember, pair_member, prepare_teacher_set
 from distill.run.validate import validate_run
+from distill.teacher.teacher_set import use_primary_teacher, validate_teacher_set
 from distill.tracking.metrics_log import MetricsLog
 from distill.tracking.wandb_log import open_wandb
 from distill.training.build import continual_run, run_stream
@@ -54,12 +57,15 @@ class Backend(Protocol):
 
 def prepare(cfg) -> RunParts:
     """Everything the backends share, validated and built once; writes config.yaml and stages.json."""
+    use_primary_teacher(cfg)  # several teachers: `teacher` is the first of them
+    validate_teacher_set(cfg)
     teacher_path = require_teacher(cfg)
     teacher_tokenizer = load_tokenizer(teacher_path)
     topology = validate_run(cfg, pair_facts(cfg, teacher_tokenizer))
     # With a token map the student trains on its own tokenizer; the teacher keeps its own (distill.xtok).
     tokenizer = student_tokenizer(cfg, teacher_tokenizer)
-    data = build_data(cfg, row_encoder(cfg, tokenizer, teacher_tokenizer))
+    members = prepare_teacher_set(cfg, tokenizer)
+    data = build_data(cfg, _row_encoder(cfg, tokenizer, teacher_tokenizer, members))
     curriculum, stream = run_stream(cfg, data, tokenizer, topology.batches_per_step)
     # A foreign or short teacher cache fails here, before any process starts.
     cache = open_run_cache(cfg, teacher_path, tokenizer, stream, teacher_tokenizer)
@@ -79,7 +85,18 @@ def prepare(cfg) -> RunParts:
         curriculum=curriculum,
         stream=stream,
         cache_identity=cache,
+        teachers=members,
     )
+
+
+def _row_encoder(cfg, tokenizer, teacher_tokenizer, members: list[SetMember] | None):
+    """Examples -> rows; with several teachers each row also names its teacher (routing), and carries the
+    alignment to the tokenizer of the teachers with a token map, if any."""
+    if members is None:
+        return row_encoder(cfg, tokenizer, teacher_tokenizer)
+    mapped = pair_member(members)
+    encode = row_encoder(mapped.view, tokenizer, mapped.tokenizer) if mapped else row_encoder(cfg, tokenizer)
+    return routed_encoder(encode, Router([m.name for m in members], cfg.routing, cfg.data.subsets))
 
 
 def _run_dir(cfg) -> Path:

@@ -15,6 +15,7 @@ from distill.data.mixing import MixedStream, Segment
 from distill.data.replay import ReplayBuffer
 from distill.errors import ConfigError
 from distill.models.head import check_fusable
+from distill.teacher.teacher_set import has_teacher_set
 from distill.training.continual import ContinualRun
 from distill.training.objective import Objective, TermSpec, term_group, term_specs_from_config
 from distill.training.onpolicy import check_on_policy_run
@@ -102,7 +103,8 @@ def build_objective(cfg, student, teacher_hidden_size: int) -> Objective:
         chunk_size=cfg.loss.chunk_size,
         student_hidden_size=student.config.hidden_size,
         teacher_hidden_size=teacher_hidden_size,
-        cross_tokenizer=cfg.teacher.token_map.enabled,
+        # Several teachers' mixture is a student-vocabulary top-k with empty slots, as a mapped teacher's.
+        cross_tokenizer=cfg.teacher.token_map.enabled or has_teacher_set(cfg),
         fused_head=fused_head(cfg, student),
     )
 

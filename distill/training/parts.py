@@ -30,6 +30,9 @@ class RunParts:
     cache_identity: dict | None = None
     """With `teacher.cache`: what the cache was checked to agree on (its readers check it again); None: the
     teacher scores online."""
+    teachers: list | None = None
+    """With several `teachers`: their `distill.run.teachers.SetMember`s in the set's order (rows' `teacher` index
+    into it); None: `teacher` alone."""
 
     @property
     def run_dir(self) -> Path:

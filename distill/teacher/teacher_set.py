@@ -1,0 +1,252 @@
+"""Several named teachers behind one scorer: each example's rows go to its teacher (or to every teacher of the
+ensemble), and the per-teacher outputs of one batch are combined into the one TeacherBatch the student trains on.
+
+`teachers: {math: ..., code: ...}` in the run config; `teacher` alone is a set of one and never comes here. Every
+teacher is a full teacher config, so each is built by the single-teacher code (`teacher_views`): its own engine
+or Ray group, its own top-k, its own token map. A batch carries `teacher` [B] (distill/data/routing.py): the index
+of the row's teacher in `names`, or ENSEMBLE.
+
+`combine` is the one place per-teacher outputs meet, used by the local backend (`TeacherSet`) and by the Ray
+path (distill/cluster/teacher_set_group.py) alike: every teacher's rows are put back in their places in the
+student's vocabulary, and each token becomes the weighted mixture of the teachers that scored it
+(distill/teacher/ensemble.py; a routed row's one teacher is a mixture of one, the same distribution).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+
+from distill.batch import ENSEMBLE, ENSEMBLE_NAME, ROUTE, BatchId, TeacherBatch
+from distill.errors import ConfigError
+from distill.teacher.ensemble import check_weighting, confidence, mix_topk
+
+
+# ---- config ------------------------------------------------------------------------------------------------
+def has_teacher_set(cfg) -> bool:
+    return bool(cfg.get("teachers"))
+
+
+def teacher_names(cfg) -> list[str]:
+    return list(cfg.teachers) if has_teacher_set(cfg) else [str(cfg.teacher.name)]
+
+
+def teacher_views(cfg) -> dict[str, DictConfig]:
+    """name -> the run config as that teacher's single-teacher run sees it (`teacher` = that teacher, no set), so
+    every single-teacher builder (engine, Ray group, token map, paths) serves each teacher unchanged."""
+    if not has_teacher_set(cfg):
+        return {str(cfg.teacher.name): cfg}
+    views = {}
+    for name in cfg.teachers:
+        view = cfg.copy()
+        with _writable(view):
+            view.teacher = cfg.teachers[name]
+            view.teachers = {}
+        views[str(name)] = view
+    return views
+
+
+def use_primary_teacher(cfg) -> None:
+    """With a teacher set, `teacher` becomes its first member (the student's tokenizer and the held-out side come
+    from it), in place, so config.yaml shows what ran."""
+    if has_teacher_set(cfg):
+        with _writable(cfg):
+            cfg.teacher = cfg.teachers[next(iter(cfg.teachers))]
+
+
+class _writable:
+    def __init__(self, cfg) -> None:
+        self.cfg = cfg
+
+    def __enter__(self):
+        self.readonly = OmegaConf.is_readonly(self.cfg)
+        OmegaConf.set_readonly(self.cfg, False)
+
+    def __exit__(self, *exc) -> None:
+        OmegaConf.set_readonly(self.cfg, self.readonly)
+
+
+def static_weights(cfg) -> list[float]:
+    """The ensemble's weight per teacher, in `teacher_names` order (equal when none is given)."""
+    names = teacher_names(cfg)
+    given = dict(cfg.ensemble.weights)
+    if not given:
+        return [1.0] * len(names)
+    return [float(given.get(n, 0.0)) for n in names]
+
+
+def validate_teacher_set(cfg) -> None:
+    """The set's own rules, from the config alone (before any model is read): names that routing and the ensemble
+    use exist, and the features a set does not carry yet are off, each refusal naming the way out."""
+    if not has_teacher_set(cfg):
+        return
+    names = teacher_names(cfg)
+    targets = [*names, ENSEMBLE_NAME]
+    r = cfg.routing
+
+    def known(value, where: str) -> None:
+        if value not in targets:
+            raise ConfigError(
+                f"{where}={value!r} names no teacher; the teachers are {names} (or {ENSEMBLE_NAME!r})."
+            )
+
+    for subset, target in r.subsets.items():
+        known(target, f"routing.subsets.{subset}")
+        if subset not in cfg.data.subsets:
+            raise ConfigError(
+                f"routing.subsets names data subset {subset!r}, which data.subsets does not define "
+                f"(it has {sorted(cfg.data.subsets)}); add data.subsets.{subset} with its domains / levels."
+            )
+        if cfg.data.subsets[subset].path:
+            raise ConfigError(
+                f"routing.subsets.{subset}: subset {subset!r} is a separate dataset (path), whose rows cannot be "
+                "told apart from the run's by their fields; give that dataset a column naming each row's teacher "
+                "and set routing.key to it."
+            )
+    if r.default is not None:
+        known(r.default, "routing.default")
+    if r.key is None and not r.subsets and r.default is None:
+        raise ConfigError("routing has no rule (routing.key, routing.subsets or routing.default); set one.")
+    for name, weight in cfg.ensemble.weights.items():
+        if name not in names:
+            raise ConfigError(f"ensemble.weights names {name!r}; the teachers are {names}.")
+        if weight < 0:
+            raise ConfigError(f"ensemble.weights.{name}={weight} is negative; weights must be >= 0.")
+    if not any(w > 0 for w in static_weights(cfg)):
+        raise ConfigError("ensemble.weights gives every teacher 0; give at least one a weight > 0.")
+    check_weighting(cfg.ensemble.weighting)
+    refusals = {
+        "an offline teacher cache (teacher.cache)": any(t.cache for t in cfg.teachers.values()),
+        "mode=continual": cfg.mode == "continual",
+        "packed rows (data.packing)": cfg.data.packing,
+        "on-policy stages": any(s.get("on_policy") for s in cfg.curriculum.stages),
+        "hidden-state or attention terms": any(
+            t.weight and (t.name.startswith("hidden") or t.name == "attention_transfer")
+            for t in cfg.loss.terms.values()
+        ),
+    }
+    for what, used in refusals.items():
+        if used:
+            raise ConfigError(
+                f"several teachers (teachers: {names}) do not support {what} yet; run it with one teacher "
+                "(unset `teachers`), or drop it from this run."
+            )
+
+
+# ---- one batch, several teachers ---------------------------------------------------------------------------
+def teacher_rows(route: Tensor, index: int, weights: Sequence[float]) -> Tensor:
+    """[r] long: the rows teacher `index` scores (its own, and the ensemble's when its weight is > 0)."""
+    mine = route == index
+    if weights[index] > 0:
+        mine |= route == ENSEMBLE
+    return mine.nonzero().flatten()
+
+
+def select_rows(batch: Mapping[str, Tensor | None], rows: Tensor) -> dict[str, Tensor | None]:
+    """The micro-batch restricted to `rows` (every per-row tensor; None stays None)."""
+    return {k: (None if v is None else v[rows]) for k, v in batch.items()}
+
+
+def combine(
+    batch_id: BatchId,
+    batch: Mapping[str, Tensor | None],
+    parts: Mapping[int, TeacherBatch],
+    weights: Sequence[float],
+    weighting: str = "static",
+) -> TeacherBatch:
+    """The batch's TeacherBatch from its teachers' parts.
+
+    batch: the student's micro-batch ([B, T] tensors and `teacher` [B]); parts: teacher index -> its TeacherBatch
+    of exactly `teacher_rows(route, index, weights)` (in the student's positions and vocabulary: a token map was
+    applied already); weights: the ensemble's static weight per teacher.
+    """
+    route = batch[ROUTE].long()
+    b, t = batch["input_ids"].shape
+    n_teachers = len(weights)
+    ids, logits, norms, token_w = [], [], [], torch.zeros(b * t, n_teachers, dtype=torch.float64)
+    for index in range(n_teachers):
+        rows = teacher_rows(route, index, weights)
+        part = parts.get(index)
+        if part is None:
+            if len(rows):
+                raise ValueError(
+                    f"teacher {index} scores rows {rows.tolist()} of batch {batch_id} but sent nothing"
+                )
+            continue
+        if part.topk_ids.shape[0] != len(rows):
+            raise ValueError(
+                f"teacher {index} sent {part.topk_ids.shape[0]} rows for batch {batch_id}; it scores {len(rows)}"
+            )
+        k = part.k
+        full_ids = torch.full((b, t, k), -1, dtype=torch.long)
+        full_logits = torch.full((b, t, k), -torch.inf, dtype=torch.float32)
+        full_norm = torch.zeros((b, t), dtype=torch.float32)
+        width = part.topk_ids.shape[1]  # a part is never wider than the batch (same rows, same padding)
+        full_ids[rows, :width] = part.tensor("topk_ids").long()
+        full_logits[rows, :width] = part.tensor("topk_logits").float()
+        full_norm[rows, :width] = part.tensor("log_normalizer").float()
+        ids.append(full_ids.reshape(b * t, k))
+        logits.append(full_logits.reshape(b * t, k))
+        norms.append(full_norm.reshape(b * t))
+        row_w = torch.where(route == index, 1.0, torch.where(route == ENSEMBLE, weights[index], 0.0))
+        w = row_w.double()[:, None].expand(b, t).reshape(b * t)
+        if weighting == "confidence":  # a position where this teacher has nothing mapped weighs 0 for it
+            w = w * confidence(ids[-1], logits[-1], norms[-1])
+        token_w[:, len(ids) - 1] = w
+    token_w = token_w[:, : len(ids)]
+    # Padding positions and rows' tokens no teacher scored weigh nothing: give them the first teacher (all -inf).
+    token_w[token_w.sum(-1) <= 0, 0] = 1.0
+    mixed_ids, mixed_logits, mixed_norm = mix_topk(ids, logits, norms, token_w)
+    width = mixed_ids.shape[-1]
+    return TeacherBatch.from_torch(
+        batch_id,
+        input_ids=batch["input_ids"].to(torch.int32),
+        attention_mask=batch["attention_mask"].bool(),
+        loss_mask=batch["loss_mask"].bool(),
+        topk_ids=mixed_ids.reshape(b, t, width),
+        topk_logits=mixed_logits.reshape(b, t, width),
+        log_normalizer=mixed_norm.reshape(b, t),
+    )
+
+
+Scorer = Callable[[BatchId, Mapping[str, Tensor]], TeacherBatch]
+
+
+class TeacherSet:
+    """The local backend's several teachers: each scorer (a single-teacher `batch_scorer`) scores its rows, then
+    `combine`. Counts each teacher's scored tokens and seconds for its own throughput."""
+
+    def __init__(
+        self, names: Sequence[str], scorers: Sequence[Scorer], weights: Sequence[float], weighting: str
+    ):
+        self.names, self.scorers = list(names), list(scorers)
+        self.weights, self.weighting = list(weights), weighting
+        self.tokens = dict.fromkeys(self.names, 0)
+        self.seconds = dict.fromkeys(self.names, 0.0)
+
+    def score(self, batch_id: BatchId, batch: Mapping[str, Tensor]) -> TeacherBatch:
+        route = batch[ROUTE]
+        parts = {}
+        for index, (name, scorer) in enumerate(zip(self.names, self.scorers, strict=True)):
+            rows = teacher_rows(route, index, self.weights)
+            if not len(rows):
+                continue
+            sub = select_rows(batch, rows)
+            start = time.perf_counter()
+            parts[index] = scorer(batch_id, sub)
+            self.seconds[name] += time.perf_counter() - start
+            self.tokens[name] += int(sub["loss_mask"].sum())
+        return combine(batch_id, batch, parts, self.weights, self.weighting)
+
+    def take_rates(self) -> dict[str, float]:
+        """teacher/<name>/tokens_per_s and teacher/<name>/tokens since the last call."""
+        out = {}
+        for name in self.names:
+            out[f"teacher/{name}/tokens"] = float(self.tokens[name])
+            out[f"teacher/{name}/tokens_per_s"] = self.tokens[name] / max(self.seconds[name], 1e-9)
+            self.tokens[name], self.seconds[name] = 0, 0.0
+        return out
