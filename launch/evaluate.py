@@ -26,6 +26,7 @@ from distill.models.resolve import require_teacher, student_tokenizer
 from distill.models.tokenizer import tokenizer_hash
 from distill.run.cache import CachedTeacher
 from distill.teacher.build import build_teacher_engine
+from distill.teacher.teacher_set import require_one_teacher
 from distill.xtok.build import row_encoder
 from launch.app import hydra_app
 from launch.demo import print_table
@@ -34,6 +35,7 @@ log = logging.getLogger("distill")
 
 
 def evaluate(cfg: DictConfig) -> dict:
+    require_one_teacher(cfg, "eval")
     teacher_path = require_teacher(cfg)
     teacher_tokenizer = load_tokenizer(teacher_path)
     model_path = Path(cfg.eval.model) if cfg.eval.model else teacher_path

@@ -50,6 +50,7 @@ from distill.teacher.sampling import (
     count_tokens,
     local_sample_stream,
 )
+from distill.teacher.teacher_set import require_one_teacher
 from launch.app import hydra_app
 
 log = logging.getLogger("distill")
@@ -318,6 +319,7 @@ def sampling_params(g, tokenizer) -> SamplingParams:
 
 def generate(cfg: DictConfig) -> dict:
     """Sample, filter and write the dataset (see the module docstring). Returns the summary."""
+    require_one_teacher(cfg, "generate")
     g = cfg.generate
     teacher_path = require_teacher(cfg)
     tokenizer = load_tokenizer(teacher_path)

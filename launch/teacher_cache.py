@@ -24,12 +24,14 @@ from distill.models.resolve import model_facts, pair_facts, require_teacher, stu
 from distill.run.cache import cache_identity, stream_mixes
 from distill.run.validate import validate_run
 from distill.teacher.build import build_teacher_engine
+from distill.teacher.teacher_set import require_one_teacher
 from distill.training.build import run_stream
 from distill.xtok.build import batch_scorer, row_encoder, token_table
 from launch.app import hydra_app
 
 
 def build_cache(cfg: DictConfig) -> Path:
+    require_one_teacher(cfg, "teacher-cache")
     teacher_path = require_teacher(cfg)
     teacher_tokenizer = load_tokenizer(teacher_path)
     facts = pair_facts(cfg, teacher_tokenizer)

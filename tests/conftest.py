@@ -53,6 +53,19 @@ def tiny_teacher(base_overrides) -> Path:
 
 
 @pytest.fixture(scope="session")
+def second_teacher(tiny_teacher, tmp_path_factory) -> Path:
+    """Another teacher on the test teacher's tokenizer (several-teacher runs): the same architecture, other
+    (random, seeded) weights, so its outputs differ from the test teacher's everywhere."""
+    from distill.models.loading import load_causal_lm, load_tokenizer, save_model
+    from distill.models.tiny import build_model
+
+    folder = tmp_path_factory.mktemp("teachers") / "other"
+    config = load_causal_lm(tiny_teacher).config
+    save_model(build_model(config, seed=11), load_tokenizer(tiny_teacher), folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def ray_cluster():
     """One simulated two-node Ray cluster for the whole session (each node: 2 CPUs, its own object store)."""
     import tempfile

@@ -4,7 +4,6 @@ single-process run with a routed pair (one of them through a token map)."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -233,19 +232,7 @@ def test_teacher_set_config_errors_name_the_problem(extra, message):
 
 
 # ---- real teachers ------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def second_teacher(tiny_teacher, tmp_path_factory) -> Path:
-    """Another teacher on the test teacher's tokenizer: same architecture, other (random) weights."""
-    from distill.models.loading import load_causal_lm, load_tokenizer, save_model
-    from distill.models.tiny import build_model
-
-    folder = tmp_path_factory.mktemp("teachers") / "other"
-    config = load_causal_lm(tiny_teacher).config
-    save_model(build_model(config, seed=11), load_tokenizer(tiny_teacher), folder)
-    return folder
-
-
-def test_every_row_is_scored_by_its_routed_teacher(tiny_teacher, second_teacher, base_overrides):
+def test_every_row_is_scored_by_its_routed_teacher(tiny_teacher, second_teacher):
     """Routed rows carry exactly their own teacher's top-k (as that teacher scores the row alone); ensemble rows
     carry the mixture of both."""
     from distill.data import build_task_dataset, encode_example
@@ -292,6 +279,15 @@ def test_every_row_is_scored_by_its_routed_teacher(tiny_teacher, second_teacher,
             torch.testing.assert_close(
                 torch.tensor(scored.topk_logits[row])[m], want_logits[:, : ids.shape[1]]
             )
+    # A stage that keeps only `a`: every row, b's and the ensemble's too, carries a's own top-k.
+    only_a = TeacherSet(
+        ["a", "b"], [e.score_batch for e in engines], [1.0, 1.0], "static", lambda _: {"a": 1.0}
+    )
+    staged = only_a.score((0, 0), batch)
+    for row in range(len(rows)):
+        m = mask[row]
+        want = torch.tensor(alone[0].topk_ids[row])[m]
+        assert torch.equal(torch.tensor(staged.topk_ids[row])[m][:, : want.shape[1]].long(), want.long())
 
 
 def test_local_run_with_two_routed_teachers_one_through_a_token_map(
@@ -320,5 +316,50 @@ def test_local_run_with_two_routed_teachers_one_through_a_token_map(
         r["teacher/a/tokens"] > 0 and r["teacher/b/tokens"] > 0 for r in records if "teacher/a/tokens" in r
     )
     assert summary["agreement"] > 0
+    # Held-out figures per teacher (its routed rows): they add up to the whole.
+    per = {name: {k: summary[f"teachers/{name}/{k}"] for k in ("ce", "agreement", "tokens")} for name in "ab"}
+    assert per["a"]["tokens"] > 0 and per["b"]["tokens"] > 0
+    assert per["a"]["tokens"] + per["b"]["tokens"] == summary["tokens"]
+    mean_ce = sum(v["ce"] * v["tokens"] for v in per.values()) / summary["tokens"]
+    assert mean_ce == pytest.approx(summary["ce"], rel=1e-6)
     saved = OmegaConf.load(tmp_path / "config.yaml")
     assert saved.teacher.path == str(tiny_teacher)
+
+
+def test_a_stage_reweights_the_ensemble_and_turns_teachers_off():
+    """`curriculum.stages[i].teachers`: the ensemble weights times the stage's multipliers; rows routed to a
+    teacher the stage leaves out (or sets to 0) go to the ensemble of the others."""
+    from distill.teacher.teacher_set import stage_routing
+
+    route = torch.tensor([0, 1, ENSEMBLE, 2])
+    same, weights = stage_routing(route, [1.0, 2.0, 1.0], ["a", "b", "c"], None)
+    assert torch.equal(same, route) and weights == [1.0, 2.0, 1.0]
+    staged, weights = stage_routing(route, [1.0, 2.0, 1.0], ["a", "b", "c"], {"a": 2.0, "c": 1.0})
+    assert staged.tolist() == [0, ENSEMBLE, ENSEMBLE, 2] and weights == [2.0, 0.0, 1.0]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["+curriculum.stages.0.teachers={z: 1.0}"], r"weighs teacher 'z'; the teachers are \['a', 'b'\]"),
+        (["+curriculum.stages.0.teachers={a: 0.0}"], "turns every teacher off"),
+    ],
+)
+def test_stage_teacher_errors_name_the_problem(extra, message):
+    cfg = compose(["+teacher@teachers.a=tiny_deepseek_v3", "+teacher@teachers.b=tiny_deepseek_v3", *extra])
+    with pytest.raises(ConfigError, match=message):
+        validate_teacher_set(cfg)
+    with pytest.raises(ConfigError, match="the run has one teacher"):
+        validate_teacher_set(compose(["+curriculum.stages.0.teachers={a: 1.0}"]))
+
+
+@pytest.mark.parametrize("command", ["teacher-cache", "generate", "eval"])
+def test_one_teacher_commands_refuse_a_set(command):
+    from launch.evaluate import evaluate
+    from launch.generate import generate
+    from launch.teacher_cache import build_cache
+
+    run = {"teacher-cache": build_cache, "generate": generate, "eval": evaluate}[command]
+    cfg = compose(["+teacher@teachers.a=tiny_deepseek_v3", "+teacher@teachers.b=tiny_deepseek_v3"])
+    with pytest.raises(ConfigError, match=f"distill {command} serves one teacher.*\\['a', 'b'\\]"):
+        run(cfg)

@@ -35,6 +35,7 @@ from distill.cluster.runtime import (
     teacher_group_from_config,
 )
 from distill.cluster.student_group import FORWARDED_ENV, StudentGroup, StudentSpec
+from distill.cluster.teacher_set_group import TeacherSetGroup
 from distill.config import resolved_yaml
 from distill.config.topology import check_capacity
 from distill.eval.runs import run_heldout_batches, scored_outputs
@@ -44,6 +45,7 @@ from distill.models.loading import load_causal_lm, load_tokenizer_folder
 from distill.models.resolve import build_student, student_tokenizer_folder
 from distill.models.tokenizer import tokenizer_hash
 from distill.student import build_ds_config
+from distill.teacher.teacher_set import static_weights
 from distill.tracking.metrics_log import MetricsLog
 from distill.training.build import build_objective, lr_schedule, run_term_specs, share_interval
 from distill.training.modes import StepHooks
@@ -124,7 +126,7 @@ class RayBackend:
         self.checkpoints = CheckpointStore(
             parts.run_dir / "checkpoints",
             keep=cfg.checkpoint.keep,
-            identity=run_identity(cfg, parts.teacher_path, parts.tokenizer),
+            identity=run_identity(cfg, parts.teacher_path, parts.tokenizer, parts.teachers),
             topology=asdict(t),
             fallback_to_previous=cfg.checkpoint.fallback_to_previous,
         )
@@ -150,7 +152,8 @@ class RayBackend:
         parts, cfg, c = self.parts, self.cfg, self.cfg.cluster
         clock = time.perf_counter()
         connect(c)
-        teacher_nodes, student_nodes = plan_nodes(parts.topology)  # the live cluster; raises before any actor
+        # The live cluster; raises before any actor. Several teachers: one group each, of the same layout.
+        teacher_nodes, student_nodes = plan_nodes(parts.topology, groups=len(parts.teachers or [None]))
         log.info("teachers on %s, students on %s", teacher_nodes, student_nodes)
         buffer = teachers = None
         try:
@@ -189,7 +192,7 @@ class RayBackend:
         """The teacher's side of the evaluation, scored by its actors (or the cache's readers) before they stop,
         so the driver never loads the teacher: the held-out batches' TeacherBatches (top-k only, small)."""
         p, cfg = self.parts, self.cfg
-        if cfg.teacher.token_map.enabled:
+        if cfg.teacher.token_map.enabled and p.teachers is None:
             return None  # another vocabulary: no agreement or KL against the student's
         heldout = run_heldout_batches(cfg, p.tokenizer, p.data)
         arrays = ((batch_id, {k: v.numpy() for k, v in b.items()}) for batch_id, b in heldout)
@@ -224,6 +227,8 @@ class RayBackend:
         if p.cache_identity is not None:
             return cache_group_from_config(self.cfg, p.cache_identity)
         terms = run_term_specs(self.cfg)
+        if p.teachers is not None:
+            return self._teacher_set_group()
         return teacher_group_from_config(
             self.cfg,
             p.teacher_path,
@@ -231,6 +236,28 @@ class RayBackend:
             teacher_layers(terms, "attention"),
             token_table(self.cfg, p.teacher_tokenizer, p.tokenizer),
         )
+
+    def _teacher_set_group(self) -> TeacherSetGroup:
+        """Several teachers: one TeacherGroup each (cluster.teacher_* layout), placed one after the other on what
+        the groups before it left free (the plan `plan_nodes(groups=M)` checked), streamed as one."""
+        p = self.parts
+        groups, used = [], {}
+        try:
+            for m in p.teachers:
+                table = token_table(m.view, m.tokenizer, p.tokenizer)
+                group = teacher_group_from_config(
+                    m.view, m.path, (), (), table, reserve_cpus=dict(used), name=f"teacher-{m.name}"
+                )
+                groups.append(group)
+                for node, cpus in groups[-1].reserved_cpus().items():
+                    used[node] = used.get(node, 0.0) + cpus
+        except BaseException:
+            for g in groups:
+                g.shutdown()
+            raise
+        names = [m.name for m in p.teachers]
+        weights, weighting = static_weights(self.cfg), self.cfg.ensemble.weighting
+        return TeacherSetGroup(names, groups, weights, weighting, stage_teachers=p.stage_teachers)
 
     def _driver(self, buffer, teachers, mode: StepHooks, metrics: MetricsLog, hooks: Hooks) -> Driver:
         p, cfg = self.parts, self.cfg
@@ -259,15 +286,29 @@ class RayBackend:
 
 
 # ---- before any actor starts ----------------------------------------------------------------------------
-def run_identity(cfg: DictConfig, teacher_path: Path, tokenizer) -> dict:
+def run_identity(cfg: DictConfig, teacher_path: Path, tokenizer, teachers=None) -> dict:
     """What a resumed run must share with its checkpoint to continue it exactly, as flat `section.field` keys.
 
     Teacher replicas / TP, buffer and per-actor resources may change between a stop and a resume (the math
     does not depend on them); the student's data-parallel layout, the models, data and schedule may not.
+    teachers: several teachers' SetMembers: each one's model, k and token map, the routing and the ensemble too.
     """
     c, s = cfg.cluster, cfg.student
     plain = functools.partial(OmegaConf.to_container, resolve=True)
+    several = {}
+    if teachers is not None:
+        several = {
+            f"teachers.{m.name}": {
+                "model": model_fingerprint(m.path),
+                "topk": m.view.teacher.topk,
+                "token_map": m.mapped,
+                "logits_dtype": m.view.teacher.logits_dtype,
+            }
+            for m in teachers
+        }
+        several |= {"routing": plain(cfg.routing), "ensemble": plain(cfg.ensemble)}
     return {
+        **several,
         "cluster.student_world_size": c.student_world_size,
         "cluster.micro_batch_size": c.micro_batch_size,
         "cluster.grad_accum_steps": c.grad_accum_steps,

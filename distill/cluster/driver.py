@@ -621,6 +621,8 @@ class Driver:
                 "student/fetch_s": max(o["fetch_s"] for o in outs),
                 **self._memory_metrics(outs, Buffer.shard_memory(shards)),
             }
+            if hasattr(self.teachers, "take_tokens"):  # several teachers: each one's scored tokens
+                extras.update(self.teachers.take_tokens())
             self.sink.write(metrics, extras)
 
     def _memory_metrics(self, outs: list[dict], shards: dict[str, MemoryPeaks]) -> dict[str, float]:

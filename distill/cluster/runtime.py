@@ -50,9 +50,18 @@ def fetched_outputs(group: TeacherGroup, inputs):
 
 
 def teacher_group_from_config(
-    cfg, teacher_path: Path, hidden_layers, attention_layers, token_table: np.ndarray | None = None
+    cfg,
+    teacher_path: Path,
+    hidden_layers,
+    attention_layers,
+    token_table: np.ndarray | None = None,
+    *,
+    reserve_cpus: dict[str, float] | None = None,
+    name: str = "teacher",
 ) -> TeacherGroup:
-    """The run's TeacherGroup; `token_table` (teacher id -> student id) makes its actors cross-tokenizer.
+    """The run's TeacherGroup; `token_table` (teacher id -> student id) makes its actors cross-tokenizer;
+    `reserve_cpus` (node -> CPUs) is what other teachers' groups of the run hold already; `name` names the group's
+    placement groups (one group per teacher).
 
     teacher.backend picks the actors: TeacherWorker (hf), VllmTeacherWorker (a vLLM engine per replica, in the
     vLLM environment's interpreter) or EndpointWorker (clients of a running server)."""
@@ -64,7 +73,7 @@ def teacher_group_from_config(
                 f"teacher.backend={backend} ships top-k log-probs only: no hidden states, attention maps or "
                 "cross-tokenizer projection; use teacher.backend=hf for feature terms and token maps"
             )
-        return served_group_from_config(cfg, teacher_path)
+        return served_group_from_config(cfg, teacher_path, reserve_cpus=reserve_cpus, name=name)
     spec = TeacherSpec(
         path=str(teacher_path),
         topk=cfg.teacher.topk,
@@ -79,17 +88,19 @@ def teacher_group_from_config(
         threads=max(1, int(c.cpus_per_teacher_actor)),
         token_table=token_table,
     )
-    return TeacherGroup(spec, **teacher_layout(c))
+    return TeacherGroup(spec, **teacher_layout(c), reserve_cpus=reserve_cpus, name=name)
 
 
-def served_group_from_config(cfg, teacher_path: Path) -> TeacherGroup:
+def served_group_from_config(
+    cfg, teacher_path: Path, *, reserve_cpus: dict[str, float] | None = None, name: str = "teacher"
+) -> TeacherGroup:
     """teacher.backend=vllm: one actor per replica holding a vLLM engine of TP cluster.teacher_tp (it reserves
     the whole replica's CPUs/GPUs); teacher.backend=endpoint: cluster.teacher_replicas concurrent clients of the
     server, one CPU each."""
     from distill.teacher.vllm_env import require_vllm_python
 
     c, t = cfg.cluster, cfg.teacher
-    layout = teacher_layout(c)
+    layout = {**teacher_layout(c), "reserve_cpus": reserve_cpus, "name": name}
     if t.backend == "endpoint":
         spec = EndpointSpec(
             url=t.endpoint_url,

@@ -196,8 +196,10 @@ class TeacherGroup:
         reserve_cpus: dict[str, float] | None = None,
         placement_timeout_s: float = 300.0,
         actor_options: dict | None = None,
+        name: str = "teacher",
     ) -> None:
-        self.spec, self.tp, self.worker = spec, tp, worker
+        """name: the group's placement groups are named after it (several teachers: one group each)."""
+        self.spec, self.tp, self.worker, self.name = spec, tp, worker, name
         self.actor_options = dict(actor_options or {})  # e.g. a runtime_env (distill.cluster.vllm_worker)
         self.placement_timeout_s = placement_timeout_s
         self.restart_log: list[dict] = []  # one entry per replica restart: which, how long, re-placed or not
@@ -227,7 +229,7 @@ class TeacherGroup:
             tp=self.tp,
             cpus_per_actor=self.cpus_per_actor,
             gpus_per_actor=self.gpus_per_actor,
-            name=f"teacher-replica-{index}-{os.getpid()}",
+            name=f"{self.name}-replica-{index}-{os.getpid()}",
         )
         return _Replica(index, node_id, pg)
 
@@ -295,7 +297,7 @@ class TeacherGroup:
             tp=self.tp,
             cpus_per_actor=self.cpus_per_actor,
             gpus_per_actor=self.gpus_per_actor,
-            name=f"teacher-replica-{rep.index}-{os.getpid()}-{rep.restarts}",
+            name=f"{self.name}-replica-{rep.index}-{os.getpid()}-{rep.restarts}",
             timeout=self.placement_timeout_s,
         )
         rep.node_id = bundle_nodes(rep.pg)[0]
@@ -369,6 +371,13 @@ class TeacherGroup:
         """Each actor's memory ("<replica>.<tp rank>" -> figures) as of the last batch it scored in
         `score_stream`. A copy, safe to read from another thread than the one streaming (dict.copy holds the GIL)."""
         return self._memory.copy()
+
+    def reserved_cpus(self) -> dict[str, float]:
+        """node id -> CPUs this group's replicas hold there (what a second group of the run must leave them)."""
+        out: dict[str, float] = {}
+        for rep in self.replicas:
+            out[rep.node_id] = out.get(rep.node_id, 0.0) + self.tp * self.cpus_per_actor
+        return out
 
     def actor_nodes(self) -> list[list[str]]:
         return [ray.get([a.node_id.remote() for a in rep.actors]) for rep in self.replicas]

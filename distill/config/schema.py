@@ -251,6 +251,9 @@ class StageConfig:
     """Override the selective-distillation threshold of terms with `select_by` during this stage."""
     on_policy: OnPolicyConfig | None = None
     """Train this stage on the student's own samples (see OnPolicyConfig); None: the dataset's text."""
+    teachers: dict[str, float] = field(default_factory=dict)
+    """Several teachers: name -> multiplier of its ensemble weight on this stage; an unnamed teacher, or one at 0,
+    is off: the rows routed to it go to the ensemble of the others. Empty: every teacher as configured."""
 
 
 @dataclass

@@ -61,6 +61,7 @@ def curriculum_from_config(
                 restart_lr=sc.restart_lr,
                 select_threshold=sc.select_threshold,
                 on_policy=_on_policy(getattr(sc, "on_policy", None)),
+                teachers=dict(sc.get("teachers") or {}),
             )
         )
         start += steps

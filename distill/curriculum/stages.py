@@ -74,6 +74,8 @@ class Stage:
     """Overrides `select_threshold` of every term that selects tokens (`select_by`); None keeps theirs."""
     on_policy: OnPolicy | None = None
     """The student writes (a share of) this stage's batches; None: the dataset's text."""
+    teachers: Mapping[str, float] = field(default_factory=dict)
+    """Several teachers: name -> multiplier of its ensemble weight (unnamed: off); empty: every teacher as configured."""
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,8 @@ class StepPlan:
     select_threshold: float | None = None
     on_policy: OnPolicy | None = None
     """The stage's rollouts when it is on-policy."""
+    teachers: dict[str, float] = field(default_factory=dict)
+    """The stage's teacher multipliers (see Stage.teachers)."""
 
     @property
     def active(self) -> list[str]:
@@ -160,6 +164,7 @@ class Curriculum:
             weights=weights,
             select_threshold=stage.select_threshold,
             on_policy=stage.on_policy,
+            teachers=dict(stage.teachers),
         )
 
     def stage_weights(self, stage: Stage, alpha: float | None) -> dict[str, float]:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distill import losses
-from distill.batch import BatchId, left_pad, next_token_labels
+from distill.batch import ROUTE, BatchId, left_pad, next_token_labels
 from distill.data.task import answer_matches
 from distill.losses import MappedTopKTeacher
 
@@ -37,10 +37,13 @@ def heldout_metrics(
     agreement = share of positions where the student's argmax is the teacher's (its top-1 id, exact), and
     kl_to_teacher = mean KL(teacher || student) at T=1 over the teacher's top-k ids plus the tail bucket (the
     training loss's own divergence; the full-vocabulary KL at k = V, a lower bound of it below).
+    Batches of several teachers (a `teacher` route per row) add the same figures per route value:
+    `by_route/<index>/{ce,agreement,kl_to_teacher,tokens}` (index -1: the ensemble's rows).
     """
     model.eval()
     ce_sum = kl_sum = agree = correct = 0.0
     tokens = 0
+    routes: dict[int, torch.Tensor] = {}  # route -> [ce, kl, agree, tokens] sums
     seconds = 0.0
     for index, batch in enumerate(batches):
         start = time.perf_counter()
@@ -49,7 +52,8 @@ def heldout_metrics(
         mask = batch["loss_mask"].bool()
         s_logp = F.log_softmax(logits[mask].float(), dim=-1)  # [n, V]
         labels = next_token_labels(batch["input_ids"])[mask]
-        ce_sum += float(F.nll_loss(s_logp, labels, reduction="sum"))
+        token_ce = F.nll_loss(s_logp, labels, reduction="none")
+        ce_sum += float(token_ce.sum())
         correct += float((s_logp.argmax(-1) == labels).sum())
         tokens += int(mask.sum())
         if teacher is not None:
@@ -62,7 +66,11 @@ def heldout_metrics(
             )
             everywhere = torch.ones(t.num_rows, dtype=torch.bool)
             kl_sum += float(losses.get("forward_kl")(logits[mask].float(), t, everywhere, temperature=1.0)[0])
-            agree += float((s_logp.argmax(-1) == t.ids[:, 0]).sum())
+            agrees = s_logp.argmax(-1) == t.ids[:, 0]
+            agree += float(agrees.sum())
+            if batch.get(ROUTE) is not None:
+                token_route = batch[ROUTE][:, None].expand_as(mask)[mask]
+                _add_by_route(routes, token_route, token_ce, agrees, logits[mask], t)
     n = max(tokens, 1)
     out = {
         "ce": ce_sum / n,
@@ -74,6 +82,25 @@ def heldout_metrics(
     if teacher is not None:
         out["kl_to_teacher"] = kl_sum / n
         out["agreement"] = agree / n
+    return out | _by_route(routes)
+
+
+def _add_by_route(routes: dict, token_route, token_ce, agrees, logits, teacher) -> None:
+    """Add each route value's [ce, kl, agreement, tokens] sums over one batch's trained tokens to `routes`."""
+    for r in token_route.unique().tolist():
+        at = token_route == r
+        kl = losses.get("forward_kl")(logits.float(), teacher, at, temperature=1.0)[0]
+        sums = torch.tensor([float(token_ce[at].sum()), float(kl), float(agrees[at].sum()), float(at.sum())])
+        routes[r] = routes.get(r, torch.zeros(4, dtype=torch.float64)) + sums
+
+
+def _by_route(routes: dict) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for r, (ce, kl, agree, n) in sorted((r, v.tolist()) for r, v in routes.items()):
+        m = max(n, 1.0)
+        prefix = f"by_route/{r}"
+        out |= {f"{prefix}/ce": ce / m, f"{prefix}/kl_to_teacher": kl / m, f"{prefix}/agreement": agree / m}
+        out[f"{prefix}/tokens"] = int(n)
     return out
 
 

@@ -7,6 +7,7 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
+from distill.batch import ENSEMBLE_NAME
 from distill.eval.evaluate import evaluate_model, heldout_batches
 from distill.eval.metrics import HELDOUT_EPOCH, TeacherOutputs
 from distill.eval.report import write_report
@@ -64,7 +65,19 @@ def evaluate(
     if data.eval_rows and "target_chars" in data.eval_rows[0]:
         rows = data.eval_rows[: e.max_batches * e.batch_size] if e.max_batches else data.eval_rows
         summary["bits_per_char"] = bits_per_char(model, rows, tokenizer.pad_token_id, e.batch_size)
-    return summary
+    return _named_routes(cfg, summary)
+
+
+def _named_routes(cfg, summary: dict) -> dict:
+    """Several teachers: `by_route/<index>/...` -> `teachers/<name>/...` (`ensemble` for the mixed rows)."""
+    names = list(cfg.get("teachers") or {})
+    out = {}
+    for key, value in summary.items():
+        if key.startswith("by_route/"):
+            _, index, metric = key.split("/", 2)
+            key = f"teachers/{names[int(index)] if int(index) >= 0 else ENSEMBLE_NAME}/{metric}"
+        out[key] = value
+    return out
 
 
 def evaluate_increments(cfg, model, tokenizer, data, increments) -> dict[str, dict]:

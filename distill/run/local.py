@@ -138,7 +138,8 @@ class LocalBackend:
             engine = self.engine if i == 0 else build_teacher_engine(m.view, m.path)
             scorers.append(batch_scorer(m.view, engine, m.tokenizer, self.parts.tokenizer))
         names = [m.name for m in members]
-        return TeacherSet(names, scorers, static_weights(self.cfg), self.cfg.ensemble.weighting)
+        weights, weighting = static_weights(self.cfg), self.cfg.ensemble.weighting
+        return TeacherSet(names, scorers, weights, weighting, stage_teachers=self.parts.stage_teachers)
 
     def _heldout_teacher(self):
         """The teacher's side of the evaluation: the offline cache's held-out batches, or this process's engine

@@ -50,6 +50,15 @@ def teacher_views(cfg) -> dict[str, DictConfig]:
     return views
 
 
+def require_one_teacher(cfg, command: str) -> None:
+    """`distill teacher-cache`, `generate` and `eval` serve one teacher: with `teachers` the user picks it."""
+    if has_teacher_set(cfg):
+        raise ConfigError(
+            f"distill {command} serves one teacher, but `teachers` names {teacher_names(cfg)}; run it once per "
+            "teacher, with that teacher as `teacher` (e.g. teacher.path=<its folder>) and no `teachers`."
+        )
+
+
 def use_primary_teacher(cfg) -> None:
     """With a teacher set, `teacher` becomes its first member (the student's tokenizer and the held-out side come
     from it), in place, so config.yaml shows what ran."""
@@ -80,16 +89,41 @@ def static_weights(cfg) -> list[float]:
 
 
 def validate_teacher_set(cfg) -> None:
-    """The set's own rules, from the config alone (before any model is read): names that routing and the ensemble
-    use exist, and the features a set does not carry yet are off, each refusal naming the way out."""
+    """The set's own rules, from the config alone (before any model is read): names that routing, the ensemble and
+    the curriculum use exist, and the features a set does not carry yet are off, each refusal naming the way out."""
     if not has_teacher_set(cfg):
+        staged = [s.name for s in cfg.curriculum.stages if s.get("teachers")]
+        if staged:
+            raise ConfigError(
+                f"curriculum stages {staged} weigh teachers, but the run has one teacher; name several in `teachers`."
+            )
         return
     names = teacher_names(cfg)
-    targets = [*names, ENSEMBLE_NAME]
+    _validate_routing(cfg, names)
+    _validate_weights(cfg, names)
+    refusals = {
+        "an offline teacher cache (teacher.cache)": any(t.cache for t in cfg.teachers.values()),
+        "mode=continual": cfg.mode == "continual",
+        "packed rows (data.packing)": cfg.data.packing,
+        "on-policy stages": any(s.get("on_policy") for s in cfg.curriculum.stages),
+        "hidden-state or attention terms": any(
+            t.weight and (t.name.startswith("hidden") or t.name == "attention_transfer")
+            for t in cfg.loss.terms.values()
+        ),
+    }
+    for what, used in refusals.items():
+        if used:
+            raise ConfigError(
+                f"several teachers (teachers: {names}) do not support {what} yet; run it with one teacher "
+                "(unset `teachers`), or drop it from this run."
+            )
+
+
+def _validate_routing(cfg, names: list[str]) -> None:
     r = cfg.routing
 
     def known(value, where: str) -> None:
-        if value not in targets:
+        if value not in [*names, ENSEMBLE_NAME]:
             raise ConfigError(
                 f"{where}={value!r} names no teacher; the teachers are {names} (or {ENSEMBLE_NAME!r})."
             )
@@ -111,33 +145,50 @@ def validate_teacher_set(cfg) -> None:
         known(r.default, "routing.default")
     if r.key is None and not r.subsets and r.default is None:
         raise ConfigError("routing has no rule (routing.key, routing.subsets or routing.default); set one.")
+
+
+def _validate_weights(cfg, names: list[str]) -> None:
+    """ensemble.weights / weighting, and each curriculum stage's teacher multipliers."""
     for name, weight in cfg.ensemble.weights.items():
         if name not in names:
             raise ConfigError(f"ensemble.weights names {name!r}; the teachers are {names}.")
         if weight < 0:
             raise ConfigError(f"ensemble.weights.{name}={weight} is negative; weights must be >= 0.")
-    if not any(w > 0 for w in static_weights(cfg)):
+    weights = static_weights(cfg)
+    if not any(w > 0 for w in weights):
         raise ConfigError("ensemble.weights gives every teacher 0; give at least one a weight > 0.")
     check_weighting(cfg.ensemble.weighting)
-    refusals = {
-        "an offline teacher cache (teacher.cache)": any(t.cache for t in cfg.teachers.values()),
-        "mode=continual": cfg.mode == "continual",
-        "packed rows (data.packing)": cfg.data.packing,
-        "on-policy stages": any(s.get("on_policy") for s in cfg.curriculum.stages),
-        "hidden-state or attention terms": any(
-            t.weight and (t.name.startswith("hidden") or t.name == "attention_transfer")
-            for t in cfg.loss.terms.values()
-        ),
-    }
-    for what, used in refusals.items():
-        if used:
+    for stage in cfg.curriculum.stages:
+        multipliers = dict(stage.get("teachers") or {})
+        for name in multipliers:
+            if name not in names:
+                raise ConfigError(
+                    f"curriculum stage {stage.name!r} weighs teacher {name!r}; the teachers are {names}."
+                )
+        if multipliers and not any(
+            w * multipliers.get(n, 0.0) > 0 for n, w in zip(names, weights, strict=True)
+        ):
             raise ConfigError(
-                f"several teachers (teachers: {names}) do not support {what} yet; run it with one teacher "
-                "(unset `teachers`), or drop it from this run."
+                f"curriculum stage {stage.name!r} turns every teacher off (teachers: {multipliers}); keep one > 0."
             )
 
 
 # ---- one batch, several teachers ---------------------------------------------------------------------------
+def stage_routing(
+    route: Tensor, weights: Sequence[float], names: Sequence[str], multipliers: Mapping[str, float] | None
+) -> tuple[Tensor, list[float]]:
+    """A curriculum stage's teachers (`curriculum.stages[i].teachers`): the ensemble weights times the stage's
+    multipliers, and the rows routed to a teacher the stage turns off sent to the ensemble of the others."""
+    if not multipliers:
+        return route, list(weights)
+    scale = [float(multipliers.get(name, 0.0)) for name in names]
+    route = route.clone()
+    for index, m in enumerate(scale):
+        if m == 0:
+            route[route == index] = ENSEMBLE
+    return route, [w * m for w, m in zip(weights, scale, strict=True)]
+
+
 def teacher_rows(route: Tensor, index: int, weights: Sequence[float]) -> Tensor:
     """[r] long: the rows teacher `index` scores (its own, and the ensemble's when its weight is > 0)."""
     mine = route == index
@@ -216,23 +267,35 @@ def combine(
 Scorer = Callable[[BatchId, Mapping[str, Tensor]], TeacherBatch]
 
 
+StageTeachers = Callable[[BatchId], Mapping[str, float] | None]
+"""batch id -> the teacher multipliers of the curriculum stage that trains it (None: as configured)."""
+
+
 class TeacherSet:
     """The local backend's several teachers: each scorer (a single-teacher `batch_scorer`) scores its rows, then
     `combine`. Counts each teacher's scored tokens and seconds for its own throughput."""
 
     def __init__(
-        self, names: Sequence[str], scorers: Sequence[Scorer], weights: Sequence[float], weighting: str
+        self,
+        names: Sequence[str],
+        scorers: Sequence[Scorer],
+        weights: Sequence[float],
+        weighting: str,
+        stage_teachers: StageTeachers | None = None,
     ):
         self.names, self.scorers = list(names), list(scorers)
         self.weights, self.weighting = list(weights), weighting
+        self.stage_teachers = stage_teachers
         self.tokens = dict.fromkeys(self.names, 0)
         self.seconds = dict.fromkeys(self.names, 0.0)
 
     def score(self, batch_id: BatchId, batch: Mapping[str, Tensor]) -> TeacherBatch:
-        route = batch[ROUTE]
+        multipliers = self.stage_teachers(batch_id) if self.stage_teachers is not None else None
+        route, weights = stage_routing(batch[ROUTE], self.weights, self.names, multipliers)
+        batch = {**batch, ROUTE: route}
         parts = {}
         for index, (name, scorer) in enumerate(zip(self.names, self.scorers, strict=True)):
-            rows = teacher_rows(route, index, self.weights)
+            rows = teacher_rows(route, index, weights)
             if not len(rows):
                 continue
             sub = select_rows(batch, rows)
@@ -240,7 +303,7 @@ class TeacherSet:
             parts[index] = scorer(batch_id, sub)
             self.seconds[name] += time.perf_counter() - start
             self.tokens[name] += int(sub["loss_mask"].sum())
-        return combine(batch_id, batch, parts, self.weights, self.weighting)
+        return combine(batch_id, batch, parts, weights, self.weighting)
 
     def take_rates(self) -> dict[str, float]:
         """teacher/<name>/tokens_per_s and teacher/<name>/tokens since the last call."""

@@ -38,6 +38,14 @@ class RunParts:
     def run_dir(self) -> Path:
         return Path(self.cfg.run_dir)
 
+    def stage_teachers(self, batch_id) -> dict[str, float] | None:
+        """Several teachers: the multipliers (`curriculum.stages[i].teachers`) of the stage that trains batch
+        `batch_id`; None for held-out batches (epoch < 0) and stages that keep every teacher as configured."""
+        if batch_id[0] < 0:
+            return None
+        step = self.stream.position_of(tuple(batch_id)) // self.topology.batches_per_step
+        return self.curriculum.plan(min(step, self.curriculum.total_steps - 1)).teachers or None
+
 
 @dataclass
 class Trained:

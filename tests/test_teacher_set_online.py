@@ -1,0 +1,80 @@
+"""Several teachers on the Ray path: one teacher group per teacher (one of them through a token map), each scoring
+the rows routed to it, combined per batch before the buffer. The run equals the single-process reference with the
+same teachers, consumes every batch exactly once, and resumes exactly from a checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.test_online_distributed import (
+    RUN,
+    StopAfter,
+    StopRun,
+    _run,
+    _stats,
+    _weights,
+    assert_exactly_once,
+    assert_same_curve,
+    read_metrics,
+)
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_teacher, second_teacher, base_overrides) -> list[str]:
+    """`a` (the test teacher, through a token map) scores shopping and travel, `b` (another teacher) baking, and
+    garden rows go to their ensemble (weights 0.7 / 0.3)."""
+    return [
+        *base_overrides,
+        *RUN,
+        "loss=kd",
+        "+teacher@teachers.a=tiny_deepseek_v3",
+        f"teachers.a.path={tiny_teacher}",
+        "teachers.a.token_map.enabled=true",
+        "+teacher@teachers.b=tiny_deepseek_v3",
+        f"teachers.b.path={second_teacher}",
+        "+routing.subsets={shopping: a, travel: a, baking: b}",
+        "routing.default=ensemble",
+        "+ensemble.weights={a: 0.7, b: 0.3}",
+    ]
+
+
+# Both teacher groups (TP 1, one CPU each) on the first simulated node, the two ZeRO-2 ranks on the second.
+RAY = ["cluster=sim_2node", "cluster.teacher_tp=1", "student.zero_stage=2"]
+
+
+def test_two_teachers_on_ray_match_the_reference_once_each_and_resume_exactly(pair, ray_cluster, tmp_path):
+    want = _run(
+        [*pair, "cluster=local_single", "cluster.micro_batch_size=8", "cluster.grad_accum_steps=2"],
+        tmp_path / "ref",
+    )
+    got = _run([*pair, *RAY], tmp_path / "online")
+    assert_same_curve(got, want)
+    assert_exactly_once(tmp_path / "online")
+    logged = [r for r in got if "teacher/a/tokens" in r]
+    assert (
+        logged
+        and sum(r["teacher/a/tokens"] for r in logged) > 0
+        and sum(r["teacher/b/tokens"] for r in logged) > 0
+    )
+    nodes = _stats(tmp_path / "online")["teacher_nodes"]
+    assert len(nodes) == 2  # one replica per teacher
+    online, ref = (json.loads((tmp_path / d / "eval.json").read_text()) for d in ("online", "ref"))
+    assert online["agreement"] == pytest.approx(ref["agreement"], abs=0.02)
+
+    # Stopped after step 9 (checkpoint at step 10), resumed: the uninterrupted run's curve and weights.
+    resumed = tmp_path / "resumed"
+    overrides = [*pair, *RAY, "checkpoint.every_steps=2"]
+    with pytest.raises(StopRun):
+        _run(overrides, resumed, hooks=StopAfter(9))
+    again = _run([*overrides, "resume=true"], resumed)
+    assert_same_curve(again, got, rel=1e-6)
+    assert_exactly_once(resumed)
+    want_weights = _weights(tmp_path / "online")
+    for name, tensor in _weights(resumed).items():
+        torch.testing.assert_close(tensor, want_weights[name], rtol=1e-6, atol=1e-6)
+    assert len(read_metrics(resumed / "metrics.jsonl")) == len(got)
