@@ -121,7 +121,8 @@ def test_off_policy_plans_and_other_batches_pass_through(student_and_rows):
 @pytest.mark.parametrize(
     ("override", "names"),
     [
-        (["cluster=local_ray"], "cluster.mode=local"),
+        (["curriculum.stages.2.on_policy.max_staleness=1"], "on the Ray path only"),
+        (["curriculum.stages.2.on_policy.max_staleness=-1", "cluster=local_ray"], "max_staleness=-1"),
         (["teacher.cache=/tmp/nowhere"], "unset teacher.cache"),
         (["data.packing=true"], "data.packing=false"),
         (["curriculum.stages.2.on_policy.lmbda=1.5"], "on_policy.lmbda=1.5"),
@@ -142,7 +143,11 @@ def test_hard_labels_are_off_on_the_students_own_samples(student_and_rows):
     batch = pad_batch(rows, tokenizer.pad_token_id)
     out = student_forward(model, objective, batch)
     assert set(objective(out, batch)) == {"ce"}
-    assert objective(out, {**batch, ON_POLICY: torch.ones((), dtype=torch.bool)}) == {}
+    # Still computed (ZeRO-3 ranks must run the same modules on every batch), on no token: 0 and no gradient.
+    own = objective(out, {**batch, ON_POLICY: torch.ones((), dtype=torch.bool)})
+    assert set(own) == {"ce"} and float(own["ce"]) == 0.0
+    own["ce"].backward()
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
     with pytest.raises(ConfigError, match="only hard-label terms"):
         run_curriculum(
             compose(

@@ -28,6 +28,7 @@ from ray.exceptions import RayTaskError
 from distill.cluster.buffer import Buffer
 from distill.cluster.driver import Assignment, CheckpointStore, Driver, Hooks
 from distill.cluster.placement import plan_nodes
+from distill.cluster.rollout_group import OnPolicyFeed, RolloutGroup, RolloutSpec
 from distill.cluster.runtime import (
     cache_group_from_config,
     connect,
@@ -38,7 +39,7 @@ from distill.cluster.student_group import FORWARDED_ENV, StudentGroup, StudentSp
 from distill.cluster.teacher_set_group import TeacherSetGroup
 from distill.config import resolved_yaml
 from distill.config.topology import check_capacity
-from distill.eval.runs import run_heldout_batches, scored_outputs
+from distill.eval.runs import generation_stop_id, run_heldout_batches, scored_outputs
 from distill.io import atomic_write_json
 from distill.models.fingerprint import model_fingerprint
 from distill.models.loading import load_causal_lm, load_tokenizer_folder
@@ -155,7 +156,7 @@ class RayBackend:
         # The live cluster; raises before any actor. Several teachers: one group each, of the same layout.
         teacher_nodes, student_nodes = plan_nodes(parts.topology, groups=len(parts.teachers or [None]))
         log.info("teachers on %s, students on %s", teacher_nodes, student_nodes)
-        buffer = teachers = None
+        buffer = teachers = rollouts = None
         try:
             buffer = Buffer.create(
                 shards=c.buffer_shards,
@@ -168,7 +169,8 @@ class RayBackend:
             self.students.wait_ready()
             log.info("teacher and student actors ready in %.1f s", time.perf_counter() - clock)
             clock = time.perf_counter()
-            driver = self._driver(buffer, teachers, mode, metrics, hooks)
+            rollouts = self._rollout_group()
+            driver = self._driver(buffer, teachers, mode, metrics, hooks, rollouts)
             driver.run(self.start)
             log.info(
                 "trained steps %d-%d in %.1f s",
@@ -184,7 +186,7 @@ class RayBackend:
             }
             atomic_write_json(parts.run_dir / "online_stats.json", {**driver.summary(), **placement})
         finally:
-            for group in (teachers, self.students, buffer):
+            for group in (teachers, self.students, buffer, rollouts):
                 if group is not None:
                     group.shutdown()
 
@@ -259,11 +261,45 @@ class RayBackend:
         weights, weighting = static_weights(self.cfg), self.cfg.ensemble.weighting
         return TeacherSetGroup(names, groups, weights, weighting, stage_teachers=p.stage_teachers)
 
-    def _driver(self, buffer, teachers, mode: StepHooks, metrics: MetricsLog, hooks: Hooks) -> Driver:
+    def _rollout_group(self) -> RolloutGroup | None:
+        """On-policy stages: the rollout actors (copies of the student); None when every stage is off-policy."""
+        p, c = self.parts, self.cfg.cluster
+        if not any(stage.on_policy is not None for stage in p.curriculum.stages):
+            return None
+        tok = p.tokenizer
+        spec = RolloutSpec(
+            student=self.students.spec,
+            seed=self.cfg.train.seed,
+            eos_id=generation_stop_id(tok),
+            pad_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+        )
+        return RolloutGroup(
+            spec,
+            actors=c.rollout_actors,
+            cpus_per_actor=c.cpus_per_rollout_actor,
+            gpus_per_actor=c.gpus_per_rollout_actor,
+        )
+
+    def _driver(
+        self, buffer, teachers, mode: StepHooks, metrics: MetricsLog, hooks: Hooks, rollouts=None
+    ) -> Driver:
         p, cfg = self.parts, self.cfg
         assignment = Assignment(
             p.topology.grad_accum_steps, p.topology.student_world_size, p.stream.num_batches
         )
+        onpolicy = None
+        if rollouts is not None:
+            prompts = p.stream.copy()  # its own stream object: the feed's thread reads it
+            onpolicy = OnPolicyFeed(
+                rollouts=rollouts,
+                teachers=teachers,
+                buffer=buffer,
+                assignment=assignment,
+                plans=p.curriculum.plan,
+                seed=cfg.train.seed,
+                batch_arrays=lambda b: {k: v.numpy() for k, v in prompts.batch(*b).items()},
+                total_steps=cfg.train.steps,
+            )
         # Tokens per batch for the loss normalisation; its own stream object (the producer thread reads one).
         token_stream = p.stream.copy()
         return Driver(
@@ -282,6 +318,7 @@ class RayBackend:
             progress=cfg.tracking.progress,
             plans=p.curriculum.plan,
             mode=mode,
+            onpolicy=onpolicy,
         )
 
 
@@ -360,6 +397,7 @@ def student_spec(
         gradient_checkpointing=cfg.student.gradient_checkpointing,
         share_every=share_interval(cfg),
         env=env,
+        seed=cfg.train.seed,
     )
 
 

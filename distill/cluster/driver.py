@@ -470,6 +470,7 @@ class Driver:
         progress: bool = False,
         plans: Callable[[int], Any] | None = None,
         mode: StepHooks | None = None,
+        onpolicy=None,
     ) -> None:
         self.teachers, self.students, self.buffer = teachers, students, buffer
         self.assignment, self.inputs, self.tokens = assignment, inputs, tokens
@@ -486,6 +487,7 @@ class Driver:
         self.progress = progress
         self.plans = plans
         self.mode = mode or StepHooks()
+        self.onpolicy = onpolicy  # on-policy stages: distill.cluster.rollout_group.OnPolicyFeed
         self.last_loss = float("nan")
         self.committed = 0  # steps whose batches are acked
         self.producer: Producer | None = None
@@ -504,6 +506,7 @@ class Driver:
         self.committed = step
         self.sink.rewind(step)
         self._start_producer(step)
+        self._reset_onpolicy(step)
         bar = tqdm(
             total=self.total_steps,
             initial=step,
@@ -529,6 +532,8 @@ class Driver:
             bar.close()
             self._ahead = None
             self._stop_producer()
+            if self.onpolicy is not None:
+                self.onpolicy.shutdown()
 
     def _train_step(self, step: int) -> None:
         """Commit `step`: dispatch it (unless it already runs), dispatch the next one behind it when nothing has
@@ -552,6 +557,7 @@ class Driver:
             and not (self.checkpoint_every and (step + 1) % self.checkpoint_every == 0)
             and self.mode.overlaps(step)
             and not self._stopping
+            and (self.onpolicy is None or self.onpolicy.ready_to_run_ahead(step))
         )
 
     def _dispatch(self, step: int) -> _Dispatched:
@@ -566,12 +572,18 @@ class Driver:
         for batch_id, stored in self.mode.stored_batches(step):
             # Forced: the step's own batches always fit (check_capacity); "exists" after a restore is fine.
             self.buffer.put(batch_id, ray.put(stored), stored.nbytes(), timeout=None, force=True)
-        num_tokens = sum(self.tokens(b) for b in batch_ids)
+        publish = False
+        if self.onpolicy is not None:  # the student's own batches of this step are in the buffer first
+            self.onpolicy.wait(step)
+            publish = self.onpolicy.needs_publish(step)
+        num_tokens = sum(self._batch_tokens(b) for b in batch_ids)
         logged = (step + 1) % self.log_every == 0 or step + 1 == self.total_steps
         # The buffer's figures are sampled as the step is sent (depth counts its batches and the prefetched
         # ones), while the ranks train: they never wait for that RPC.
         sampled = self.buffer.stats_async() if logged else []
-        calls = self.students.submit_train_step(step, rank_batches, num_tokens, plan=plan, next_batches=ahead)
+        calls = self.students.submit_train_step(
+            step, rank_batches, num_tokens, plan=plan, next_batches=ahead, publish=publish
+        )
         return _Dispatched(step, batch_ids, rank_batches, num_tokens, plan, sampled, calls)
 
     def _commit(self, d: _Dispatched) -> None:
@@ -581,6 +593,10 @@ class Driver:
             "a rank trained on batches not assigned to it"
         )
         step = d.step
+        if self.onpolicy is not None:
+            self.onpolicy.committed(step)
+            if "weights" in outs[0]:  # the weights after this step write a later step's rollouts
+                self.onpolicy.published(step + 1, outs[0]["weights"][0])
         kept_ids = self.mode.kept_batches(step)
         kept = ray.get(self.buffer.peek(kept_ids)) if kept_ids else []
         # Committed on every rank: the batches are done. Not waited for (an RPC to a shard process costs
@@ -595,7 +611,9 @@ class Driver:
         now = time.perf_counter()
         seconds, self._last_commit = now - max(d.sent, self._last_commit), now
         denom = max(d.num_tokens, 1)
-        terms = {label: sum(o["terms"][label] for o in outs) / denom for label in outs[0]["terms"]}
+        # Every rank's labels: a term may be off on one rank's batches (hard labels on the student's own samples).
+        labels = dict.fromkeys(label for o in outs for label in o["terms"])
+        terms = {label: sum(o["terms"].get(label, 0.0) for o in outs) / denom for label in labels}
         self.last_loss = sum(o["loss_sum"] for o in outs) / denom
         metrics = StepMetrics(
             step=step,
@@ -623,6 +641,8 @@ class Driver:
             }
             if hasattr(self.teachers, "take_tokens"):  # several teachers: each one's scored tokens
                 extras.update(self.teachers.take_tokens())
+            if self.onpolicy is not None:
+                extras.update(self.onpolicy.metrics())
             self.sink.write(metrics, extras)
 
     def _memory_metrics(self, outs: list[dict], shards: dict[str, MemoryPeaks]) -> dict[str, float]:
@@ -709,6 +729,7 @@ class Driver:
         self._nodes = alive_node_ids()
         self.sink.rewind(step)
         self._start_producer(step)
+        self._reset_onpolicy(step)
         seconds = time.perf_counter() - clock
         self.restores.append({**record, "restored_step": step, "seconds": seconds, "cause": _cause(err)})
         log.warning("restored step %d in %.1f s (failed at step %d)", step, seconds, failed_at)
@@ -732,6 +753,17 @@ class Driver:
         self.consumption = {}
         return 0
 
+    def _batch_tokens(self, batch_id: BatchId) -> int:
+        """Trained tokens of a batch: the student's own (on-policy) counted when written, else the stream's."""
+        if self.onpolicy is not None and tuple(batch_id) in self.onpolicy.tokens:
+            return self.onpolicy.tokens[tuple(batch_id)]
+        return self.tokens(batch_id)
+
+    def _reset_onpolicy(self, step: int) -> None:
+        """On-policy stages: the feed starts over at `step` with the ranks' current weights."""
+        if self.onpolicy is not None:
+            self.onpolicy.reset(step, self.students.weights())
+
     def _settle_acks(self) -> None:
         """Wait for the acks in flight (normally long done); raises the shard's error if one failed."""
         acks, self._acks = self._acks, []
@@ -752,7 +784,7 @@ class Driver:
                 position = a.position_of(batch_id)
                 if position >= end:
                     return
-                if batch_id not in held:
+                if batch_id not in held and not (self.onpolicy and self.onpolicy.writes(batch_id)):
                     yield batch_id, arrays
 
         self.producer = Producer(self.teachers, self.buffer, inputs(), force)

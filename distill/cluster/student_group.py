@@ -74,6 +74,8 @@ class StudentSpec:
     share_every: int = 0
     """Measure the terms' gradient shares on rank 0 every this many steps (the logged ones); 0: never."""
     env: dict[str, str] = field(default_factory=dict)
+    seed: int = 0
+    """train.seed: which batches of an on-policy stage are the student's own (distill.training.onpolicy)."""
 
     def engine_options(self) -> dict[str, Any]:
         """The StudentEngine keyword arguments the spec fixes (the LR schedule comes from `build`)."""
@@ -127,11 +129,14 @@ class StudentWorker(TorchrunWorker):
         global_tokens: int,
         plan: Any = None,
         next_ids: Sequence[BatchId] | None = None,
+        publish: bool = False,
     ) -> dict[str, Any]:
         """Lease this rank's micro-batches (in micro-step order), fetch them, run one optimizer step.
 
         next_ids: this rank's batches of the next step, leased and fetched while this one trains (None: the
         last step). The batches stay leased, not acked: the driver acks a step's batches once it commits.
+        publish: after the step, gather the weights (every rank takes part) and return them on rank 0 as
+        `weights`: [ref of {name: numpy array}] (a rollout actor's next weights; on-policy stages).
         Returns StudentEngine.train_step's dict (this rank's term sums) plus `fetch_s` (the time this step
         waited for its batches) and `memory` (this process's `MemoryPeaks`: microseconds, no device sync).
         """
@@ -140,9 +145,21 @@ class StudentWorker(TorchrunWorker):
         if next_ids is not None:
             self.batches.prefetch(next_ids)
         fetch_s = time.perf_counter() - start
-        out = self.engine.train_step(step, [micro for _, micro in fetched], global_tokens, plan)
+        micro = [_marked(batch_id, mb, plan, self.spec.seed) for batch_id, mb in fetched]
+        out = self.engine.train_step(step, micro, global_tokens, plan)
         batch_ids = [batch_id for batch_id, _ in fetched]
-        return {**out, "fetch_s": fetch_s, "batch_ids": batch_ids, "memory": measure()}
+        out = {**out, "fetch_s": fetch_s, "batch_ids": batch_ids, "memory": measure()}
+        if publish:
+            out |= self.weights()
+        return out
+
+    def weights(self) -> dict[str, list]:
+        """The full weights (every rank takes part): {"weights": [ref of {name: numpy array}]} on rank 0 (a list,
+        so Ray passes the ref on instead of resolving it), {} on the others."""
+        weights = self.engine.full_state_dict()
+        if weights is None:
+            return {}
+        return {"weights": [ray.put({name: t.numpy() for name, t in weights.items()})]}
 
     def save(self, directory: str, client_state: dict) -> None:
         """DeepSpeed checkpoint (all ranks) + this rank's torch RNG state."""
@@ -164,6 +181,20 @@ class StudentWorker(TorchrunWorker):
 
         tokenizer = load_tokenizer_folder(self.spec.tokenizer_path) if self.spec.tokenizer_path else None
         return str(self.engine.export_hf(out_dir, tokenizer))
+
+
+def _marked(batch_id: BatchId, micro: dict, plan: Any, seed: int) -> dict:
+    """A batch the student wrote itself (an on-policy stage's, by the same draw as the rollouts) trains without
+    its hard labels, as on the single-process path."""
+    from distill.training.objective import ON_POLICY
+    from distill.training.onpolicy import is_on_policy
+
+    spec = getattr(plan, "on_policy", None)
+    if spec is None or not is_on_policy(spec, seed, batch_id):
+        return micro
+    import torch
+
+    return {**micro, ON_POLICY: torch.ones((), dtype=torch.bool)}
 
 
 class StudentGroup:
@@ -363,11 +394,16 @@ class StudentGroup:
         global_tokens: int,
         plan: Any = None,
         next_batches: list[list[BatchId]] | None = None,
+        publish: bool = False,
     ) -> list[ray.ObjectRef]:
         """`train_step` without waiting: refs for `wait`. The ranks run their calls in submission order (plain
-        single-threaded actors), so a step submitted before the previous one finished starts as soon as it does."""
+        single-threaded actors), so a step submitted before the previous one finished starts as soon as it does.
+        publish: rank 0's answer also carries the weights after the step (`weights`, see StudentWorker)."""
         ahead = next_batches if next_batches is not None else [None] * self.world_size
-        args = [(step, ids, global_tokens, plan, nxt) for ids, nxt in zip(rank_batches, ahead, strict=True)]
+        args = [
+            (step, ids, global_tokens, plan, nxt, publish)
+            for ids, nxt in zip(rank_batches, ahead, strict=True)
+        ]
         return self._submit("train_step", args)
 
     def save(self, directory: str | Path, client_state: dict) -> None:
@@ -376,6 +412,10 @@ class StudentGroup:
     def load(self, directory: str | Path) -> dict:
         """Load on every rank; returns rank 0's client state (all ranks saved the same one)."""
         return self._call("load", [(str(directory),)] * self.world_size)[0]
+
+    def weights(self) -> ray.ObjectRef:
+        """A ref of the current full weights ({name: numpy array}; ZeRO-3 gathers on every rank)."""
+        return self._call("weights", [()] * self.world_size)[0]["weights"][0]
 
     def export(self, out_dir: str | Path) -> Path:
         """The student as a Hugging Face folder (rank 0 writes; ZeRO-3 gathers on every rank)."""

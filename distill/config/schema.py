@@ -24,6 +24,10 @@ class ClusterConfig(TopologyFields):
     """`local`: the single-process reference trainer; `ray`: teacher and student actor groups."""
     address: str | None = None
     """Ray address to connect to (`auto` or host:port); None starts a local Ray instance."""
+    rollout_actors: int = 1
+    """On-policy stages on the Ray path: actors holding a copy of the student that write the rollouts."""
+    cpus_per_rollout_actor: float = 1.0
+    gpus_per_rollout_actor: float = 0.0
 
 
 @dataclass
@@ -224,6 +228,10 @@ class OnPolicyConfig:
     temperature: float = 1.0
     """Sampling temperature of the rollouts (not the loss temperature)."""
     top_p: float = 1.0
+    max_staleness: int = 0
+    """Ray path: the rollouts of step s are written by the weights of step s - max_staleness (0: the weights being
+    trained, as GKD and the single-process path; k > 0: step s's rollouts and teacher scoring overlap the k steps
+    before it)."""
 
 
 @dataclass

@@ -200,4 +200,5 @@ def _on_policy(oc) -> OnPolicy | None:
         max_new_tokens=int(oc.max_new_tokens),
         temperature=float(oc.temperature),
         top_p=float(oc.top_p),
+        max_staleness=int(oc.get("max_staleness", 0)),
     )

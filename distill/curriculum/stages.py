@@ -41,6 +41,8 @@ class OnPolicy:
     max_new_tokens: int = 64
     temperature: float = 1.0
     top_p: float = 1.0
+    max_staleness: int = 0
+    """Ray path: step s's rollouts use the weights of step s - max_staleness (clamped to the run's first step)."""
 
     def check(self, where: str) -> None:
         if not 0.0 < self.lmbda <= 1.0:
@@ -53,6 +55,8 @@ class OnPolicy:
             )
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"{where}: on_policy.top_p={self.top_p}; use a value in (0, 1].")
+        if self.max_staleness < 0:
+            raise ConfigError(f"{where}: on_policy.max_staleness={self.max_staleness}; use 0 or more steps.")
 
 
 @dataclass(frozen=True)

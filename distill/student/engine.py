@@ -309,6 +309,17 @@ class StudentEngine:
             )
         return states[_CLIENT_KEY]
 
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The student's full weights (CPU copies, training dtype) on rank 0, None on the others: what a rollout
+        actor loads (on-policy stages). Every rank must call it; under ZeRO-3 the parameters are gathered."""
+        if self.zero_stage == 3:
+            with deepspeed.zero.GatheredParameters(list(self.student.parameters()), modifier_rank=None):
+                return self._state_copy() if self.rank == 0 else None
+        return self._state_copy() if self.rank == 0 else None
+
+    def _state_copy(self) -> dict[str, torch.Tensor]:
+        return {name: t.detach().to("cpu", copy=True) for name, t in self.student.state_dict().items()}
+
     def export_hf(self, out_dir: str | Path, tokenizer: PreTrainedTokenizerBase | None) -> Path:
         """Write the student (without the objective's projectors) as a Hugging Face folder (safetensors).
 

@@ -157,13 +157,17 @@ class Objective(nn.Module):
         teacher = self._teacher(batch)
         temperature = plan.temperature if plan is not None else self.temperature
         active = self.active_terms(plan)
+        masks = {spec.label: mask for spec in active}
         if batch.get(ON_POLICY) is not None and bool(batch[ON_POLICY]):
-            # The tokens are the student's own samples: its hard-label terms would imitate itself.
-            active = [spec for spec in active if spec.group != HARD]
+            # The tokens are the student's own samples: its hard-label terms would imitate itself. They still run,
+            # on no token (loss 0, gradient 0), so every batch calls the same modules: ZeRO-3 traces that order
+            # and its ranks must agree on it.
+            off = torch.zeros_like(mask)
+            masks |= {spec.label: off for spec in active if spec.group == HARD}
         logit_args = {"temperature": temperature, "labels": labels}
         sums: dict[str, torch.Tensor] = {}
         if isinstance(student_out, HeadlessOutput):
-            sums |= self._fused_logit_sums(student_out, active, teacher, mask, logit_args, plan)
+            sums |= self._fused_logit_sums(student_out, active, teacher, masks, logit_args, plan)
         for spec in active:
             fn = losses.get(spec.name)
             params = self._params(spec, plan)
@@ -175,7 +179,7 @@ class Objective(nn.Module):
                 loss_sum, _ = fn(
                     logits.reshape(-1, v),
                     teacher,
-                    mask,
+                    masks[spec.label],
                     chunk_size=chunk_rows(self.chunk_size, v),
                     **logit_args,
                     **params,
@@ -214,11 +218,12 @@ class Objective(nn.Module):
         out: HeadlessOutput,
         active: list[TermSpec],
         teacher,
-        mask: torch.Tensor,
+        masks: Mapping[str, torch.Tensor],
         logit_args: dict,
         plan: StepPlan | None,
     ) -> dict[str, torch.Tensor]:
-        """Every logit term's loss sum through the fused head, differentiable for this step's weighted sum."""
+        """Every logit term's loss sum through the fused head, differentiable for this step's weighted sum
+        (masks: each term's trained positions)."""
         specs = [s for s in active if s.kind == "logits"]
         if not specs:
             return {}
@@ -227,7 +232,7 @@ class Objective(nn.Module):
         vocab = out.head.weight.shape[0]
         row_terms = [
             losses.get(s.name).row_term(
-                teacher, mask, vocab_size=vocab, **logit_args, **self._params(s, plan)
+                teacher, masks[s.label], vocab_size=vocab, **logit_args, **self._params(s, plan)
             )[0]
             for s in specs
         ]

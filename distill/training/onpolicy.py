@@ -63,6 +63,11 @@ def _draw(seed: int, batch_id: BatchId, what: str) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
+def sample_seed(seed: int, batch_id: BatchId) -> int:
+    """The torch seed of batch `batch_id`'s rollout (the same on every process)."""
+    return _draw(seed, batch_id, "sample")
+
+
 def is_on_policy(spec: OnPolicy, seed: int, batch_id: BatchId) -> bool:
     """Whether batch `batch_id` of an on-policy stage is the student's (probability `spec.lmbda`)."""
     return spec.lmbda >= 1.0 or _draw(seed, batch_id, "lambda") / 2**63 < spec.lmbda
@@ -156,11 +161,6 @@ def check_on_policy_run(cfg, curriculum) -> None:
     where = f"curriculum stages {stages} are on-policy"
     problems = [
         (
-            cfg.cluster.mode != "local",
-            "they run on the single-process path for now (cluster.mode=local, e.g. "
-            "cluster=local_single); the Ray rollout group is not built yet",
-        ),
-        (
             bool(cfg.teacher.cache),
             "the student's samples need a live teacher, and teacher.cache holds scores of the "
             "dataset's text only: unset teacher.cache",
@@ -171,6 +171,12 @@ def check_on_policy_run(cfg, curriculum) -> None:
             "teacher) are not built yet: use a same-tokenizer pair or make every stage off-policy",
         ),
         (bool(cfg.data.packing), "rollouts complete unpacked rows: set data.packing=false"),
+        (
+            cfg.cluster.mode == "local"
+            and any(s.on_policy.max_staleness for s in curriculum.stages if s.on_policy),
+            "on_policy.max_staleness > 0 overlaps rollouts with training on the Ray path only; the single-process "
+            "path writes every step with the weights it trains (staleness 0): set it to 0 or use a Ray cluster",
+        ),
         (cfg.mode != "standard", "on-policy stages are for mode=standard"),
     ]
     for failed, message in problems:
@@ -198,7 +204,7 @@ class Rollouts:
             self.model,
             batch,
             spec,
-            seed=_draw(self.seed, batch_id, "sample"),
+            seed=sample_seed(self.seed, batch_id),
             eos_id=self.eos_id,
             pad_id=self.pad_id,
         )
