@@ -363,3 +363,22 @@ def test_one_teacher_commands_refuse_a_set(command):
     cfg = compose(["+teacher@teachers.a=tiny_deepseek_v3", "+teacher@teachers.b=tiny_deepseek_v3"])
     with pytest.raises(ConfigError, match=f"distill {command} serves one teacher.*\\['a', 'b'\\]"):
         run(cfg)
+
+
+def test_each_teacher_has_its_own_share_of_the_cluster():
+    """teachers.<name>.replicas / .tp: that teacher's group layout; the others keep cluster.teacher_*."""
+    from distill.teacher.teacher_set import teacher_views
+
+    cfg = compose(
+        [
+            "cluster=sim_2node",
+            "+teacher@teachers.a=tiny_deepseek_v3",
+            "+teacher@teachers.b=tiny_deepseek_v3",
+            "teachers.b.replicas=2",
+            "teachers.b.tp=1",
+        ]
+    )
+    views = teacher_views(cfg)
+    assert (views["a"].cluster.teacher_replicas, views["a"].cluster.teacher_tp) == (1, 2)
+    assert (views["b"].cluster.teacher_replicas, views["b"].cluster.teacher_tp) == (2, 1)
+    assert cfg.cluster.teacher_tp == 2  # the run's own config is untouched

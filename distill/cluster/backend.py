@@ -154,7 +154,8 @@ class RayBackend:
         clock = time.perf_counter()
         connect(c)
         # The live cluster; raises before any actor. Several teachers: one group each, of the same layout.
-        teacher_nodes, student_nodes = plan_nodes(parts.topology, groups=len(parts.teachers or [None]))
+        layouts = [m.view.cluster for m in parts.teachers] if parts.teachers else None
+        teacher_nodes, student_nodes = plan_nodes(parts.topology, layouts)
         log.info("teachers on %s, students on %s", teacher_nodes, student_nodes)
         buffer = teachers = rollouts = None
         try:
@@ -240,8 +241,8 @@ class RayBackend:
         )
 
     def _teacher_set_group(self) -> TeacherSetGroup:
-        """Several teachers: one TeacherGroup each (cluster.teacher_* layout), placed one after the other on what
-        the groups before it left free (the plan `plan_nodes(groups=M)` checked), streamed as one."""
+        """Several teachers: one TeacherGroup each (its `replicas` / `tp` share, else cluster.teacher_*), placed
+        in turn on what the groups before it left free (the plan `plan_nodes` checked), streamed as one."""
         p = self.parts
         groups, used = [], {}
         try:

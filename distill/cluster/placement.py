@@ -169,24 +169,24 @@ def teacher_layout(layout: TopologyFields) -> dict:
     }
 
 
-def plan_nodes(topology: Topology, groups: int = 1) -> tuple[list[str], list[str]]:
+def plan_nodes(topology: Topology, teachers: list | None = None) -> tuple[list[str], list[str]]:
     """Teacher replica nodes (the teacher groups' own plans) and student rank nodes on the live Ray cluster.
 
-    groups: teacher groups of the layout (several teachers: one each), planned one after the other on what the
-    groups before left free, as they are then placed."""
+    teachers: several teachers' layouts (each a TopologyFields-like `cluster` of its own share), planned one
+    after the other on what the groups before left free, as they are then placed; None: the run's one teacher."""
     t = topology
     nodes = alive_nodes()
     teacher_nodes: list[str] = []
     used: dict[str, tuple[float, float]] = defaultdict(lambda: (0.0, 0.0))
-    for _ in range(groups):
+    for layout in teachers or [t]:
         reserve = {node: cpu for node, (cpu, _) in used.items()}
-        planned = plan_replica_nodes(nodes, **teacher_layout(t), reserve_cpus=reserve)
+        planned = plan_replica_nodes(nodes, **teacher_layout(layout), reserve_cpus=reserve)
         teacher_nodes += planned
         for node in planned:
             cpu, gpu = used[node]
             used[node] = (
-                cpu + t.teacher_tp * t.cpus_per_teacher_actor,
-                gpu + t.teacher_tp * t.gpus_per_teacher_actor,
+                cpu + layout.teacher_tp * layout.cpus_per_teacher_actor,
+                gpu + layout.teacher_tp * layout.gpus_per_teacher_actor,
             )
     student_nodes = plan_student_nodes(
         nodes,

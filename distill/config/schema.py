@@ -78,6 +78,10 @@ class TeacherConfig:
     """backend=endpoint: the served model name (the server's --served-model-name); None: teacher.path."""
     endpoint_api_key_env: str = "DISTILL_TEACHER_API_KEY"
     """backend=endpoint: the environment variable holding the API key (never in config, never logged)."""
+    replicas: int | None = None
+    """Several teachers: this teacher's share of the cluster, its replicas; None: cluster.teacher_replicas."""
+    tp: int | None = None
+    """Several teachers: this teacher's tensor-parallel size; None: cluster.teacher_tp."""
 
 
 @dataclass

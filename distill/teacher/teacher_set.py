@@ -43,9 +43,15 @@ def teacher_views(cfg) -> dict[str, DictConfig]:
     views = {}
     for name in cfg.teachers:
         view = cfg.copy()
+        t = cfg.teachers[name]
         with _writable(view):
-            view.teacher = cfg.teachers[name]
+            view.teacher = t
             view.teachers = {}
+            # Its share of the cluster: its own group's layout (checked against its model as a single run's).
+            if t.get("replicas") is not None:
+                view.cluster.teacher_replicas = t.replicas
+            if t.get("tp") is not None:
+                view.cluster.teacher_tp = t.tp
         views[str(name)] = view
     return views
 
