@@ -48,6 +48,8 @@ RECIPES = {
     "kd": ("KD xtok, one stage", ["loss=kd_xtok", "curriculum=single_stage"]),
     "kd3": ("KD xtok, three-stage", ["loss=kd_xtok", "curriculum=three_stage"]),
     "ce": ("CE-only", ["loss=ce_only", "curriculum=single_stage"]),
+    # On-policy across tokenizers: the last stage's replies written by the student, re-encoded for the teacher.
+    "kd3_onpolicy": ("KD xtok, three-stage on-policy", ["loss=kd_xtok", "curriculum=three_stage_onpolicy"]),
     # The three-stage curriculum with one of its choices undone:
     "kd3_hardwarm": ("three-stage, hard warm-up", ["loss=kd_xtok", "curriculum=three_stage", *_HARD_WARMUP]),
     "kd3_t3": (

@@ -209,3 +209,56 @@ def test_three_stage_onpolicy_runs_and_reports_its_rollouts(tiny_teacher, base_o
     run(compose(overrides, run_dir=str(tmp_path / "b")))
     again = read_metrics(tmp_path / "b" / "metrics.jsonl")
     assert [r["loss"] for r in records if "loss" in r] == [r["loss"] for r in again if "loss" in r]
+
+
+XTOK = ["experiment=xtok_demo", "prepare.student_vocab_size=320"]
+
+
+def test_cross_tokenizer_rollouts_reencode_the_students_reply_for_both_tokenizers(
+    tiny_teacher, base_overrides
+):
+    """The reply put back into its example and encoded as any cross-tokenizer row: the dataset's own reply (cut
+    after its stop token) gives back exactly the dataset's row, alignment and teacher tokens included."""
+    from distill.eval.runs import generation_stop_id
+    from distill.models.loading import load_tokenizer_folder
+    from distill.xtok.encode import encode_pair
+    from distill.xtok.rollout import written_pairs
+    from launch.prepare_demo import prepare_student_tokenizer
+
+    cfg = compose([*base_overrides, *XTOK])
+    student = load_tokenizer_folder(prepare_student_tokenizer(cfg))
+    teacher = load_tokenizer(tiny_teacher)
+    stop = generation_stop_id(student)
+    examples = list(build_task_dataset(["shopping", "garden"], [1], 0, 3, seed=1)["eval"])
+    rows = [encode_pair(student, teacher, ex, 128) for ex in examples]
+    replies = []
+    for row in rows:
+        start = row["loss_mask"].index(True) + 1
+        reply = row["input_ids"][start:]
+        replies.append(reply[: reply.index(stop) + 1])
+    again = written_pairs(student, teacher, examples, replies, stop_id=stop, max_length=128)
+    for want, got in zip(rows, again, strict=True):
+        for key in ("input_ids", "loss_mask", "teacher_input_ids", "align", "target_chars"):
+            assert got[key] == want[key], key
+    text_rows = [{"text": "plain text"}]
+    with pytest.raises(ConfigError, match="need chat examples"):
+        written_pairs(student, teacher, text_rows, [[stop]], stop_id=stop, max_length=128)
+
+
+def test_a_cross_tokenizer_on_policy_run_trains_on_the_students_text(tiny_teacher, base_overrides, tmp_path):
+    overrides = [
+        *base_overrides,
+        *XTOK,
+        "curriculum=three_stage_onpolicy",
+        "curriculum.stages.2.on_policy.max_new_tokens=16",
+        "train.steps=10",
+        "train.log_every=1",
+        "eval.generate_examples=0",
+    ]
+    run(compose(overrides, run_dir=str(tmp_path)))
+    on = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r.get("stage") == "onpolicy"]
+    assert on and sum(r["onpolicy/share"] for r in on) > 0
+    assert all(r["loss/forward_kl"] > 0 for r in on)  # the teacher graded the student's text
+    assert "bits_per_char" in json.loads((tmp_path / "eval.json").read_text())
+    with pytest.raises(ConfigError, match="single-process path for now"):
+        run_curriculum(compose([*overrides, "cluster=local_ray"]))

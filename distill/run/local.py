@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from distill.batch import BatchId
+from distill.data.batching import pad_batch
 from distill.errors import ConfigError
 from distill.eval.runs import generation_stop_id, run_heldout_batches
 from distill.models.loading import save_model
@@ -29,6 +30,7 @@ from distill.training.onpolicy import Rollouts
 from distill.training.parts import RunParts, Trained
 from distill.training.reference import run_steps
 from distill.xtok.build import batch_scorer
+from distill.xtok.rollout import written_pairs
 
 log = logging.getLogger("distill")
 
@@ -122,10 +124,27 @@ class LocalBackend:
         """The student's own batches on on-policy stages; None when no stage is on-policy."""
         if not any(stage.on_policy is not None for stage in self.parts.curriculum.stages):
             return None
-        tok = self.parts.tokenizer
+        parts, tok = self.parts, self.parts.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         # A reply ends where evaluation's greedy decoding stops (<|im_end|> for chat rows), not at the eos.
-        return Rollouts(self.student, seed=self.cfg.train.seed, eos_id=generation_stop_id(tok), pad_id=pad)
+        stop = generation_stop_id(tok)
+        reencode = None
+        if self.cfg.teacher.token_map.enabled:  # the student's text, encoded again for both tokenizers
+            stream = parts.stream.copy()
+
+            def reencode(batch_id, completions):
+                examples = [row["example"] for _, row in stream.rows(stream.position_of(batch_id))]
+                rows = written_pairs(
+                    tok,
+                    parts.teacher_tokenizer,
+                    examples,
+                    completions,
+                    stop_id=stop,
+                    max_length=self.cfg.data.max_length,
+                )
+                return pad_batch(rows, pad)
+
+        return Rollouts(self.student, seed=self.cfg.train.seed, eos_id=stop, pad_id=pad, reencode=reencode)
 
     def _teacher_set(self) -> TeacherSet | None:
         """Several teachers: one engine each (the primary's is `self.engine`), each scoring its rows in the

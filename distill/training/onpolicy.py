@@ -9,8 +9,10 @@ batch id, so a run is reproducible and the distributed path can be tested agains
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -83,6 +85,11 @@ def prompt_lengths(loss_mask: torch.Tensor, attention_mask: torch.Tensor) -> lis
     return lengths
 
 
+Reencode = Callable[[list[list[int]]], dict[str, torch.Tensor]]
+"""Cross-tokenizer rollouts: the completions (student ids, cut after the stop token) -> the written batch, each row
+re-encoded for both tokenizers with its alignment (distill/xtok/rollout.py)."""
+
+
 @torch.no_grad()
 def rollout(
     model: nn.Module,
@@ -92,16 +99,20 @@ def rollout(
     seed: int,
     eos_id: int,
     pad_id: int,
+    reencode: Reencode | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[int], list[bool]]:
     """The batch with its rows' completions written by `model`: (batch, completion lengths, ended with eos).
 
     The new rows are prompt + completion (cut after the first eos), right-padded, with loss_mask on the
     predictions of the completion's tokens. Sampling is seeded by `seed` (derive it from the batch id).
+    reencode: with a token map, what turns the completions into the written batch (both tokenizations aligned).
     """
-    if batch.get("position_ids") is not None or batch.get("align") is not None:
+    if batch.get("position_ids") is not None:
+        raise ConfigError("on-policy stages complete unpacked rows: set data.packing=false.")
+    if batch.get("align") is not None and reencode is None:
         raise ConfigError(
-            "on-policy stages need unpacked rows in the student's own tokenizer: set data.packing=false, and "
-            "leave teacher.token_map off for on-policy stages (cross-tokenizer rollouts are not built yet)."
+            "cross-tokenizer rollouts (teacher.token_map) run on the single-process path (cluster.mode=local) for "
+            "now: the Ray rollout actors do not re-encode the student's text for the teacher yet."
         )
     lengths = prompt_lengths(batch["loss_mask"], batch["attention_mask"])
     rows = [batch["input_ids"][i, :n].tolist() for i, n in enumerate(lengths)]
@@ -126,15 +137,16 @@ def rollout(
             )
     finally:
         model.train(was_training)
-    written, ended, encoded = [], [], []
-    for ids, new in zip(rows, out[:, width:].cpu().tolist(), strict=True):
-        completion = cut_after_stop(new, eos_id)
-        written.append(len(completion))
-        ended.append(eos_id in new)
+    completions = [cut_after_stop(new, eos_id) for new in out[:, width:].cpu().tolist()]
+    ended = [c[-1:] == [eos_id] for c in completions]
+    if reencode is not None:
+        return reencode(completions), [len(c) for c in completions], ended
+    encoded = []
+    for ids, completion in zip(rows, completions, strict=True):
         # loss_mask[t] trains the prediction of token t + 1: the completion's tokens sit at len(ids)..end.
         mask = [False] * (len(ids) - 1) + [True] * len(completion) + [False]
         encoded.append({"input_ids": ids + completion, "loss_mask": mask})
-    return pad_batch(encoded, pad_id), written, ended
+    return pad_batch(encoded, pad_id), [len(c) for c in completions], ended
 
 
 def check_on_policy_run(cfg, curriculum) -> None:
@@ -166,9 +178,9 @@ def check_on_policy_run(cfg, curriculum) -> None:
             "dataset's text only: unset teacher.cache",
         ),
         (
-            bool(cfg.teacher.token_map.enabled),
-            "cross-tokenizer rollouts (re-tokenizing the student's text for the "
-            "teacher) are not built yet: use a same-tokenizer pair or make every stage off-policy",
+            bool(cfg.teacher.token_map.enabled) and cfg.cluster.mode != "local",
+            "cross-tokenizer rollouts (the student's text re-encoded for the teacher) run on the single-process "
+            "path for now: use cluster.mode=local (e.g. cluster=local_single) or a same-tokenizer pair",
         ),
         (bool(cfg.data.packing), "rollouts complete unpacked rows: set data.packing=false"),
         (
@@ -188,8 +200,18 @@ class Rollouts:
     """The local backend's on-policy batches: `(batch_id, batch, plan) -> batch`, the student's own where the
     plan's stage is on-policy and the lambda draw says so, the dataset's otherwise."""
 
-    def __init__(self, model: nn.Module, *, seed: int, eos_id: int, pad_id: int) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        seed: int,
+        eos_id: int,
+        pad_id: int,
+        reencode: Callable[[BatchId, list[list[int]]], dict] | None = None,
+    ) -> None:
+        """reencode: with a token map, (batch id, completions) -> the written batch (distill/xtok/rollout.py)."""
         self.model, self.seed, self.eos_id, self.pad_id = model, seed, eos_id, pad_id
+        self.reencode = reencode
         self.stats = RolloutStats()
 
     def __call__(self, batch_id: BatchId, batch: dict, plan: StepPlan | None) -> dict:
@@ -207,6 +229,7 @@ class Rollouts:
             seed=sample_seed(self.seed, batch_id),
             eos_id=self.eos_id,
             pad_id=self.pad_id,
+            reencode=None if self.reencode is None else functools.partial(self.reencode, batch_id),
         )
         self.stats.seconds += time.perf_counter() - start
         self.stats.add(lengths, ended)

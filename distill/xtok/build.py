@@ -23,7 +23,11 @@ def row_encoder(cfg, tokenizer, teacher_tokenizer=None) -> RowEncoder:
         return lambda examples: [encode_example(tokenizer, ex, cfg.data.max_length) for ex in examples]
     if teacher_tokenizer is None:
         raise ConfigError("a cross-tokenizer run needs the teacher's tokenizer to encode its rows.")
-    return functools.partial(encode_pairs, tokenizer, teacher_tokenizer, max_length=cfg.data.max_length)
+    # On-policy stages re-encode the student's replies from the examples (distill/xtok/rollout.py).
+    keep = any(stage.get("on_policy") for stage in cfg.curriculum.stages)
+    return functools.partial(
+        encode_pairs, tokenizer, teacher_tokenizer, max_length=cfg.data.max_length, keep_example=keep
+    )
 
 
 def batch_scorer(cfg, engine: TeacherEngine, teacher_tokenizer, tokenizer):

@@ -143,7 +143,16 @@ def _mapped(offsets: Offsets, coords: Sequence[int]) -> Offsets:
 
 
 def encode_pairs(
-    student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase, rows, max_length: int
+    student: PreTrainedTokenizerBase,
+    teacher: PreTrainedTokenizerBase,
+    rows,
+    max_length: int,
+    keep_example: bool = False,
 ) -> list[dict]:
-    """`encode_pair` over an iterable of examples."""
-    return [encode_pair(student, teacher, row, max_length) for row in rows]
+    """`encode_pair` over an iterable of examples; keep_example: each row also keeps its `example` (on-policy
+    stages re-encode the student's reply from it)."""
+    rows = list(rows)
+    out = [encode_pair(student, teacher, row, max_length) for row in rows]
+    if keep_example:
+        out = [{**encoded, "example": row} for encoded, row in zip(out, rows, strict=True)]
+    return out
