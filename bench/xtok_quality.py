@@ -50,6 +50,16 @@ RECIPES = {
     "ce": ("CE-only", ["loss=ce_only", "curriculum=single_stage"]),
     # On-policy across tokenizers: the last stage's replies written by the student, re-encoded for the teacher.
     "kd3_onpolicy": ("KD xtok, three-stage on-policy", ["loss=kd_xtok", "curriculum=three_stage_onpolicy"]),
+    # A quarter of the last stage's batches the student's, replies of at most 48 tokens (the task's are ~40).
+    "kd3_onpolicy_q": (
+        "on-policy, lambda 0.25, 48 tokens",
+        [
+            "loss=kd_xtok",
+            "curriculum=three_stage_onpolicy",
+            "curriculum.stages.2.on_policy.lmbda=0.25",
+            "curriculum.stages.2.on_policy.max_new_tokens=48",
+        ],
+    ),
     # The three-stage curriculum with one of its choices undone:
     "kd3_hardwarm": ("three-stage, hard warm-up", ["loss=kd_xtok", "curriculum=three_stage", *_HARD_WARMUP]),
     "kd3_t3": (

@@ -260,5 +260,3 @@ def test_a_cross_tokenizer_on_policy_run_trains_on_the_students_text(tiny_teache
     assert on and sum(r["onpolicy/share"] for r in on) > 0
     assert all(r["loss/forward_kl"] > 0 for r in on)  # the teacher graded the student's text
     assert "bits_per_char" in json.loads((tmp_path / "eval.json").read_text())
-    with pytest.raises(ConfigError, match="single-process path for now"):
-        run_curriculum(compose([*overrides, "cluster=local_ray"]))

@@ -72,3 +72,26 @@ def test_onpolicy_staleness_one_overlaps_rollouts_with_training(common, ray_clus
     assert on and all(r["onpolicy/staleness"] == 1 for r in on if "onpolicy/staleness" in r)
     consumption = _stats(tmp_path)["consumption"]
     assert len(consumption) == STEPS * 2 and set(consumption.values()) == {1}
+
+
+def test_cross_tokenizer_onpolicy_on_ray_equals_the_reference(
+    base_overrides, ray_cluster, tiny_teacher, tmp_path
+):
+    """The demo's cross-tokenizer pair: the rollout actor re-encodes the student's replies for the teacher's
+    tokenizer, the (TP-1, as in tests/test_xtok_online.py) teacher actor grades its own tokens, projected back."""
+    from distill.config import compose
+    from launch.prepare_demo import prepare_student_tokenizer
+
+    common = [
+        *base_overrides,
+        *ONPOLICY,
+        "experiment=xtok_demo",
+        "prepare.student_vocab_size=320",
+        "loss=kd_xtok",
+    ]
+    prepare_student_tokenizer(compose(common))
+    local = ["cluster=local_single", "cluster.micro_batch_size=8", "cluster.grad_accum_steps=2"]
+    want = _run([*common, *local], tmp_path / "ref")
+    got = _run([*common, *RAY, "cluster.teacher_tp=1", "student.zero_stage=2"], tmp_path / "ray")
+    _same(got, want, rel=1e-4)
+    assert [r["onpolicy/share"] for r in got if r.get("stage") == "onpolicy"] == [0.5, 0.5, 0.5, 1.0]

@@ -268,11 +268,14 @@ class RayBackend:
         if not any(stage.on_policy is not None for stage in p.curriculum.stages):
             return None
         tok = p.tokenizer
+        mapped = self.cfg.teacher.token_map.enabled  # the teacher's folder holds its tokenizer
         spec = RolloutSpec(
             student=self.students.spec,
             seed=self.cfg.train.seed,
             eos_id=generation_stop_id(tok),
             pad_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+            teacher_tokenizer_path=str(p.teacher_path) if mapped else None,
+            max_length=self.cfg.data.max_length,
         )
         return RolloutGroup(
             spec,
@@ -300,6 +303,11 @@ class RayBackend:
                 seed=cfg.train.seed,
                 batch_arrays=lambda b: {k: v.numpy() for k, v in prompts.batch(*b).items()},
                 total_steps=cfg.train.steps,
+                batch_examples=(
+                    (lambda b: [row["example"] for _, row in prompts.rows(prompts.position_of(b))])
+                    if cfg.teacher.token_map.enabled
+                    else None
+                ),
             )
         # Tokens per batch for the loss normalisation; its own stream object (the producer thread reads one).
         token_stream = p.stream.copy()

@@ -19,6 +19,7 @@ metrics say so (`onpolicy/staleness`, `onpolicy/dropped`).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -32,7 +33,9 @@ import torch
 
 from distill.batch import BatchId
 from distill.cluster.worker import NO_TASK_EVENTS
+from distill.data.batching import pad_batch
 from distill.training.onpolicy import RolloutStats, is_on_policy, rollout, sample_seed
+from distill.xtok.rollout import written_pairs
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,9 @@ class RolloutSpec:
     seed: int
     eos_id: int
     pad_id: int
+    teacher_tokenizer_path: str | None = None
+    """With a token map: the teacher's tokenizer folder (the student's reply is re-encoded for both tokenizers)."""
+    max_length: int = 0
 
 
 class RolloutWorker:
@@ -55,6 +61,14 @@ class RolloutWorker:
         self.spec = spec
         self.model = spec.student.build()[0]
         self.version = -1
+        self.tokenizers = None
+        if spec.teacher_tokenizer_path is not None:
+            from distill.models.loading import load_tokenizer_folder
+
+            self.tokenizers = (
+                load_tokenizer_folder(spec.student.tokenizer_path),
+                load_tokenizer_folder(spec.teacher_tokenizer_path),
+            )
 
     def load(self, version: int, weights: dict[str, np.ndarray]) -> int:
         if version != self.version:
@@ -63,9 +77,10 @@ class RolloutWorker:
         return version
 
     def rollout(
-        self, version: int, batch_id: BatchId, arrays: dict, on_policy
+        self, version: int, batch_id: BatchId, arrays: dict, on_policy, examples: list | None = None
     ) -> tuple[dict, list, list, float]:
-        """(the written batch as numpy arrays, completion lengths, ended with eos, seconds)."""
+        """(the written batch as numpy arrays, completion lengths, ended with eos, seconds); examples: the rows'
+        examples, with a token map (their replies are replaced by the student's and re-encoded)."""
         if version != self.version:
             raise RuntimeError(
                 f"rollout of {batch_id} asks for weights {version}; this actor holds {self.version}"
@@ -79,8 +94,16 @@ class RolloutWorker:
             seed=sample_seed(self.spec.seed, batch_id),
             eos_id=self.spec.eos_id,
             pad_id=self.spec.pad_id,
+            reencode=None if examples is None else functools.partial(self._reencode, examples),
         )
         return {k: v.numpy() for k, v in written.items()}, lengths, ended, time.perf_counter() - start
+
+    def _reencode(self, examples: list, completions: list[list[int]]) -> dict:
+        student, teacher = self.tokenizers
+        rows = written_pairs(
+            student, teacher, examples, completions, stop_id=self.spec.eos_id, max_length=self.spec.max_length
+        )
+        return pad_batch(rows, self.spec.pad_id)
 
 
 class RolloutGroup:
@@ -99,10 +122,12 @@ class RolloutGroup:
     def load(self, version: int, weights: ray.ObjectRef) -> None:
         ray.get([a.load.remote(version, weights) for a in self.actors])
 
-    def rollout(self, version: int, batch_id: BatchId, arrays: dict, on_policy) -> ray.ObjectRef:
+    def rollout(
+        self, version: int, batch_id: BatchId, arrays: dict, on_policy, examples=None
+    ) -> ray.ObjectRef:
         actor = self.actors[self._next]
         self._next = (self._next + 1) % len(self.actors)
-        return actor.rollout.remote(version, batch_id, arrays, on_policy)
+        return actor.rollout.remote(version, batch_id, arrays, on_policy, examples)
 
     def shutdown(self) -> None:
         for a in self.actors:
@@ -128,10 +153,12 @@ class OnPolicyFeed:
         seed: int,
         batch_arrays,
         total_steps: int,
+        batch_examples=None,
     ):
         self.rollouts, self.teachers, self.buffer = rollouts, teachers, buffer
         self.assignment, self.plans, self.seed = assignment, plans, seed
         self.batch_arrays, self.total_steps = batch_arrays, total_steps
+        self.batch_examples = batch_examples  # with a token map: batch id -> its rows' examples
         self.max_staleness = max(
             (self.plans(s).on_policy.max_staleness for s in range(total_steps) if self.plans(s).on_policy),
             default=0,
@@ -207,7 +234,10 @@ class OnPolicyFeed:
         plan = self.plans(step)
         ids = self.written_ids(step)
         start = time.perf_counter()
-        refs = [self.rollouts.rollout(version, b, self.batch_arrays(b), plan.on_policy) for b in ids]
+        examples = self.batch_examples or (lambda _: None)
+        refs = [
+            self.rollouts.rollout(version, b, self.batch_arrays(b), plan.on_policy, examples(b)) for b in ids
+        ]
         written = ray.get(refs)
         seconds = time.perf_counter() - start
         for batch_id, (arrays, _, _, _) in zip(ids, written, strict=True):

@@ -111,8 +111,8 @@ def rollout(
         raise ConfigError("on-policy stages complete unpacked rows: set data.packing=false.")
     if batch.get("align") is not None and reencode is None:
         raise ConfigError(
-            "cross-tokenizer rollouts (teacher.token_map) run on the single-process path (cluster.mode=local) for "
-            "now: the Ray rollout actors do not re-encode the student's text for the teacher yet."
+            "a cross-tokenizer batch (teacher.token_map) needs `reencode`: the student's reply must be encoded again "
+            "for the teacher's tokenizer (distill/xtok/rollout.py)."
         )
     lengths = prompt_lengths(batch["loss_mask"], batch["attention_mask"])
     rows = [batch["input_ids"][i, :n].tolist() for i, n in enumerate(lengths)]
@@ -176,11 +176,6 @@ def check_on_policy_run(cfg, curriculum) -> None:
             bool(cfg.teacher.cache),
             "the student's samples need a live teacher, and teacher.cache holds scores of the "
             "dataset's text only: unset teacher.cache",
-        ),
-        (
-            bool(cfg.teacher.token_map.enabled) and cfg.cluster.mode != "local",
-            "cross-tokenizer rollouts (the student's text re-encoded for the teacher) run on the single-process "
-            "path for now: use cluster.mode=local (e.g. cluster=local_single) or a same-tokenizer pair",
         ),
         (bool(cfg.data.packing), "rollouts complete unpacked rows: set data.packing=false"),
         (
