@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 
 import torch
+from datasets import DatasetDict
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
@@ -39,6 +40,7 @@ def prepare_demo(cfg: DictConfig) -> dict:
         raise ConfigError(
             f"prepare-demo trains a tiny teacher; teacher={cfg.teacher.name} is not one of {TINY_ARCHS}."
         )
+    teacher_domains(cfg.prepare)  # an unknown domain fails before anything is trained
     if cfg.prepare.student_vocab_size:
         prepare_student_tokenizer(cfg)
     out = demo_teacher_dir(cfg)
@@ -66,9 +68,7 @@ def _train_teacher(cfg: DictConfig):
     p = cfg.prepare
     real = demo_teacher_tokenizer_dir(cfg)
     tokenizer = load_tokenizer_folder(real) if real else train_tokenizer(task_corpus(p.seed), p.vocab_size)
-    data = build_task_dataset(
-        list(DOMAINS), list(p.teacher_levels), p.teacher_train_size, p.eval_examples, p.seed
-    )
+    data = teacher_task_dataset(p)
     rows = [encode_example(tokenizer, ex, cfg.data.max_length) for ex in data["train"]]
     heldout = [encode_example(tokenizer, ex, cfg.data.max_length) for ex in data["eval"]]
 
@@ -98,6 +98,29 @@ def _train_teacher(cfg: DictConfig):
     bar.close()
     held = RunData(rows, heldout, list(data["eval"]))
     return teacher, tokenizer, evaluate(cfg, teacher, tokenizer, held, generate_examples=p.eval_examples)
+
+
+def teacher_domains(p: DictConfig) -> list[str]:
+    """The embedded-task domains the teacher trains and is evaluated on (`prepare.teacher_domains`; None: all), in
+    DOMAINS order, so the same set in any order trains the same teacher (and shares its cache key)."""
+    if p.teacher_domains is None:
+        return list(DOMAINS)
+    wanted = list(p.teacher_domains)
+    unknown = [d for d in wanted if d not in DOMAINS]
+    if unknown or not wanted:
+        raise ConfigError(
+            f"prepare.teacher_domains={wanted}: {'unknown ' + str(unknown) if unknown else 'empty'}; "
+            f"name some of the embedded task's domains {list(DOMAINS)}, or null for all of them."
+        )
+    return [d for d in DOMAINS if d in wanted]
+
+
+def teacher_task_dataset(p: DictConfig) -> DatasetDict:
+    """The teacher's train and held-out splits: `teacher_domains(p)` x `p.teacher_levels`. The tokenizer is not
+    drawn from these (it trains on every domain, `task_corpus(p.seed)`), so experts on different domains share it."""
+    return build_task_dataset(
+        teacher_domains(p), list(p.teacher_levels), p.teacher_train_size, p.eval_examples, p.seed
+    )
 
 
 def prepare_student_tokenizer(cfg: DictConfig) -> Path:

@@ -34,6 +34,10 @@ def demo_teacher_dir(cfg) -> Path:
     # student_vocab_size shapes only the demo's second tokenizer, never the teacher.
     for volatile in ("cache_dir", "force", "eval_examples", "student_vocab_size"):
         prep.pop(volatile)
+    # None (all domains) keeps the key that configs had before the field existed; a domain set is keyed as a set.
+    domains = prep.pop("teacher_domains")
+    if domains is not None:
+        prep["teacher_domains"] = sorted(set(domains))
     key_src = json.dumps(
         {"arch": cfg.teacher.arch, "prepare": prep, "v": DEMO_RECIPE_VERSION}, sort_keys=True
     )
