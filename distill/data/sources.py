@@ -24,5 +24,5 @@ def validate_sources(cfg) -> None:
             where = "continual.increments" if cfg.mode == "continual" else "a curriculum stage's data mix"
             raise ConfigError(
                 f"{where} names dataset {name!r}, which is not defined; known: {known}. Define it under "
-                f"data.subsets (e.g. data.subsets.{name}={{domains: [baking]}}) or fix the name."
+                f"data.subsets (e.g. +data.subsets={{{name}: {{domains: [baking]}}}} on the command line) or fix the name."
             )
