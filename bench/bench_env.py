@@ -30,3 +30,47 @@ def offline_cpu_environment(**extra: str) -> None:
     }
     for name, value in {**defaults, **extra}.items():
         os.environ.setdefault(name, value)
+
+
+def gkd_config(out: str, cfg, *, batch: int, max_steps: int, lmbda: float, **extra):
+    """TRL's GKDConfig as the TRL side of bench/vs_trl.py and bench/onpolicy_throughput.py runs it: forward KL
+    (beta 0) at T 1 on the CPU, one micro-batch of `batch` rows a step, no logging, checkpoints or loader workers."""
+    from trl.experimental.gkd import GKDConfig
+
+    return GKDConfig(
+        output_dir=out,
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=1,
+        max_steps=max_steps,
+        learning_rate=cfg.optim.lr,
+        lmbda=lmbda,
+        beta=0.0,  # forward KL(teacher || student), like loss=kd
+        seq_kd=False,
+        temperature=1.0,
+        bf16=False,  # its defaults are GPU ones (see STACK_NOTES)
+        gradient_checkpointing=False,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=10_000,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        max_length=cfg.data.max_length,
+        **extra,
+    )
+
+
+def step_clock():
+    """A transformers TrainerCallback that notes the time at the end of every optimizer step (`.marks`)."""
+    import time
+
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        def __init__(self) -> None:
+            self.marks: list[float] = []
+
+        def on_step_end(self, args, state, control, **kwargs) -> None:
+            self.marks.append(time.perf_counter())
+
+    return StepClock()

@@ -21,15 +21,14 @@ import statistics
 import tempfile
 import time
 
-from bench_env import offline_cpu_environment
+from bench_env import gkd_config, offline_cpu_environment, step_clock
 
 
 def trl_rate(cfg, rows: list[dict], steps: int, warmup: int, batch: int, threads: int) -> float:
     """Trained tokens/s of TRL's GKDTrainer on `rows` (already encoded), `steps` timed steps after `warmup`."""
     import torch
     from datasets import Dataset
-    from transformers import TrainerCallback
-    from trl.experimental.gkd import GKDConfig, GKDTrainer
+    from trl.experimental.gkd import GKDTrainer
 
     from distill.data.batching import pad_batch
     from distill.models.loading import load_causal_lm, load_tokenizer
@@ -52,35 +51,9 @@ def trl_rate(cfg, rows: list[dict], steps: int, warmup: int, batch: int, threads
         trained.append(int(mask.sum()))
         return {"input_ids": ids, "attention_mask": padded["attention_mask"].long(), "labels": labels}
 
-    class StepClock(TrainerCallback):
-        def __init__(self) -> None:
-            self.marks: list[float] = []
-
-        def on_step_end(self, args, state, control, **kwargs) -> None:
-            self.marks.append(time.perf_counter())
-
-    clock = StepClock()
+    clock = step_clock()
     with tempfile.TemporaryDirectory() as out:
-        args = GKDConfig(
-            output_dir=out,
-            per_device_train_batch_size=batch,
-            gradient_accumulation_steps=1,
-            max_steps=warmup + steps,
-            learning_rate=cfg.optim.lr,
-            lmbda=0.0,  # never sample from the student: off-policy, like ours
-            beta=0.0,  # forward KL(teacher || student)
-            seq_kd=False,
-            temperature=1.0,
-            bf16=False,  # its defaults are GPU ones (see STACK_NOTES)
-            gradient_checkpointing=False,
-            use_cpu=True,
-            report_to=[],
-            save_strategy="no",
-            logging_steps=10_000,
-            dataloader_num_workers=0,
-            disable_tqdm=True,
-            max_length=cfg.data.max_length,
-        )
+        args = gkd_config(out, cfg, batch=batch, max_steps=warmup + steps, lmbda=0.0)
         trainer = GKDTrainer(
             model=student,
             teacher_model=teacher,
