@@ -1,6 +1,7 @@
-"""Several teachers on the Ray path: one teacher group per teacher (one of them through a token map), each scoring
-the rows routed to it, combined per batch before the buffer. The run equals the single-process reference with the
-same teachers, consumes every batch exactly once, and resumes exactly from a checkpoint."""
+"""Several teachers on the Ray path: one teacher group per teacher (one of them on another tokenizer, through its
+token map), each scoring the rows routed to it, combined per batch before the buffer. The run equals the
+single-process reference with the same teachers, consumes every batch exactly once, and resumes exactly from a
+checkpoint."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import json
 import pytest
 import torch
 
+from distill.config import compose
 from tests.test_online_distributed import (
     RUN,
     StopAfter,
@@ -24,25 +26,40 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def pair(tiny_teacher, second_teacher, base_overrides) -> list[str]:
-    """`a` (the test teacher, through a token map) scores shopping and travel, `b` (another teacher) baking, and
-    garden rows go to their ensemble (weights 0.7 / 0.3)."""
+def pair(tiny_teacher, base_overrides, tmp_path_factory) -> list[str]:
+    """The student trains on the cross-tokenizer demo's second tokenizer. `a` (the test teacher, on its own
+    tokenizer, through its token map) scores shopping and travel; `b` (a teacher on the student's tokenizer, seeded
+    random weights) scores baking; garden rows go to their ensemble (weights 0.7 / 0.3)."""
+    from distill.models.loading import load_tokenizer_folder, save_model
+    from distill.models.tiny import build_model, tiny_config
+    from launch.prepare_demo import prepare_student_tokenizer
+
+    student_tokenizer = prepare_student_tokenizer(compose([*base_overrides, *XTOK]))
+    tok = load_tokenizer_folder(student_tokenizer)
+    config = tiny_config(
+        "tiny_deepseek_v3", len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id
+    )
+    b = tmp_path_factory.mktemp("teachers") / "on_student_tokenizer"
+    save_model(build_model(config, seed=11), tok, b)
     return [
         *base_overrides,
         *RUN,
+        *XTOK,
         f"train.steps={STEPS}",
         "loss=kd",
         "+teacher@teachers.a=tiny_deepseek_v3",
         f"teachers.a.path={tiny_teacher}",
         "teachers.a.token_map.enabled=true",
         "+teacher@teachers.b=tiny_deepseek_v3",
-        f"teachers.b.path={second_teacher}",
+        f"teachers.b.path={b}",
         "+routing.subsets={shopping: a, travel: a, baking: b}",
         "routing.default=ensemble",
         "+ensemble.weights={a: 0.7, b: 0.3}",
     ]
 
 
+# The demo's second tokenizer as the student's (experiment=xtok_demo without its loss and curriculum).
+XTOK = ["prepare.student_vocab_size=320", "student.tokenizer=${prepare.cache_dir}/tokenizers/student-v320-s0"]
 STEPS = 10
 
 # Both teacher groups (TP 1, one CPU each) on the first simulated node, the two ZeRO-2 ranks on the second.
