@@ -238,13 +238,22 @@ class OnPolicyFeed:
         refs = [
             self.rollouts.rollout(version, b, self.batch_arrays(b), plan.on_policy, examples(b)) for b in ids
         ]
-        written = ray.get(refs)
-        seconds = time.perf_counter() - start
-        for batch_id, (arrays, _, _, _) in zip(ids, written, strict=True):
-            self.tokens[tuple(batch_id)] = int(arrays["loss_mask"].sum())
-            ((meta, ref),) = list(self.teachers.score_stream([(batch_id, arrays)]))
-            self.buffer.put(batch_id, ref, meta.nbytes, timeout=None, force=True)
-        self._written[step] = [(lengths, ended) for _, lengths, ended, _ in written], seconds, step - version
+        figures, rolled_out = [], [0.0]
+
+        def written():
+            # Each batch goes to the teacher as soon as it is written: its grading overlaps the next one's rollout.
+            for batch_id, ref in zip(ids, refs, strict=True):
+                arrays, lengths, ended, _ = ray.get(ref)
+                rolled_out[0] = (
+                    time.perf_counter() - start
+                )  # onpolicy/rollout_s: until the last one is written
+                figures.append((lengths, ended))
+                self.tokens[tuple(batch_id)] = int(arrays["loss_mask"].sum())
+                yield batch_id, arrays
+
+        for meta, ref in self.teachers.score_stream(written()):
+            self.buffer.put(meta.batch_id, ref, meta.nbytes, timeout=None, force=True)
+        self._written[step] = figures, rolled_out[0], step - version
 
     def committed(self, step: int) -> None:
         """Step `step` trained: its rollouts enter the metrics (in step order, whatever ran ahead)."""
