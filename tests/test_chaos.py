@@ -11,7 +11,6 @@ replaces a lost machine), so the session's cluster is whole again for the tests 
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -21,13 +20,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from distill.cluster.chaos import KINDS, ChaosHooks, schedule
 from distill.cluster.driver import Assignment, CheckpointStore
-from distill.config import compose
 from distill.errors import CheckpointError
 from distill.tracking.metrics_log import read_metrics
+from tests.test_online_distributed import _run, _stats, _weights
 
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/distill/torch_extensions"))
 
@@ -47,22 +45,6 @@ RUN = [
     "checkpoint.every_steps=2",
     "checkpoint.keep=2",
 ]
-
-
-def _run(overrides: list[str], run_dir: Path, hooks=None) -> list[dict]:
-    from distill.run import run
-
-    run(compose(overrides, run_dir=str(run_dir)), hooks=hooks)
-    return read_metrics(run_dir / "metrics.jsonl")
-
-
-def _stats(run_dir: Path) -> dict:
-    return json.loads((run_dir / "online_stats.json").read_text())
-
-
-def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    (path,) = (run_dir / "student").glob("*.safetensors")
-    return load_file(path)
 
 
 def assert_exactly_once_per_epoch(run_dir: Path) -> None:

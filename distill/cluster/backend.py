@@ -303,6 +303,7 @@ class RayBackend:
                 seed=cfg.train.seed,
                 batch_arrays=lambda b: {k: v.numpy() for k, v in prompts.batch(*b).items()},
                 total_steps=cfg.train.steps,
+                max_staleness=max(s.on_policy.max_staleness for s in p.curriculum.stages if s.on_policy),
                 batch_examples=(
                     (lambda b: [row["example"] for _, row in prompts.rows(prompts.position_of(b))])
                     if cfg.teacher.token_map.enabled

@@ -139,7 +139,8 @@ class OnPolicyFeed:
     """Which batches the student writes, with which weights, and putting them, graded, into the buffer.
 
     assignment: the driver's Assignment; plans: step -> StepPlan; batch_arrays(batch_id): the dataset's batch as
-    numpy arrays (the prompts); teachers: the run's teacher group; buffer: the run's buffer.
+    numpy arrays (the prompts); teachers: the run's teacher group; buffer: the run's buffer; max_staleness: the
+    largest of the stages' on_policy.max_staleness.
     """
 
     def __init__(
@@ -153,16 +154,14 @@ class OnPolicyFeed:
         seed: int,
         batch_arrays,
         total_steps: int,
+        max_staleness: int,
         batch_examples=None,
     ):
         self.rollouts, self.teachers, self.buffer = rollouts, teachers, buffer
         self.assignment, self.plans, self.seed = assignment, plans, seed
         self.batch_arrays, self.total_steps = batch_arrays, total_steps
         self.batch_examples = batch_examples  # with a token map: batch id -> its rows' examples
-        self.max_staleness = max(
-            (self.plans(s).on_policy.max_staleness for s in range(total_steps) if self.plans(s).on_policy),
-            default=0,
-        )
+        self.max_staleness = max_staleness
         self.stats = RolloutStats()
         self.staleness: list[int] = []
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="onpolicy")

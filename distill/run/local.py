@@ -57,6 +57,7 @@ class LocalBackend:
             hidden_layers=self.objective.teacher_hidden_layers,
             attention_layers=self.objective.teacher_attention_layers,
         )
+        self.teacher_rates: dict[str, RateMeter] = {}  # several teachers: each one's own throughput
         self.teacher_set = self._teacher_set()
 
     def snapshot(self, name: str):
@@ -95,8 +96,9 @@ class LocalBackend:
                 record.update(measure().metrics("trainer"))  # one process: student, teacher and data
                 if rollouts is not None:
                     record.update(rollouts.stats.take())
-                if self.teacher_set is not None:
-                    record.update(self.teacher_set.take_rates())
+                for name, rate in self.teacher_rates.items():
+                    record[f"teacher/{name}/tokens"] = float(rate.tokens)  # read before take() resets it
+                    record[f"teacher/{name}/tokens_per_s"] = rate.take()
                 metrics.write(record)
 
         run_steps(
@@ -153,9 +155,11 @@ class LocalBackend:
         if members is None:
             return None
         scorers = []
+        self.teacher_rates = {m.name: RateMeter() for m in members}
         for i, m in enumerate(members):
             engine = self.engine if i == 0 else build_teacher_engine(m.view, m.path)
-            scorers.append(batch_scorer(m.view, engine, m.tokenizer, self.parts.tokenizer))
+            score = batch_scorer(m.view, engine, m.tokenizer, self.parts.tokenizer)
+            scorers.append(_timed(score, self.teacher_rates[m.name]))
         names = [m.name for m in members]
         weights, weighting = static_weights(self.cfg), self.cfg.ensemble.weighting
         return TeacherSet(names, scorers, weights, weighting, stage_teachers=self.parts.stage_teachers)

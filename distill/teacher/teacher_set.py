@@ -14,11 +14,10 @@ student's vocabulary, and each token becomes the weighted mixture of the teacher
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, read_write
 from torch import Tensor
 
 from distill.batch import ENSEMBLE, ENSEMBLE_NAME, ROUTE, BatchId, TeacherBatch
@@ -44,7 +43,7 @@ def teacher_views(cfg) -> dict[str, DictConfig]:
     for name in cfg.teachers:
         view = cfg.copy()
         t = cfg.teachers[name]
-        with _writable(view):
+        with read_write(view):
             view.teacher = t
             view.teachers = {}
             # Its share of the cluster: its own group's layout (checked against its model as a single run's).
@@ -69,20 +68,8 @@ def use_primary_teacher(cfg) -> None:
     """With a teacher set, `teacher` becomes its first member (the student's tokenizer and the held-out side come
     from it), in place, so config.yaml shows what ran."""
     if has_teacher_set(cfg):
-        with _writable(cfg):
+        with read_write(cfg):
             cfg.teacher = cfg.teachers[next(iter(cfg.teachers))]
-
-
-class _writable:
-    def __init__(self, cfg) -> None:
-        self.cfg = cfg
-
-    def __enter__(self):
-        self.readonly = OmegaConf.is_readonly(self.cfg)
-        OmegaConf.set_readonly(self.cfg, False)
-
-    def __exit__(self, *exc) -> None:
-        OmegaConf.set_readonly(self.cfg, self.readonly)
 
 
 def static_weights(cfg) -> list[float]:
@@ -279,7 +266,7 @@ StageTeachers = Callable[[BatchId], Mapping[str, float] | None]
 
 class TeacherSet:
     """The local backend's several teachers: each scorer (a single-teacher `batch_scorer`) scores its rows, then
-    `combine`. Counts each teacher's scored tokens and seconds for its own throughput."""
+    `combine`. (Each teacher's throughput: wrap its scorer, e.g. distill/run/local.py's `_timed`.)"""
 
     def __init__(
         self,
@@ -292,30 +279,14 @@ class TeacherSet:
         self.names, self.scorers = list(names), list(scorers)
         self.weights, self.weighting = list(weights), weighting
         self.stage_teachers = stage_teachers
-        self.tokens = dict.fromkeys(self.names, 0)
-        self.seconds = dict.fromkeys(self.names, 0.0)
 
     def score(self, batch_id: BatchId, batch: Mapping[str, Tensor]) -> TeacherBatch:
         multipliers = self.stage_teachers(batch_id) if self.stage_teachers is not None else None
         route, weights = stage_routing(batch[ROUTE], self.weights, self.names, multipliers)
         batch = {**batch, ROUTE: route}
         parts = {}
-        for index, (name, scorer) in enumerate(zip(self.names, self.scorers, strict=True)):
+        for index, scorer in enumerate(self.scorers):
             rows = teacher_rows(route, index, weights)
-            if not len(rows):
-                continue
-            sub = select_rows(batch, rows)
-            start = time.perf_counter()
-            parts[index] = scorer(batch_id, sub)
-            self.seconds[name] += time.perf_counter() - start
-            self.tokens[name] += int(sub["loss_mask"].sum())
+            if len(rows):
+                parts[index] = scorer(batch_id, select_rows(batch, rows))
         return combine(batch_id, batch, parts, weights, self.weighting)
-
-    def take_rates(self) -> dict[str, float]:
-        """teacher/<name>/tokens_per_s and teacher/<name>/tokens since the last call."""
-        out = {}
-        for name in self.names:
-            out[f"teacher/{name}/tokens"] = float(self.tokens[name])
-            out[f"teacher/{name}/tokens_per_s"] = self.tokens[name] / max(self.seconds[name], 1e-9)
-            self.tokens[name], self.seconds[name] = 0, 0.0
-        return out
