@@ -194,6 +194,23 @@ def failures(case: tuple[str, str, int], results: dict[str, list[dict]]) -> list
     return missed
 
 
+def scored_run(folder: Path, overrides: list[str], evaluate: Evaluator) -> dict:
+    """One run and its independent scores; a run already scored with the same overrides is read back, so a
+    matrix of several hours can be stopped and continued with the same --out."""
+    done = folder / "scores.json"
+    if done.exists():
+        saved = json.loads(done.read_text(encoding="utf-8"))
+        if saved.get("overrides") == overrides:
+            return saved["scores"]
+    summary = run(compose(overrides, run_dir=str(folder)))
+    scores = evaluate(str(folder / "student"))
+    scores["run_ce"] = summary.get("ce")
+    tmp = done.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"overrides": overrides, "scores": scores}), encoding="utf-8")
+    tmp.replace(done)
+    return scores
+
+
 def parse_recipes(extra: list[str], names: list[str] | None) -> dict[str, list[str]]:
     recipes = dict(RECIPES)
     for item in extra:
@@ -234,16 +251,11 @@ def main() -> int:
                     for name, extra in recipes.items():
                         folder = out / text / student / f"{budget}" / name.replace(" ", "_") / f"seed{seed}"
                         t0 = time.time()
-                        cfg = compose(
-                            [
-                                *run_overrides(assets, text, student, budget, seed, args.batch, extra),
-                                *args.overrides,
-                            ],
-                            run_dir=str(folder),
-                        )
-                        summary = run(cfg)
-                        scores = evaluate(str(folder / "student"))
-                        scores["run_ce"] = summary.get("ce")
+                        overrides = [
+                            *run_overrides(assets, text, student, budget, seed, args.batch, extra),
+                            *args.overrides,
+                        ]
+                        scores = scored_run(folder, overrides, evaluate)
                         results[name].append(scores)
                         print(
                             f"{text} {student} {budget} {name} seed {seed}: {json.dumps(scores)} "

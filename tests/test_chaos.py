@@ -30,8 +30,8 @@ from tests.test_online_distributed import _run, _stats, _weights
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/distill/torch_extensions"))
 
 REPO = Path(__file__).parent.parent
-STEPS = 20
-BATCHES_PER_EPOCH = 10  # 80 rows / micro-batch 8; 20 steps x 2 batches = 4 epochs
+STEPS = 12
+BATCHES_PER_EPOCH = 6  # 48 rows / micro-batch 8; 12 steps x 2 batches = 4 epochs
 RUN = [
     "cluster=sim_2node",
     "cluster.teacher_replicas=2",
@@ -39,7 +39,7 @@ RUN = [
     "cluster.buffer_capacity=4",  # the teacher runs two steps ahead: it still scores when its actor dies
     f"train.steps={STEPS}",
     "train.log_every=1",
-    "data.num_train=80",
+    "data.num_train=48",
     "eval.generate_examples=0",
     "eval.max_batches=1",
     "checkpoint.every_steps=2",

@@ -2,14 +2,16 @@
 fixture): the Ray head starts on node1 and a worker on node2 through srun, the driver trains the tiny online
 run across them, then Ray is torn down.
 
-1. A plain job: completes, both Slurm nodes joined the Ray cluster, the teacher and student actors sat on
-   different Ray nodes, the student export exists, no Ray process of the job survives it. The worker's first
-   `ray start` is made to fail at once (a `ray` shim first on PATH, as a GCS that does not answer in 30 s
-   fails it): the script starts it again and the job completes.
-2. Requeue: `scontrol requeue` of a running job (hard stop) resumes from the last periodic checkpoint; then
-   the Slurm time-limit signal (USR1 to the batch shell, as `--signal=B:USR1@300` sends it) makes the driver
+One job lives through what a long job on a shared cluster meets (one job, so the suite starts Ray on Slurm three
+times, not four):
+1. The worker's first `ray start` is made to fail at once (a `ray` shim first on PATH, as a GCS that does not
+   answer in 30 s fails it): the script starts it again.
+2. `scontrol requeue` of the running job (hard stop) resumes from the last periodic checkpoint.
+3. The Slurm time-limit signal (USR1 to the batch shell, as `--signal=B:USR1@300` sends it) makes the driver
    checkpoint after its current step and exit 75, and the script requeues itself; the third run finishes.
-   The metrics of all three runs form the uninterrupted curve's steps, each once.
+At the end: both Slurm nodes joined the Ray cluster in every run, the teacher and student actors sat on
+different Ray nodes, the metrics of all three runs form the uninterrupted curve's steps, each once, the student
+export and eval.json exist, and no Ray process or temp dir of the job survives it.
 """
 
 from __future__ import annotations
@@ -125,43 +127,22 @@ def _failing_first_join(tmp: Path) -> str:
     return str(activate)
 
 
-def test_sbatch_runs_ray_across_two_slurm_nodes(local_slurm, tiny_teacher, base_overrides, tmp_path):
-    start = time.monotonic()
-    overrides = [*base_overrides, *RUN, "train.steps=2", "curriculum=single_stage"]
-    job = _submit(local_slurm, tmp_path, overrides, activate=_failing_first_join(tmp_path))
-    info = _wait(local_slurm, job, lambda i: i["JobState"] == "COMPLETED", "completion", tmp_path)
-    print(f"slurm job {job}: {time.monotonic() - start:.1f} s")
-    assert info["NodeList"] == "node[1-2]" and info["ExitCode"] == "0:0"
-    log = (tmp_path / "job.out").read_text()
-    assert re.search(r"2 Ray nodes alive", log), _tail(tmp_path)
-    assert "injected: ray start fails" in log and "failed with 1 (try 1 of 3)" in log, _tail(tmp_path)
-    run_dir = tmp_path / "run"
-    stats = json.loads((run_dir / "online_stats.json").read_text())
-    # One Ray node per Slurm node: the teacher actor on one, the student rank on the other.
-    (teacher_nodes,) = stats["teacher_nodes"]
-    assert len(set(teacher_nodes) | set(stats["student_nodes"])) == 2
-    assert list((run_dir / "student").glob("*.safetensors"))
-    assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == [0, 1]
-    assert (run_dir / "eval.json").is_file()
-    assert _no_ray_left(job) == []
-    assert not (Path(os.environ.get("TMPDIR", "/tmp")) / f"ray-{job}").exists()  # the job's Ray temp dir
-
-
-def test_requeued_job_resumes_from_its_checkpoint(local_slurm, tiny_teacher, base_overrides, tmp_path):
+def test_a_job_across_two_nodes_survives_a_failed_join_a_requeue_and_the_time_limit(
+    local_slurm, tiny_teacher, base_overrides, tmp_path
+):
     steps = 24  # ~0.3 s each: a window of seconds in which the signal lands mid-run
-    job = _submit(
-        local_slurm, tmp_path, [*base_overrides, *RUN, f"train.steps={steps}", "checkpoint.every_steps=4"]
-    )
+    overrides = [*base_overrides, *RUN, f"train.steps={steps}", "checkpoint.every_steps=4"]
+    job = _submit(local_slurm, tmp_path, overrides, activate=_failing_first_join(tmp_path))
     run_dir = tmp_path / "run"
 
-    # 1. A hard requeue once the first checkpoint exists: the job restarts from it.
+    # 2. A hard requeue once the first checkpoint exists: the job restarts from it.
     _wait(local_slurm, job, lambda i: _latest_step(run_dir) is not None, "a checkpoint", tmp_path)
     _slurm(local_slurm, "scontrol", "requeue", job)
     _wait(
         local_slurm, job, lambda i: i["Restarts"] == "1" and i["JobState"] == "RUNNING", "restart", tmp_path
     )
 
-    # 2. The time-limit warning once the second run has trained a step past its checkpoint.
+    # 3. The time-limit warning once the second run has trained a step past its checkpoint.
     def trained_past_resume(info: dict[str, str]) -> bool:
         log = (tmp_path / "job.out").read_text(errors="replace")
         restored = re.findall(r"restored \S+step-(\d+)", log)
@@ -178,9 +159,11 @@ def test_requeued_job_resumes_from_its_checkpoint(local_slurm, tiny_teacher, bas
         "completion",
         tmp_path,
     )
-    assert info["ExitCode"] == "0:0"
+    assert info["NodeList"] == "node[1-2]" and info["ExitCode"] == "0:0"
 
     log = (tmp_path / "job.out").read_text()
+    # 1. The worker's first `ray start` failed at once and the script started it again.
+    assert "injected: ray start fails" in log and "failed with 1 (try 1 of 3)" in log, _tail(tmp_path)
     restored = [int(s) for s in re.findall(r"restored \S+step-(\d+)", log)]
     stopped = [int(s) for s in re.findall(r"stopped after step \d+; checkpoint \S+step-(\d+)", log)]
     assert len(restored) == 2 and len(stopped) == 1, _tail(tmp_path)
@@ -190,5 +173,11 @@ def test_requeued_job_resumes_from_its_checkpoint(local_slurm, tiny_teacher, bas
     assert log.count("2 Ray nodes alive") == 3  # every run had both nodes
     # Each step once, in order: the rewound metrics of the runs join into the whole curve.
     assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == list(range(steps))
+    # One Ray node per Slurm node: the teacher actor on one, the student rank on the other.
+    stats = json.loads((run_dir / "online_stats.json").read_text())
+    (teacher_nodes,) = stats["teacher_nodes"]
+    assert len(set(teacher_nodes) | set(stats["student_nodes"])) == 2
     assert list((run_dir / "student").glob("*.safetensors"))
+    assert (run_dir / "eval.json").is_file()
     assert _no_ray_left(job) == []
+    assert not (Path(os.environ.get("TMPDIR", "/tmp")) / f"ray-{job}").exists()  # the job's Ray temp dir
