@@ -13,11 +13,11 @@ the same two CPU cores:
                the DeepSpeed ZeRO-2 rank trains on it. One torch thread each; the rollout actor reserves no Ray CPU
                (cluster.cpus_per_rollout_actor=0): Ray's 2 CPUs are the teacher's and the rank's, and the rollout
                actor shares those cores. At staleness 0 rollout -> scoring -> training run in turn (GKD's
-               synchronous recipe); at staleness k > 0 step s's rollout and scoring (one after the other, on the
-               feed's one thread) run while the steps before it train.
-Figure: trained tokens/s (tokens: the completion tokens trained, metrics.jsonl `tokens` on our side, the labels
-GKDTrainer trains on its side), warm-up steps and start-up excluded; every side run --repeats times, alternating,
-medians compared. Target: the best staleness >= 1.5x TRL.
+               synchronous recipe); at staleness k > 0 step s's rollout and scoring run while the steps before
+               it train, up to k steps written at once. Logged at the default train.log_every (TRL: no logging).
+Figure: trained tokens/s (tokens: the completion tokens trained, the written batches' counts on our side, checked
+against metrics.jsonl on the logged steps; the labels GKDTrainer trains on its side), warm-up steps and start-up
+excluded; every side run --repeats times, alternating, medians compared. Target: the best staleness >= 1.5x TRL.
 
     python bench/onpolicy_throughput.py      # 20 timed steps after 2, 3 alternating repeats (~8 min on 2 cores)
     python bench/onpolicy_throughput.py --batch 32 --max-new-tokens 64 --steps 10 --repeats 2   # more work per step
@@ -127,29 +127,39 @@ def trl_rate(
 
 
 def distill_rate(cfg, run_dir: str, steps: int, warmup: int, staleness: int) -> tuple[float, float]:
-    """(trained tokens/s, mean completion length) of the Ray on-policy run, timed between step commits; the
-    tokens are metrics.jsonl's (every step logged), checked to be written at the asked staleness."""
+    """(trained tokens/s, mean completion length) of the Ray on-policy run, timed between step commits. The run
+    logs at its default train.log_every (TRL's side logs nothing); each step's trained tokens are the counts of
+    its written batches (the feed's, what the driver divides the loss by), and the logged steps are checked to be
+    written at the asked staleness."""
     from distill.cluster.driver import Hooks
     from distill.run import run
     from distill.tracking.metrics_log import read_metrics
 
     marks: dict[int, float] = {}
+    tokens: dict[int, int] = {}
 
     class StepClock(Hooks):
         def after_step(self, driver, step: int) -> None:
             marks[step] = time.perf_counter()
+            written = driver.onpolicy.tokens
+            tokens[step] = sum(written[tuple(b)] for b in driver.assignment.step_batches(step))
 
     run(cfg, hooks=StepClock())
-    records = {r["step"]: r for r in read_metrics(Path(run_dir) / "metrics.jsonl") if "tokens" in r}
     timed = range(warmup, warmup + steps)
-    for s in timed:
-        r = records[s]
-        # Steps before `staleness` are written by the first weights (younger than asked): only timed ones checked.
-        if s >= staleness and (r.get("onpolicy/share") != 1.0 or r.get("onpolicy/staleness") != staleness):
-            raise RuntimeError(f"step {s} is not on-policy at staleness {staleness}: {r}")
-    trained = sum(records[s]["tokens"] for s in timed)
-    length = statistics.mean(records[s]["onpolicy/completion_tokens"] for s in timed)
-    return trained / (marks[warmup + steps - 1] - marks[warmup - 1]), length
+    logged = [
+        r for r in read_metrics(Path(run_dir) / "metrics.jsonl") if r["step"] in timed and "tokens" in r
+    ]
+    for (
+        r
+    ) in logged:  # each covers the steps since the previous log, all after the warm-up's `staleness` steps
+        if r.get("onpolicy/share") != 1.0 or r.get("onpolicy/staleness") != staleness:
+            raise RuntimeError(f"step {r['step']} is not on-policy at staleness {staleness}: {r}")
+        if r["tokens"] != tokens[r["step"]]:
+            raise RuntimeError(f"step {r['step']}: {tokens[r['step']]} written tokens, the run logged {r}")
+    if not logged:
+        raise RuntimeError(f"no logged step in {timed.start}-{timed.stop - 1}: raise --steps")
+    length = statistics.mean(r["onpolicy/completion_tokens"] for r in logged)
+    return sum(tokens[s] for s in timed) / (marks[warmup + steps - 1] - marks[warmup - 1]), length
 
 
 def main() -> None:
@@ -185,7 +195,6 @@ def main() -> None:
         "cluster.grad_accum_steps=1",
         f"cluster.global_batch_size={args.batch}",
         f"train.steps={total}",
-        "train.log_every=1",  # metrics.jsonl `tokens` of every step
         "eval.max_batches=1",
         "eval.generate_examples=0",
         "loss=kd",

@@ -18,7 +18,7 @@ ONPOLICY = [
     "data.num_train=80",
     "eval.generate_examples=0",
     "eval.max_batches=1",
-    "curriculum=three_stage_onpolicy",  # steps 0 (hard warm-up), 1-5 (KD), 6-9 (on-policy)
+    "curriculum=three_stage_onpolicy",  # steps 0 (KD warm-up), 1-5 (KD), 6-9 (on-policy)
     "curriculum.stages.2.on_policy.lmbda=0.75",  # 5 of the 8 batches: both kinds in steps 6-8, two own in 9
     "curriculum.stages.2.on_policy.max_new_tokens=16",
     "loss=kd",
@@ -66,10 +66,12 @@ def test_onpolicy_on_ray_equals_the_reference_and_resumes_exactly(
     _same(again, got, rel=1e-6)
 
 
-def test_onpolicy_staleness_one_overlaps_rollouts_with_training(common, ray_cluster, tiny_teacher, tmp_path):
-    got = _run([*common, *RAY, "curriculum.stages.2.on_policy.max_staleness=1"], tmp_path)
+def test_onpolicy_staleness_two_overlaps_rollouts_with_training(common, ray_cluster, tiny_teacher, tmp_path):
+    """Two steps written at once by two rollout actors (the feed's two threads), while the steps before train."""
+    overrides = ["curriculum.stages.2.on_policy.max_staleness=2", "cluster.rollout_actors=2"]
+    got = _run([*common, *RAY, *overrides], tmp_path)
     on = [r for r in got if r.get("stage") == "onpolicy"]
-    assert on and all(r["onpolicy/staleness"] == 1 for r in on if "onpolicy/staleness" in r)
+    assert on and [r["onpolicy/staleness"] for r in on if "onpolicy/staleness" in r] == [2] * len(on)
     consumption = _stats(tmp_path)["consumption"]
     assert len(consumption) == STEPS * 2 and set(consumption.values()) == {1}
 

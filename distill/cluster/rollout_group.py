@@ -9,10 +9,12 @@ seeded by the run's seed and the batch id, exactly as the single-process path do
 
 `OnPolicyFeed` (driven by the Driver): step s's on-policy batches (the lambda draw over its batch ids) are written
 by the weights of step v(s) = max(first step, s - max_staleness): W_s at staleness 0, GKD's synchronous recipe
-and the single-process reference. As soon as W_v(s) is published, one background thread rolls out step s's
+and the single-process reference. As soon as W_v(s) is published, a background thread rolls out step s's
 batches on the rollout actors, has the teacher group score them and puts them into the buffer (forced: the
 step's own batches always fit); the driver waits for it before dispatching step s (it needs their token counts).
-At staleness k > 0 that work overlaps the k steps before s. The producer never scores these batch ids: it skips
+At staleness k > 0 that work overlaps the k steps before s, and the feed's k threads prepare up to k steps at
+once (one step's samples are graded while the next one's are written; each rollout call names its version, and an
+actor that holds another loads it). The producer never scores these batch ids: it skips
 them. Samples are never older than max_staleness (each step's version is fixed), so none is dropped; the
 metrics say so (`onpolicy/staleness`, `onpolicy/dropped`).
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -60,7 +63,7 @@ class RolloutWorker:
         torch.set_num_threads(max(1, spec.student.threads))
         self.spec = spec
         self.model = spec.student.build()[0]
-        self.version = -1
+        self.version: tuple[int, int] | None = None  # (the feed's generation, optimizer steps applied)
         self.tokenizers = None
         if spec.teacher_tokenizer_path is not None:
             from distill.models.loading import load_tokenizer_folder
@@ -70,22 +73,24 @@ class RolloutWorker:
                 load_tokenizer_folder(spec.teacher_tokenizer_path),
             )
 
-    def load(self, version: int, weights: dict[str, np.ndarray]) -> int:
-        if version != self.version:
-            self.model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
-            self.version = version
-        return version
-
     def rollout(
-        self, version: int, batch_id: BatchId, arrays: dict, on_policy, examples: list | None = None
+        self,
+        version: tuple[int, int],
+        weights: list[ray.ObjectRef],
+        batch_id: BatchId,
+        arrays: dict,
+        on_policy,
+        examples: list | None = None,
     ) -> tuple[dict, list, list, float]:
-        """(the written batch as numpy arrays, completion lengths, ended with eos, seconds); examples: the rows'
-        examples, with a token map (their replies are replaced by the student's and re-encoded)."""
-        if version != self.version:
-            raise RuntimeError(
-                f"rollout of {batch_id} asks for weights {version}; this actor holds {self.version}"
-            )
+        """(the written batch as numpy arrays, completion lengths, ended with eos, seconds), written by weights
+        `version` ([ref of {name: numpy array}], fetched only when this actor holds another version: calls for
+        several steps may be in flight at once); examples: the rows' examples, with a token map (their replies are
+        replaced by the student's and re-encoded)."""
         start = time.perf_counter()
+        if version != self.version:
+            (state,) = ray.get(weights)
+            self.model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
+            self.version = version
         batch = {k: torch.from_numpy(np.asarray(v)) for k, v in arrays.items()}
         written, lengths, ended = rollout(
             self.model,
@@ -107,7 +112,7 @@ class RolloutWorker:
 
 
 class RolloutGroup:
-    """`actors` rollout actors; `load` a weights version on all of them, `rollout` round-robin."""
+    """`actors` rollout actors; `rollout` round-robin, each call naming its weights version."""
 
     def __init__(
         self, spec: RolloutSpec, *, actors: int, cpus_per_actor: float, gpus_per_actor: float
@@ -118,16 +123,22 @@ class RolloutGroup:
             for _ in range(actors)
         ]
         self._next = 0
-
-    def load(self, version: int, weights: ray.ObjectRef) -> None:
-        ray.get([a.load.remote(version, weights) for a in self.actors])
+        self._lock = threading.Lock()
 
     def rollout(
-        self, version: int, batch_id: BatchId, arrays: dict, on_policy, examples=None
+        self,
+        version: tuple[int, int],
+        weights: ray.ObjectRef,
+        batch_id: BatchId,
+        arrays: dict,
+        on_policy,
+        examples=None,
     ) -> ray.ObjectRef:
-        actor = self.actors[self._next]
-        self._next = (self._next + 1) % len(self.actors)
-        return actor.rollout.remote(version, batch_id, arrays, on_policy, examples)
+        with self._lock:  # the feed's threads prepare several steps at once
+            actor = self.actors[self._next]
+            self._next = (self._next + 1) % len(self.actors)
+        # In a list, so Ray passes the ref on instead of resolving it: an actor that holds the version skips it.
+        return actor.rollout.remote(version, [weights], batch_id, arrays, on_policy, examples)
 
     def shutdown(self) -> None:
         for a in self.actors:
@@ -164,7 +175,10 @@ class OnPolicyFeed:
         self.max_staleness = max_staleness
         self.stats = RolloutStats()
         self.staleness: list[int] = []
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="onpolicy")
+        # At staleness k the next k steps may be written at once: while one step's samples are graded, the next
+        # one's are written (on the rollout actors round-robin, each loading the version its step needs).
+        self._pool = ThreadPoolExecutor(max(1, max_staleness), thread_name_prefix="onpolicy")
+        self._reading = threading.Lock()
         self.reset(0)
 
     # ---- what is written with what ----------------------------------------------------------------------------
@@ -203,10 +217,11 @@ class OnPolicyFeed:
         for future in getattr(self, "_pending", {}).values():
             future.cancel()
         self.first = first_step
+        # A restore trains its steps again: the versions of the failed world are not reused on the actors.
+        self._generation = getattr(self, "_generation", -1) + 1
         self._pending: dict[int, Future] = {}
         self._written: dict[int, tuple] = {}  # step -> its rollouts' figures, until the step commits
         self.tokens: dict[BatchId, int] = {}
-        self._loaded = -1
         if weights is not None:
             self.published(first_step, weights)
 
@@ -214,7 +229,8 @@ class OnPolicyFeed:
         """Weights `version` exist: prepare every step they write."""
         for step in range(version, min(version + self.max_staleness + 1, self.total_steps)):
             if step >= self.first and self.written_ids(step) and self.version_for(step) == version:
-                self._pending[step] = self._pool.submit(self._prepare, step, version, weights)
+                key = (self._generation, version)
+                self._pending[step] = self._pool.submit(self._prepare, step, key, weights)
 
     def wait(self, step: int) -> None:
         """Block until step `step`'s written batches are in the buffer (re-raising the work's error)."""
@@ -226,16 +242,17 @@ class OnPolicyFeed:
                 f"on-policy step {step} was never prepared (weights {self.version_for(step)} missing)"
             )
 
-    def _prepare(self, step: int, version: int, weights: ray.ObjectRef) -> None:
-        if version != self._loaded:
-            self.rollouts.load(version, weights)
-            self._loaded = version
+    def _prepare(self, step: int, key: tuple[int, int], weights: ray.ObjectRef) -> None:
+        """Write step `step`'s batches with weights key = (feed generation, version), grade them, put them."""
+        version = key[1]
         plan = self.plans(step)
         ids = self.written_ids(step)
         start = time.perf_counter()
         examples = self.batch_examples or (lambda _: None)
+        with self._reading:  # batch_arrays / batch_examples read one stream
+            inputs = [(b, self.batch_arrays(b), examples(b)) for b in ids]
         refs = [
-            self.rollouts.rollout(version, b, self.batch_arrays(b), plan.on_policy, examples(b)) for b in ids
+            self.rollouts.rollout(key, weights, b, arrays, plan.on_policy, rows) for b, arrays, rows in inputs
         ]
         figures, rolled_out = [], [0.0]
 
