@@ -20,13 +20,17 @@ import time
 # Ports of one Ray node, as offsets from the job's base port. Jobs that share a host (and the two "nodes" of a
 # one-machine test Slurm) must not collide, so every port is fixed per job and per node rather than Ray's
 # defaults (6379, 10001, 52365, ...), which a second head or worker on the same host would find taken.
+# The blocks lie between Ray's worker ports (10002-19999) and Linux's ephemeral range (32768 and up by default):
+# a fixed port inside the ephemeral range can be held by any process's outgoing connection, and a raylet that
+# cannot bind its port never registers ("The current node timed out during startup", on every retry; seen in CI
+# with job 150's block at 35000).
 GCS, CLIENT, DASHBOARD = 0, 1, 2
 PER_NODE = 4  # node i: node manager, object manager, agent http, agent grpc at base + 8 + 4 i + 0..3
-BASE_LOW, BASE_SPAN, BASE_STEP = 20000, 400, 100
+BASE_LOW, BASE_SPAN, BASE_STEP = 20000, 127, 100  # blocks up to 32699: below 32768
 
 
 def job_ports(job_id: int) -> dict[str, int]:
-    """Base port of a job: a 100-port block in [20000, 60000) picked by the job id."""
+    """Base port of a job: a 100-port block in [20000, 32700) picked by the job id."""
     base = BASE_LOW + (job_id % BASE_SPAN) * BASE_STEP
     return {"RAY_PORT": base + GCS, "RAY_CLIENT_PORT": base + CLIENT, "RAY_DASHBOARD_PORT": base + DASHBOARD}
 

@@ -17,7 +17,9 @@ from tests.test_tracking import STEP_KEYS, read_wandb, wandb_history, wandb_summ
 
 ROOT = Path(__file__).parent.parent
 BIN = Path(sys.executable).parent
-PORT = 20000 + (os.getpid() % 300) * 100 + 50  # clear of slurm/ray_cluster.py's per-job blocks' first ports
+# Clear of slurm/ray_cluster.py's per-job blocks' first ports, and below the ephemeral range (32768 and up), where
+# another process's outgoing connection may hold any port.
+PORT = 20000 + (os.getpid() % 127) * 100 + 50
 
 
 @pytest.fixture
