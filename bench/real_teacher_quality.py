@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from real_teacher_assets import build_assets, cache_root
 
 from distill.config import compose
+from distill.io import atomic_write_json
 from distill.run import run
 
 RECIPES = {
@@ -205,9 +206,7 @@ def scored_run(folder: Path, overrides: list[str], evaluate: Evaluator) -> dict:
     summary = run(compose(overrides, run_dir=str(folder)))
     scores = evaluate(str(folder / "student"))
     scores["run_ce"] = summary.get("ce")
-    tmp = done.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"overrides": overrides, "scores": scores}), encoding="utf-8")
-    tmp.replace(done)
+    atomic_write_json(done, {"overrides": overrides, "scores": scores})
     return scores
 
 

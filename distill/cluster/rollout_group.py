@@ -179,6 +179,9 @@ class OnPolicyFeed:
         # one's are written (on the rollout actors round-robin, each loading the version its step needs).
         self._pool = ThreadPoolExecutor(max(1, max_staleness), thread_name_prefix="onpolicy")
         self._reading = threading.Lock()
+        self._generation = (
+            -1
+        )  # reset() counts the feed's starts: a restore never reuses a failed world's versions
         self.reset(0)
 
     # ---- what is written with what ----------------------------------------------------------------------------
@@ -217,8 +220,7 @@ class OnPolicyFeed:
         for future in getattr(self, "_pending", {}).values():
             future.cancel()
         self.first = first_step
-        # A restore trains its steps again: the versions of the failed world are not reused on the actors.
-        self._generation = getattr(self, "_generation", -1) + 1
+        self._generation += 1
         self._pending: dict[int, Future] = {}
         self._written: dict[int, tuple] = {}  # step -> its rollouts' figures, until the step commits
         self.tokens: dict[BatchId, int] = {}
