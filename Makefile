@@ -5,6 +5,8 @@ export DS_ACCELERATOR := cpu
 export RAY_AUTH_MODE := disabled
 export TOKENIZERS_PARALLELISM := false
 export OMP_WAIT_POLICY := PASSIVE
+# Where DeepSpeed's JIT-built ops live; scripts/setup.sh builds the CPU comm op there once.
+export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/distill/torch_extensions
 
 .PHONY: setup setup-vllm demo test test-fast lint bench lock lock-newest
 

@@ -43,4 +43,13 @@ from importlib.metadata import distributions
 found = sorted(f"{d.metadata['Name']}=={d.version}" for d in distributions())
 print(f"installed {len(found)} packages: " + ", ".join(found))
 PY
+# DeepSpeed's CPU comm op, JIT-built once here (30-60 s on 2 cores) with this environment's ninja into the folder
+# that runs and tests share, so no run pays for it (distill.student.engine.use_interpreters_ninja says why the
+# ninja matters). GPU clusters leave DS_ACCELERATOR unset and skip this.
+if [ "${DS_ACCELERATOR:-}" = cpu ] && "$VENV/bin/python" -c "import deepspeed" 2>/dev/null; then
+  echo "building DeepSpeed's CPU comm op into ${TORCH_EXTENSIONS_DIR:-$HOME/.cache/distill/torch_extensions} ..."
+  PATH="$PWD/$VENV/bin:$PATH" TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$HOME/.cache/distill/torch_extensions}" \
+    "$VENV/bin/python" -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load()" \
+    > "$VENV/ds-op-build.log" 2>&1 || { cat "$VENV/ds-op-build.log" >&2; exit 1; }
+fi
 echo "$want" > "$stamp"

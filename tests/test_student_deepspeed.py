@@ -13,8 +13,9 @@ hidden-state MSE through a trained projector) and AdamW settings.
   again with the fused head (distill.losses.fused: the head weight gathered inside the loss), against the
   same unfused reference.
 
-The first run on a machine JIT-builds DeepSpeed's CPU comm op (~40-100 s) into TORCH_EXTENSIONS_DIR; later runs
-load it in well under a second.
+DeepSpeed's CPU comm op is JIT-built into TORCH_EXTENSIONS_DIR (~25-100 s): by `make setup` on a CPU machine, else
+by the first run; later runs load it in well under a second, whichever process they are (see
+`test_every_process_builds_deepspeed_ops_with_its_environments_ninja`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import sys
 import warnings
 from pathlib import Path
 
@@ -438,6 +440,23 @@ def test_init_distributed_from_env_lists_missing_variables(monkeypatch):
         TopologyError, match=r"\['WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT'\] are not set"
     ):
         init_distributed_from_env("gloo")
+
+
+def test_every_process_builds_deepspeed_ops_with_its_environments_ninja(monkeypatch, tmp_path):
+    """The environment's ninja goes first on PATH (a system ninja of another version would discard the shared
+    build log and rebuild the ops from scratch); without one there, PATH is left alone."""
+    from distill.student.engine import use_interpreters_ninja
+
+    env_bin, system_bin = tmp_path / "env" / "bin", tmp_path / "usr" / "bin"
+    env_bin.mkdir(parents=True)
+    monkeypatch.setattr(sys, "executable", str(env_bin / "python"))
+    monkeypatch.setenv("PATH", os.pathsep.join([str(system_bin), str(env_bin)]))
+    use_interpreters_ninja()
+    assert os.environ["PATH"] == os.pathsep.join([str(system_bin), str(env_bin)])  # no ninja of its own
+    (env_bin / "ninja").touch()
+    use_interpreters_ninja()
+    use_interpreters_ninja()
+    assert os.environ["PATH"] == os.pathsep.join([str(env_bin), str(system_bin)])
 
 
 # ------------------------------------------------------------------------------------ build_ds_config (pure)

@@ -21,6 +21,7 @@ Clipping, the accumulation boundary and ZeRO partitioning stay DeepSpeed's (`eng
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
@@ -51,6 +52,21 @@ _ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 _CLIENT_KEY = "distill_client_state"
 
 
+def use_interpreters_ninja() -> None:
+    """Put this interpreter's bin folder first on PATH when it holds `ninja` (the lock installs one).
+
+    DeepSpeed JIT-builds its ops (the CPU comm op at process-group start) with whichever `ninja` PATH finds first,
+    into TORCH_EXTENSIONS_DIR, which every process of a user shares (often a home folder on NFS). A process that
+    finds the system's ninja (1.11: build log v5) and one that finds the environment's (1.13: v7) each discard
+    the other's build log and rebuild from scratch, 25-60 s a time: a test session here rebuilt it 3-4 times,
+    because pytest and its subprocesses found the system's and the Ray actors the environment's.
+    """
+    bin_dir = os.path.dirname(sys.executable)
+    path = os.environ.get("PATH", "").split(os.pathsep)
+    if path[:1] != [bin_dir] and os.path.exists(os.path.join(bin_dir, "ninja")):
+        os.environ["PATH"] = os.pathsep.join([bin_dir, *(p for p in path if p != bin_dir)])
+
+
 def init_distributed_from_env(backend: str, *, timeout_s: float = 1800.0) -> tuple[int, int]:
     """Join the student's process group from torchrun-style env vars; returns (rank, world_size).
 
@@ -65,6 +81,7 @@ def init_distributed_from_env(backend: str, *, timeout_s: float = 1800.0) -> tup
         )
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    use_interpreters_ninja()
     # auto_mpi_discovery=False: the env above is the contract; never probe for mpi4py.
     deepspeed.init_distributed(
         dist_backend=backend, auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s), verbose=False
