@@ -50,6 +50,8 @@ RUN = [
 ]
 # The richest recipe, not the default: three stages, hidden-state and attention transfer, a cooling temperature.
 COMMON = ["loss=kd_features", "curriculum=three_stage", *RUN]
+# Held-out metrics after steps 5, 10, 15 and 20: the reference and the ZeRO-3 run evaluate, the others do not.
+EVAL_EVERY = "train.eval_every=5"
 
 
 # ------------------------------------------------------------------------------------------- pure: assignment
@@ -263,7 +265,7 @@ def tp2_cache(ray_cluster, tiny_teacher, dist_overrides, tmp_path_factory) -> Pa
 
 
 @pytest.fixture(scope="module")
-def reference(tp2_cache, base_overrides, tmp_path_factory) -> list[dict]:
+def reference_run(tp2_cache, base_overrides, tmp_path_factory) -> Path:
     """The single-process run with micro 8 and accumulation 2 = W 2 x accum 1 of sim_2node, fed the outputs the
     TP-2 teacher actors wrote (an exact fp32 teacher cache of the run's batches).
 
@@ -273,9 +275,11 @@ def reference(tp2_cache, base_overrides, tmp_path_factory) -> list[dict]:
     logits at 1e-4 absolute), and Adam turns such differences in near-zero gradient coordinates into
     full-size updates, so the loss curves drift apart by an amount that depends on the trained teacher
     (1.04e-4 relative at step 5 in one CI run). Whether a test passes must not depend on which teacher it trained.
+
+    It also evaluates the student every 5 steps (`train.eval_every`), as the ZeRO-3 run does: one run checks both.
     """
     out = tmp_path_factory.mktemp("online-ref")
-    return _run(
+    _run(
         [
             *base_overrides,
             *COMMON,
@@ -283,9 +287,21 @@ def reference(tp2_cache, base_overrides, tmp_path_factory) -> list[dict]:
             "cluster.micro_batch_size=8",
             "cluster.grad_accum_steps=2",
             f"teacher.cache={tp2_cache}",
+            EVAL_EVERY,
         ],
         out,
     )
+    return out
+
+
+def training_rows(rows: list[dict]) -> list[dict]:
+    """A run's step records (a periodic evaluation writes records of its own: `eval/` keys, no loss)."""
+    return [r for r in rows if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run) -> list[dict]:
+    return training_rows(read_metrics(reference_run / "metrics.jsonl"))
 
 
 def no_teacher_model_here(*args, **kwargs):
@@ -381,10 +397,25 @@ def test_students_trained_from_the_teacher_cache_equal_the_online_run(
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_zero3_matches_zero2(ray_cluster, dist_overrides, reference, baseline, tmp_path):
-    got = _run([*dist_overrides, "student.zero_stage=3"], tmp_path)
+def test_zero3_matches_zero2_and_evaluates_as_the_reference(
+    ray_cluster, dist_overrides, reference_run, reference, baseline, tmp_path
+):
+    """ZeRO-3 gives ZeRO-2's curve; with train.eval_every=5 the student's held-out metrics after steps 5, 10, 15
+    and 20 land in metrics.jsonl and the report, and the Ray ranks' exported student scores what the reference's
+    in-process student scores."""
+    rows = _run([*dist_overrides, "student.zero_stage=3", EVAL_EVERY], tmp_path)
+    got = training_rows(rows)
     assert_same_curve(got, read_metrics(baseline / "metrics.jsonl"))
     assert_same_curve(got, reference)
+    want = read_metrics(reference_run / "metrics.jsonl")
+    for records, folder in ((want, reference_run), (rows, tmp_path)):
+        evals = [r for r in records if "eval/ce" in r]
+        assert [r["step"] for r in evals] == [4, 9, 14, 19]
+        assert {"eval/ce", "eval/ppl", "eval/accuracy"} <= set(evals[0])
+        assert "Held-out metrics during training" in (folder / "report.md").read_text()
+    ces = [[r["eval/ce"] for r in records if "eval/ce" in r] for records in (rows, want)]
+    assert ces[0] == pytest.approx(ces[1], rel=1e-4)
+    assert ces[1][-1] < ces[1][0]  # the student learns between the evaluations
 
 
 @pytest.mark.distributed
@@ -473,32 +504,6 @@ def test_stop_and_resume_continues_the_uninterrupted_run(ray_cluster, dist_overr
     want = _weights(baseline)
     for name, tensor in _weights(tmp_path).items():
         torch.testing.assert_close(tensor, want[name], rtol=1e-6, atol=1e-6)
-
-
-@pytest.mark.distributed
-@pytest.mark.slow
-def test_eval_every_logs_the_same_heldout_metrics_on_both_backends(
-    ray_cluster, base_overrides, dist_overrides, tmp_path
-):
-    """train.eval_every=5: the student's held-out metrics after steps 5, 10, 15 and 20 land in metrics.jsonl and
-    the report; the Ray ranks' exported student scores what the reference's in-process student scores."""
-    local = [
-        *base_overrides,
-        *COMMON,
-        "cluster=local_single",
-        "cluster.micro_batch_size=8",
-        "cluster.grad_accum_steps=2",
-    ]
-    want = _run([*local, "train.eval_every=5"], tmp_path / "local")
-    got = _run([*dist_overrides, TP1_TEACHER, "train.eval_every=5"], tmp_path / "ray")
-    for rows, folder in ((want, "local"), (got, "ray")):
-        evals = [r for r in rows if "eval/ce" in r]
-        assert [r["step"] for r in evals] == [4, 9, 14, 19]
-        assert {"eval/ce", "eval/ppl", "eval/accuracy"} <= set(evals[0])
-        assert "Held-out metrics during training" in (tmp_path / folder / "report.md").read_text()
-    ces = [[r["eval/ce"] for r in rows if "eval/ce" in r] for rows in (got, want)]
-    assert ces[0] == pytest.approx(ces[1], rel=1e-4)
-    assert ces[1][-1] < ces[1][0]  # the student learns between the evaluations
 
 
 # ------------------------------------------------------------------------------------ bad input, no actors

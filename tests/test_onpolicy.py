@@ -135,6 +135,18 @@ def test_runs_that_cannot_roll_out_are_refused_before_loading(override, names):
         run_curriculum(cfg)
 
 
+def test_the_cross_tokenizer_recipe_is_three_stage_onpolicy_with_fewer_onpolicy_batches():
+    """curriculum=three_stage_onpolicy_xtok: the same stages, a tenth of the last stage's batches on-policy (across
+    tokenizers each costs reference-text bits: bench/xtok_quality.py)."""
+    same, xtok = (
+        compose([f"curriculum={name}"]).curriculum
+        for name in ("three_stage_onpolicy", "three_stage_onpolicy_xtok")
+    )
+    assert same.stages[2].on_policy.lmbda == 0.25 and xtok.stages[2].on_policy.lmbda == 0.1
+    xtok.stages[2].on_policy.lmbda = same.stages[2].on_policy.lmbda
+    assert xtok.stages == same.stages
+
+
 def test_hard_labels_are_off_on_the_students_own_samples(student_and_rows):
     """An on-policy batch's labels are the student's own tokens: CE on them would imitate itself."""
     model, tokenizer, _, rows = student_and_rows
@@ -251,7 +263,7 @@ def test_a_cross_tokenizer_on_policy_run_trains_on_the_students_text(tiny_teache
     overrides = [
         *base_overrides,
         *XTOK,
-        "curriculum=three_stage_onpolicy",
+        "curriculum=three_stage_onpolicy_xtok",
         "curriculum.stages.2.on_policy.max_new_tokens=16",
         "curriculum.stages.2.on_policy.lmbda=0.5",  # some of the 4 on-policy steps' batches the student's
         "train.steps=10",
