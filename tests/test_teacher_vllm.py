@@ -219,6 +219,14 @@ def test_vllm_generation_is_greedy_exact_and_resumable(r1_model, tmp_path):
         ),
         (["teacher.backend=endpoint"], r"needs teacher.endpoint_url"),
         (
+            [
+                "teacher.backend=endpoint",
+                "teacher.endpoint_url=http://127.0.0.1:1",
+                "teacher.endpoint_api=tgi",
+            ],
+            r"teacher.endpoint_api='tgi' is unknown; valid: vllm, sglang",
+        ),
+        (
             ["teacher.backend=endpoint", "teacher.endpoint_url=http://127.0.0.1:1/v1", "loss=kd_features"],
             r"ships top-k log-probs only, but loss.terms \[.*hidden",
         ),

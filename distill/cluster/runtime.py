@@ -106,6 +106,7 @@ def served_group_from_config(
             url=t.endpoint_url,
             model=t.endpoint_model or str(teacher_path),
             topk=t.topk,
+            api=t.endpoint_api,
             api_key_env=t.endpoint_api_key_env,
             logits_dtype=t.logits_dtype,
         )

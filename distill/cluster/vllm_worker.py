@@ -52,6 +52,7 @@ class EndpointSpec:
     url: str
     model: str
     topk: int
+    api: str = "vllm"
     api_key_env: str = "DISTILL_TEACHER_API_KEY"
     logits_dtype: str = "float32"
     timeout_s: float = 600.0
@@ -136,7 +137,7 @@ class VllmTeacherWorker(_ServedWorker):
 
 
 class EndpointWorker(_ServedWorker):
-    """One client of an OpenAI-compatible server (a 'replica' here is a concurrent client)."""
+    """One client of a vLLM or SGLang server (a 'replica' here is a concurrent client)."""
 
     def setup(self, address: tuple[str, int]) -> int:
         from distill.models.loading import resolve_dtype
@@ -147,6 +148,7 @@ class EndpointWorker(_ServedWorker):
             spec.url,
             spec.model,
             spec.topk,
+            api=spec.api,
             api_key=os.environ.get(spec.api_key_env),
             logits_dtype=resolve_dtype(spec.logits_dtype),
             timeout_s=spec.timeout_s,

@@ -64,8 +64,8 @@ class TeacherConfig:
     """Cross-tokenizer distillation (teacher and student with different tokenizers)."""
     backend: str = "hf"
     """Who scores batches: `hf` (transformers forward, the reference), `vllm` (a vLLM engine inside each teacher
-    replica's Ray actor, in the vLLM environment of scripts/setup_vllm.sh), `endpoint` (an OpenAI-compatible vLLM
-    server at `endpoint_url`). vllm and endpoint ship top-k log-probs (log-normaliser 0): same losses at every
+    replica's Ray actor, in the vLLM environment of scripts/setup_vllm.sh), `endpoint` (a running vLLM or SGLang
+    server at `endpoint_url`, see `endpoint_api`). vllm and endpoint ship top-k log-probs (log-normaliser 0): same losses at every
     temperature (distill/teacher/logprobs.py)."""
     pipeline_parallel: int = 1
     """backend=vllm: pipeline stages per replica, one node each (`distill plan` prints it for a replica that spans
@@ -73,7 +73,11 @@ class TeacherConfig:
     vllm_python: str | None = None
     """backend=vllm: the vLLM environment's interpreter; None: $DISTILL_VLLM_PYTHON, else the repo's .venv-vllm."""
     endpoint_url: str | None = None
-    """backend=endpoint: the server's base URL, e.g. http://127.0.0.1:8000/v1."""
+    """backend=endpoint: the server's base URL, e.g. http://127.0.0.1:8000/v1 (vLLM) or http://127.0.0.1:30000
+    (SGLang)."""
+    endpoint_api: str = "vllm"
+    """backend=endpoint: how the server is asked for prompt log-probs: `vllm` (the OpenAI completions API with
+    vLLM's `prompt_logprobs`), `sglang` (SGLang's native /generate with `input_top_logprobs`)."""
     endpoint_model: str | None = None
     """backend=endpoint: the served model name (the server's --served-model-name); None: teacher.path."""
     endpoint_api_key_env: str = "DISTILL_TEACHER_API_KEY"

@@ -30,6 +30,7 @@ def build_teacher_engine(
             t.endpoint_url,
             t.endpoint_model or str(path),
             t.topk,
+            api=t.endpoint_api,
             api_key=os.environ.get(t.endpoint_api_key_env),
             logits_dtype=resolve_dtype(t.logits_dtype),
         )

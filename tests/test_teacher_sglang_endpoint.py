@@ -1,0 +1,208 @@
+"""teacher.backend=endpoint with teacher.endpoint_api=sglang: the client of SGLang's native /generate
+(`input_top_logprobs`), against the hf engine on a tiny Qwen2 at R1's vocabulary (fp32, k = 64), and a local run
+through it against the same run with the hf teacher.
+
+SGLang itself cannot run here: the registry's sglang 0.5.23 needs CUDA 13 (flashinfer cu13, cuda-python, a CUDA
+build of sglang-kernel and torch 2.14.1), and its CPU engine is built from source. So the server is
+`SGLangGenerateFake_NoCUDA`: an HTTP server on 127.0.0.1 that answers /generate in SGLang's reply format (per
+prompt `meta_info.input_top_logprobs`: None at position 0, then [log-prob, token id, text] triples, most likely first;
+SGLang's tokenizer_manager.detokenize_top_logprobs_tokens), computed with a real transformers forward of the
+served model. It checks what the client asks for as SGLang would read it, and requires the bearer key as
+`--api-key` does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+import torch
+
+from distill.errors import ConfigError
+from distill.teacher import TeacherEngine
+from distill.teacher.endpoint import EndpointTeacher
+from tests.test_teacher_vllm import R1_VOCAB, tiny_r1_vocab_qwen2
+
+K = 64
+KEY_ENV = "DISTILL_TEST_SGLANG_KEY"
+# The fields of SGLang's GenerateReqInput the client may send (python/sglang/srt/managers/io_struct.py).
+GENERATE_FIELDS = {
+    "input_ids",
+    "sampling_params",
+    "return_logprob",
+    "logprob_start_len",
+    "top_logprobs_num",
+    "return_text_in_logprobs",
+}
+
+
+class SGLangGenerateFake_NoCUDA:
+    """/generate of an SGLang server for `model_dir`, computed with transformers in fp32 (see the module
+    docstring); `requests` keeps every body received. `drop_top_logprobs` answers as a server asked without
+    logprob_start_len would (no input_top_logprobs)."""
+
+    def __init__(self, model_dir, key: str, *, drop_top_logprobs: bool = False) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        self.key, self.drop_top_logprobs = key, drop_top_logprobs
+        self.requests: list[dict] = []
+
+    def answer(self, body: dict) -> list[dict]:
+        assert set(body) <= GENERATE_FIELDS, sorted(set(body) - GENERATE_FIELDS)
+        k = body["top_logprobs_num"]
+        replies = []
+        for ids in body["input_ids"]:
+            with torch.no_grad():
+                logits = self.model(torch.tensor([ids])).logits[0].double()
+            logp = torch.log_softmax(logits, dim=-1)
+            top = torch.topk(logp, k, dim=-1)
+            rows = [
+                [[float(v), int(i), None] for v, i in zip(top.values[t], top.indices[t], strict=True)]
+                for t in range(len(ids))
+            ]
+            meta = {"prompt_tokens": len(ids), "completion_tokens": 1}
+            if body.get("return_logprob") and not self.drop_top_logprobs:
+                meta["input_top_logprobs"] = [None, *rows[:-1]]  # entry t: the distribution of token t
+                meta["output_top_logprobs"] = [rows[-1]]
+            replies.append({"text": "", "output_ids": [int(top.indices[-1, 0])], "meta_info": meta})
+        return replies
+
+    @contextlib.contextmanager
+    def serve(self):
+        """Yields the server's base URL (http://127.0.0.1:<free port>)."""
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if self.headers.get("Authorization") != f"Bearer {fake.key}":
+                    self._reply(401, {"error": "Unauthorized"})
+                elif self.path != "/generate":
+                    self._reply(404, {"detail": "Not Found"})
+                else:
+                    fake.requests.append(body)
+                    self._reply(200, fake.answer(body))
+
+            def _reply(self, code: int, payload) -> None:
+                data = json.dumps(payload).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args) -> None:  # quiet
+                pass
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            yield f"http://127.0.0.1:{server.server_address[1]}"
+        finally:
+            server.shutdown()
+            server.server_close()
+
+
+@pytest.fixture(scope="module")
+def r1_model(tmp_path_factory):
+    return tiny_r1_vocab_qwen2(tmp_path_factory.mktemp("sglang") / "teacher")
+
+
+def test_sglang_endpoint_matches_hf_at_r1_vocabulary_fp32(r1_model, monkeypatch):
+    key = secrets.token_hex(16)
+    monkeypatch.setenv(KEY_ENV, key)
+    fake = SGLangGenerateFake_NoCUDA(r1_model, key)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, R1_VOCAB, (3, 40), generator=g)
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[2, 25:] = False
+    ids[~mask] = 0
+    positions = torch.cat([torch.arange(15), torch.arange(25)]).expand(3, 40).contiguous()
+    hf_engine = TeacherEngine.from_pretrained(r1_model, K, dtype="float32", length_groups=1)
+    with fake.serve() as url:
+        client = EndpointTeacher(f"{url}/v1", "teacher", K, api="sglang", api_key=os.environ[KEY_ENV])
+        assert key not in repr(client) and client.url == url  # the OpenAI-style /v1 suffix is dropped
+        for batch in (
+            {"input_ids": ids, "attention_mask": mask, "loss_mask": mask.clone()},
+            {  # packed: two documents per row, each its own prompt
+                "input_ids": ids,
+                "attention_mask": torch.ones_like(mask),
+                "loss_mask": mask,
+                "position_ids": positions,
+            },
+        ):
+            served = client.score_batch((0, 1), {k: v.numpy() for k, v in batch.items()})
+            hf = hf_engine.score_batch((0, 1), batch)
+            real = batch["attention_mask"].numpy()
+            for name, a in hf.arrays().items():
+                assert served.arrays()[name].shape == a.shape, name
+                assert served.arrays()[name].dtype == a.dtype, name
+            assert (served.topk_ids == hf.topk_ids).all(-1)[real].mean() >= 0.99
+            hf_logp = hf.topk_logits.astype(np.float64) - hf.log_normalizer[..., None]
+            assert np.abs(served.topk_logits - hf_logp)[real].max() <= 1e-3
+            tail_hf = 1 - np.exp(hf_logp[real]).sum(-1)
+            tail_served = 1 - np.exp(served.topk_logits[real].astype(np.float64)).sum(-1)
+            assert np.abs(tail_served - tail_hf).max() <= 1e-4
+    # One request per batch; every position's log-probs, raw (no temperature or top-p normalisation).
+    assert len(fake.requests) == 2 and len(fake.requests[1]["input_ids"]) == 6  # 3 rows x 2 documents
+    for body in fake.requests:
+        assert body["return_logprob"] is True and body["logprob_start_len"] == 0
+        assert body["top_logprobs_num"] == K
+        assert body["sampling_params"]["temperature"] == 1.0 and body["sampling_params"]["top_p"] == 1.0
+
+
+def test_sglang_endpoint_errors_name_the_fix_and_never_the_key(r1_model):
+    key = secrets.token_hex(16)
+    with SGLangGenerateFake_NoCUDA(r1_model, key).serve() as url:
+        with pytest.raises(ConfigError, match="refused the API key") as err:
+            EndpointTeacher(url, "teacher", K, api="sglang", api_key="wrong-" + key[:4]).score_prompts(
+                [[5, 6]]
+            )
+        assert key[:4] not in str(err.value)
+        with pytest.raises(ConfigError, match="answered HTTP 404"):  # a vLLM-style client against SGLang
+            EndpointTeacher(f"{url}/v1", "teacher", K, api="vllm", api_key=key).score_prompts([[5, 6]])
+    without = SGLangGenerateFake_NoCUDA(r1_model, key, drop_top_logprobs=True)
+    with (
+        without.serve() as url,
+        pytest.raises(ConfigError, match=r"no input_top_logprobs .* endpoint_api=vllm"),
+    ):
+        EndpointTeacher(url, "teacher", K, api="sglang", api_key=key).score_prompts([[5, 6]])
+    with pytest.raises(ConfigError, match=r"teacher.endpoint_api='tgi' is unknown; valid: vllm, sglang"):
+        EndpointTeacher(url, "teacher", K, api="tgi")
+
+
+def test_a_local_run_through_an_sglang_endpoint_trains_as_the_hf_teacher(
+    tiny_teacher, base_overrides, tmp_path, monkeypatch
+):
+    """The single-process run with teacher.backend=endpoint teacher.endpoint_api=sglang against the same run with
+    the hf engine: the same loss curve (the tolerance of test_teacher_endpoint.py's vLLM case)."""
+    from distill.config import compose
+    from distill.run import run
+    from distill.tracking.metrics_log import read_metrics
+    from tests.test_teacher_vllm_online import REL, qwen2_teacher
+
+    teacher = qwen2_teacher(tiny_teacher, tmp_path / "teacher")
+    key = secrets.token_hex(16)
+    monkeypatch.setenv(KEY_ENV, key)
+    overrides = [*base_overrides, "train.steps=6", "train.log_every=1", "data.num_train=64"]
+    overrides += ["eval.generate_examples=0", "eval.max_batches=1", "teacher=hf", f"teacher.path={teacher}"]
+    overrides += ["teacher.topk=16"]
+    curves = {}
+    with SGLangGenerateFake_NoCUDA(teacher, key).serve() as url:
+        served = ["teacher.backend=endpoint", f"teacher.endpoint_url={url}", "teacher.endpoint_api=sglang"]
+        for name, extra in (("hf", []), ("sglang", [*served, f"teacher.endpoint_api_key_env={KEY_ENV}"])):
+            run(compose([*overrides, *extra], run_dir=str(tmp_path / name)))
+            curves[name] = read_metrics(tmp_path / name / "metrics.jsonl")
+    assert [r["step"] for r in curves["hf"]] == [r["step"] for r in curves["sglang"]] == list(range(6))
+    for h, s in zip(curves["hf"], curves["sglang"], strict=True):
+        for k in sorted(k for k in h if k.startswith("loss")):
+            assert s[k] == pytest.approx(h[k], rel=REL), (h["step"], k, s[k], h[k])
+    assert key not in (tmp_path / "sglang" / "config.yaml").read_text()
