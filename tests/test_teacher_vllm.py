@@ -17,7 +17,12 @@ from safetensors.numpy import load_file, save_file
 import distill.losses as L
 from distill.errors import ConfigError
 from distill.teacher import TeacherEngine
-from distill.teacher.vllm_engine import check_architecture, check_max_logprobs, check_vllm_version
+from distill.teacher.vllm_engine import (
+    check_architecture,
+    check_max_logprobs,
+    check_vllm_version,
+    executor_backend,
+)
 from distill.teacher.vllm_env import vllm_python
 
 R1_VOCAB, K = 129_280, 64
@@ -40,6 +45,14 @@ def test_architecture_guard(tmp_path):
     with pytest.raises(ConfigError, match=r"no implementation of the teacher's architecture \['MyOwnLM'\]"):
         check_architecture(tmp_path, ["Qwen2ForCausalLM"])
     assert check_architecture(tmp_path, ["MyOwnLM"]) == "MyOwnLM"
+
+
+def test_each_replica_layout_gets_the_executor_its_platform_has():
+    """PP across nodes: vLLM's Ray executor; TP on CPU: its multiprocessing one (vLLM's CPU platform has no Ray
+    executor, which it would pick inside a Ray actor); otherwise vLLM's own choice."""
+    assert executor_backend(1, 1, "cpu") is None and executor_backend(2, 1, "cuda") is None
+    assert executor_backend(2, 1, "cpu") == "mp"
+    assert executor_backend(4, 3, "cuda") == "ray"
 
 
 def test_topk_must_fit_max_logprobs():

@@ -1,6 +1,6 @@
 """teacher.backend=vllm on the Ray path: vLLM engines inside the teacher actors (started in the vLLM environment's
-interpreter through a runtime_env), two ZeRO-2 student ranks on the other simulated node, against the same run
-with teacher.backend=hf. Skipped, saying why, only when the vLLM environment is absent (`make test` builds it).
+interpreter through a runtime_env), two replicas of tensor parallel size 2 (vLLM's multiprocessing executor on
+CPU), two ZeRO-2 student ranks, against the same run with teacher.backend=hf. Skipped, saying why, only when the vLLM environment is absent (`make test` builds it).
 
 The teacher is a tiny Qwen2 on the test tokenizer with head_dim 64 (vLLM's CPU attention needs it; the session's
 demo teacher is a DeepSeek-V3 whose tiny MLA sizes vLLM refuses), random weights of std 0.1 so its next-token
@@ -88,8 +88,10 @@ def test_vllm_teacher_actors_train_the_students_as_the_hf_teacher(
 ):
     overrides = [*base_overrides, *RUN, f"teacher.path={teacher}"]
     hf = _run(overrides, tmp_path / "hf")
-    # Two vLLM replicas (one per simulated node; batches round-robin, order kept by the group) against one hf actor.
-    served = _run([*overrides, "teacher.backend=vllm", "cluster.teacher_replicas=2"], tmp_path / "vllm")
+    # Two vLLM replicas of TP 2 (one per simulated node, each engine with its two tensor-parallel worker processes
+    # on half a CPU each; batches round-robin, order kept by the group) against one hf actor.
+    vllm = ["teacher.backend=vllm", "cluster.teacher_replicas=2", "cluster.teacher_tp=2"]
+    served = _run([*overrides, *vllm, "cluster.cpus_per_teacher_actor=0.5"], tmp_path / "vllm")
     assert [r["step"] for r in served] == [r["step"] for r in hf] and len(hf) == STEPS
     assert [r["tokens"] for r in served] == [r["tokens"] for r in hf]
     worst = 0.0

@@ -98,6 +98,18 @@ def flat_entries(flat, first: int = 0) -> list[Entries]:
     return [{t: (lp.logprob, lp.rank) for t, lp in pos.items()} for pos in list(flat)[first:]]
 
 
+def executor_backend(tp: int, pp: int, device: str) -> str | None:
+    """vLLM's distributed executor for a replica of TP x PP: stages on other nodes need its Ray executor (the
+    actor's own process holds none); TP inside one node on CPU its multiprocessing one (vLLM's CPU platform has no
+    Ray executor, and inside a Ray actor vLLM would pick Ray: "current platform cpu does not support ray");
+    otherwise vLLM's own choice."""
+    if pp > 1:
+        return "ray"
+    if tp > 1 and device == "cpu":
+        return "mp"
+    return None
+
+
 class VllmTeacherEngine:
     """Scores batches with an in-process vLLM engine.
 
@@ -140,8 +152,9 @@ class VllmTeacherEngine:
             skip_tokenizer_init=True,
             max_model_len=max_model_len,
             enforce_eager=device == "cpu",
-            # Stages on other nodes: vLLM's Ray executor places them (the actor's own process holds none).
-            distributed_executor_backend="ray" if pipeline_parallel_size > 1 else None,
+            distributed_executor_backend=executor_backend(
+                tensor_parallel_size, pipeline_parallel_size, device
+            ),
             seed=0,
             **dict(engine_kwargs or {}),
         )
