@@ -37,8 +37,8 @@ def build_cache(cfg: DictConfig) -> Path:
     facts = pair_facts(cfg, teacher_tokenizer)
     topology = validate_run(cfg, facts)
     c = cfg.teacher_cache
-    if c.epochs < 1:
-        raise ConfigError(f"teacher_cache.epochs={c.epochs} must be >= 1.")
+    if c.epochs is not None and c.epochs < 1:
+        raise ConfigError(f"teacher_cache.epochs={c.epochs} must be >= 1 (or null: what train.steps reads).")
     mapped = bool(cfg.teacher.token_map.enabled)
     # The run's own batches: the student's tokens (with a token map, its own tokenizer's plus the teacher's).
     tokenizer = student_tokenizer(cfg, teacher_tokenizer)
@@ -55,7 +55,8 @@ def build_cache(cfg: DictConfig) -> Path:
     }
     # The run's own stream (its curriculum's data mixes) for `epochs` x the train split's batches; past the
     # run's end the last stage's mix continues (longer runs with the same stages read the same batches).
-    end = c.epochs * stream.num_batches
+    epochs = c.epochs or -(-cfg.train.steps * topology.batches_per_step // stream.num_batches)
+    end = epochs * stream.num_batches
     stream = stream.extended(end)
     # First the held-out batches of the run's eval.* settings, as (HELDOUT_EPOCH = -1, i): the evaluation reads
     # the teacher's side from here too, so a run trained from the cache never needs the teacher model.

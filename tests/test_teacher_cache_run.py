@@ -71,6 +71,24 @@ def test_killed_cache_run_resumes_without_recomputing(tiny_teacher, base_overrid
         np.testing.assert_array_equal(reader.read(bid).topk_logits, other.read(bid).topk_logits)
 
 
+def test_the_cache_holds_what_the_same_configs_run_reads_by_default(tiny_teacher, base_overrides, tmp_path):
+    """teacher_cache.epochs unset: as many epochs as train.steps reads (here more than one), so `distill
+    teacher-cache` and `distill` with the same config just work; an explicit count still rules."""
+
+    def training_batches(cache) -> int:
+        return sum(1 for epoch, _ in CacheReader(cache).batch_ids() if epoch >= 0)
+
+    small = ["data.num_train=16", "train.steps=5"]
+    cfg = compose(overrides(base_overrides, tmp_path, *small))
+    needed = cfg.train.steps * cfg.cluster.grad_accum_steps * cfg.cluster.student_world_size
+    tc.build_cache(cfg)
+    one = compose(overrides(base_overrides, tmp_path / "one", *small, "teacher_cache.epochs=1"))
+    tc.build_cache(one)
+    per_epoch = training_batches(tmp_path / "one" / "cache")
+    assert per_epoch < needed  # one epoch is not enough for this run ...
+    assert training_batches(tmp_path / "cache") == -(-needed // per_epoch) * per_epoch  # ... the default is
+
+
 def test_training_from_cache_equals_online_teacher(tiny_teacher, base_overrides, tmp_path):
     cfg = compose(overrides(base_overrides, tmp_path))
     tc.build_cache(cfg)

@@ -372,8 +372,9 @@ class TeacherCacheConfig:
     """`distill teacher-cache`: teacher outputs for the run's batches, written once and trained from later."""
 
     dir: str = "${run_dir}/teacher_cache"
-    epochs: int = 1
-    """Epochs of the batch stream to cache (batch ids (epoch, index) match the training stream)."""
+    epochs: int | None = None
+    """Epochs of the batch stream to cache (batch ids (epoch, index) match the training stream); None: as many as
+    the same config's run reads (train.steps x batches per step, rounded up to whole epochs)."""
     ids_encoding: str = "auto"
     """`int32` or `packed<bits>`; `auto` packs with just enough bits for the teacher's vocabulary."""
     logits_encoding: str = "gap7"

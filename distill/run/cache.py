@@ -57,7 +57,8 @@ def open_run_cache(
     if stored < needed:
         raise CheckpointError(
             f"teacher cache {cfg.teacher.cache} holds {stored} training batches but the run needs {needed} "
-            "(train.steps x grad_accum_steps x student_world_size); rebuild it with more teacher_cache.epochs."
+            "(train.steps x grad_accum_steps x student_world_size); rebuild it with this run's train.steps (`distill "
+            "teacher-cache` caches what they read) or more teacher_cache.epochs."
         )
     return identity
 
