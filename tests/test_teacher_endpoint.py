@@ -97,18 +97,16 @@ def server(tmp_path_factory):
         yield url, model, key
 
 
-def test_endpoint_matches_hf_at_r1_vocabulary_fp32(server, monkeypatch):
-    url, model, key = server
-    monkeypatch.setenv(KEY_ENV, key)
-    client = EndpointTeacher(url, "teacher", K, api_key=os.environ[KEY_ENV])
-    assert key not in repr(client)
+def padded_and_packed_batches() -> list[dict[str, torch.Tensor]]:
+    """Three random rows at R1's vocabulary, the last padded after 25 tokens; then the same rows packed as two
+    documents each (every document its own prompt)."""
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(2, R1_VOCAB, (3, 40), generator=g)
     mask = torch.ones_like(ids, dtype=torch.bool)
     mask[2, 25:] = False
     ids[~mask] = 0
     positions = torch.cat([torch.arange(15), torch.arange(25)]).expand(3, 40).contiguous()
-    for batch in (
+    return [
         {"input_ids": ids, "attention_mask": mask, "loss_mask": mask.clone()},
         {
             "input_ids": ids,
@@ -116,21 +114,34 @@ def test_endpoint_matches_hf_at_r1_vocabulary_fp32(server, monkeypatch):
             "loss_mask": mask,
             "position_ids": positions,
         },
-    ):
+    ]
+
+
+def assert_served_batch_matches_hf(served, hf, attention_mask: np.ndarray) -> None:
+    """The issue's fp32 bounds: the hf batch's shapes and dtypes, top-k ids on >= 99% of real positions, log-probs
+    within 1e-3, tail mass within 1e-4."""
+    real = attention_mask.astype(bool)
+    for name, a in hf.arrays().items():
+        assert served.arrays()[name].shape == a.shape and served.arrays()[name].dtype == a.dtype, name
+    assert (served.topk_ids == hf.topk_ids).all(-1)[real].mean() >= 0.99
+    hf_logp = hf.topk_logits.astype(np.float64) - hf.log_normalizer[..., None]
+    assert np.abs(served.topk_logits - hf_logp)[real].max() <= 1e-3
+    tail_hf = 1 - np.exp(hf_logp[real]).sum(-1)
+    tail_served = 1 - np.exp(served.topk_logits[real].astype(np.float64)).sum(-1)
+    assert np.abs(tail_served - tail_hf).max() <= 1e-4
+
+
+def test_endpoint_matches_hf_at_r1_vocabulary_fp32(server, monkeypatch):
+    url, model, key = server
+    monkeypatch.setenv(KEY_ENV, key)
+    client = EndpointTeacher(url, "teacher", K, api_key=os.environ[KEY_ENV])
+    assert key not in repr(client)
+    hf_engine = TeacherEngine.from_pretrained(model, K, dtype="float32", length_groups=1)
+    for batch in padded_and_packed_batches():
         served = client.score_batch((0, 1), {k: v.numpy() for k, v in batch.items()})
-        hf = TeacherEngine.from_pretrained(model, K, dtype="float32", length_groups=1).score_batch(
-            (0, 1), batch
+        assert_served_batch_matches_hf(
+            served, hf_engine.score_batch((0, 1), batch), batch["attention_mask"].numpy()
         )
-        real = batch["attention_mask"].numpy()
-        for name, a in hf.arrays().items():
-            assert served.arrays()[name].shape == a.shape and served.arrays()[name].dtype == a.dtype, name
-        same_ids = (served.topk_ids == hf.topk_ids).all(-1)[real]
-        assert same_ids.mean() >= 0.99
-        hf_logp = hf.topk_logits.astype(np.float64) - hf.log_normalizer[..., None]
-        assert np.abs(served.topk_logits - hf_logp)[real].max() <= 1e-3
-        tail_hf = 1 - np.exp(hf_logp[real]).sum(-1)
-        tail_served = 1 - np.exp(served.topk_logits[real].astype(np.float64)).sum(-1)
-        assert np.abs(tail_served - tail_hf).max() <= 1e-4
 
 
 def test_endpoint_errors_name_the_fix_and_never_the_key(server):
@@ -144,11 +155,14 @@ def test_endpoint_errors_name_the_fix_and_never_the_key(server):
         EndpointTeacher(f"http://127.0.0.1:{free_port()}/v1", "teacher", K).score_prompts([[5, 6, 7]])
 
 
-def test_a_local_run_through_the_endpoint_trains_as_the_hf_teacher(
-    tiny_teacher, base_overrides, tmp_path, monkeypatch
-):
+def assert_endpoint_run_follows_hf(
+    tiny_teacher, base_overrides, tmp_path, monkeypatch, serve, endpoint
+) -> None:
     """The single-process run with teacher.backend=endpoint (the key from the environment) against the same run
-    with the hf engine: same loss curve (the online Ray test's tolerance and reasons, test_teacher_vllm_online.py)."""
+    with the hf engine: same loss curve (the online Ray test's tolerance and reasons, test_teacher_vllm_online.py).
+
+    serve(teacher folder, key): a context manager yielding the server's URL; endpoint(url): the run's overrides
+    that name the server."""
     from distill.config import compose
     from distill.run import run
     from distill.tracking.metrics_log import read_metrics
@@ -161,15 +175,26 @@ def test_a_local_run_through_the_endpoint_trains_as_the_hf_teacher(
     overrides += ["eval.generate_examples=0", "eval.max_batches=1", "teacher=hf", f"teacher.path={teacher}"]
     overrides += ["teacher.topk=16"]
     curves = {}
-    with vllm_server(teacher, tmp_path, key) as url:
-        served = ["teacher.backend=endpoint", f"teacher.endpoint_url={url}", "teacher.endpoint_model=teacher"]
-        for name, extra in (("hf", []), ("endpoint", [*served, f"teacher.endpoint_api_key_env={KEY_ENV}"])):
+    with serve(teacher, key) as url:
+        served = ["teacher.backend=endpoint", *endpoint(url), f"teacher.endpoint_api_key_env={KEY_ENV}"]
+        for name, extra in (("hf", []), ("endpoint", served)):
             run(compose([*overrides, *extra], run_dir=str(tmp_path / name)))
             curves[name] = read_metrics(tmp_path / name / "metrics.jsonl")
-    assert len(curves["hf"]) == 6 and [r["step"] for r in curves["hf"]] == [
-        r["step"] for r in curves["endpoint"]
-    ]
+    assert [r["step"] for r in curves["hf"]] == [r["step"] for r in curves["endpoint"]] == list(range(6))
     for h, e in zip(curves["hf"], curves["endpoint"], strict=True):
         for k in sorted(k for k in h if k.startswith("loss")):
             assert e[k] == pytest.approx(h[k], rel=REL), (h["step"], k, e[k], h[k])
     assert key not in (tmp_path / "endpoint" / "config.yaml").read_text()
+
+
+def test_a_local_run_through_the_endpoint_trains_as_the_hf_teacher(
+    tiny_teacher, base_overrides, tmp_path, monkeypatch
+):
+    assert_endpoint_run_follows_hf(
+        tiny_teacher,
+        base_overrides,
+        tmp_path,
+        monkeypatch,
+        serve=lambda teacher, key: vllm_server(teacher, tmp_path, key),
+        endpoint=lambda url: [f"teacher.endpoint_url={url}", "teacher.endpoint_model=teacher"],
+    )

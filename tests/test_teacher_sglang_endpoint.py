@@ -20,14 +20,18 @@ import secrets
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import numpy as np
 import pytest
 import torch
 
 from distill.errors import ConfigError
 from distill.teacher import TeacherEngine
 from distill.teacher.endpoint import EndpointTeacher
-from tests.test_teacher_vllm import R1_VOCAB, tiny_r1_vocab_qwen2
+from tests.test_teacher_endpoint import (
+    assert_endpoint_run_follows_hf,
+    assert_served_batch_matches_hf,
+    padded_and_packed_batches,
+)
+from tests.test_teacher_vllm import tiny_r1_vocab_qwen2
 
 K = 64
 KEY_ENV = "DISTILL_TEST_SGLANG_KEY"
@@ -120,37 +124,14 @@ def test_sglang_endpoint_matches_hf_at_r1_vocabulary_fp32(r1_model, monkeypatch)
     key = secrets.token_hex(16)
     monkeypatch.setenv(KEY_ENV, key)
     fake = SGLangGenerateFake_NoCUDA(r1_model, key)
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(2, R1_VOCAB, (3, 40), generator=g)
-    mask = torch.ones_like(ids, dtype=torch.bool)
-    mask[2, 25:] = False
-    ids[~mask] = 0
-    positions = torch.cat([torch.arange(15), torch.arange(25)]).expand(3, 40).contiguous()
     hf_engine = TeacherEngine.from_pretrained(r1_model, K, dtype="float32", length_groups=1)
     with fake.serve() as url:
         client = EndpointTeacher(f"{url}/v1", "teacher", K, api="sglang", api_key=os.environ[KEY_ENV])
         assert key not in repr(client) and client.url == url  # the OpenAI-style /v1 suffix is dropped
-        for batch in (
-            {"input_ids": ids, "attention_mask": mask, "loss_mask": mask.clone()},
-            {  # packed: two documents per row, each its own prompt
-                "input_ids": ids,
-                "attention_mask": torch.ones_like(mask),
-                "loss_mask": mask,
-                "position_ids": positions,
-            },
-        ):
+        for batch in padded_and_packed_batches():
             served = client.score_batch((0, 1), {k: v.numpy() for k, v in batch.items()})
             hf = hf_engine.score_batch((0, 1), batch)
-            real = batch["attention_mask"].numpy()
-            for name, a in hf.arrays().items():
-                assert served.arrays()[name].shape == a.shape, name
-                assert served.arrays()[name].dtype == a.dtype, name
-            assert (served.topk_ids == hf.topk_ids).all(-1)[real].mean() >= 0.99
-            hf_logp = hf.topk_logits.astype(np.float64) - hf.log_normalizer[..., None]
-            assert np.abs(served.topk_logits - hf_logp)[real].max() <= 1e-3
-            tail_hf = 1 - np.exp(hf_logp[real]).sum(-1)
-            tail_served = 1 - np.exp(served.topk_logits[real].astype(np.float64)).sum(-1)
-            assert np.abs(tail_served - tail_hf).max() <= 1e-4
+            assert_served_batch_matches_hf(served, hf, batch["attention_mask"].numpy())
     # One request per batch; every position's log-probs, raw (no temperature or top-p normalisation).
     assert len(fake.requests) == 2 and len(fake.requests[1]["input_ids"]) == 6  # 3 rows x 2 documents
     for body in fake.requests:
@@ -172,7 +153,7 @@ def test_sglang_endpoint_errors_name_the_fix_and_never_the_key(r1_model):
     without = SGLangGenerateFake_NoCUDA(r1_model, key, drop_top_logprobs=True)
     with (
         without.serve() as url,
-        pytest.raises(ConfigError, match=r"no input_top_logprobs .* endpoint_api=vllm"),
+        pytest.raises(ConfigError, match=r"no input_top_logprobs .* set teacher\.endpoint_api=vllm"),
     ):
         EndpointTeacher(url, "teacher", K, api="sglang", api_key=key).score_prompts([[5, 6]])
     with pytest.raises(ConfigError, match=r"teacher.endpoint_api='tgi' is unknown; valid: vllm, sglang"):
@@ -182,27 +163,12 @@ def test_sglang_endpoint_errors_name_the_fix_and_never_the_key(r1_model):
 def test_a_local_run_through_an_sglang_endpoint_trains_as_the_hf_teacher(
     tiny_teacher, base_overrides, tmp_path, monkeypatch
 ):
-    """The single-process run with teacher.backend=endpoint teacher.endpoint_api=sglang against the same run with
-    the hf engine: the same loss curve (the tolerance of test_teacher_endpoint.py's vLLM case)."""
-    from distill.config import compose
-    from distill.run import run
-    from distill.tracking.metrics_log import read_metrics
-    from tests.test_teacher_vllm_online import REL, qwen2_teacher
-
-    teacher = qwen2_teacher(tiny_teacher, tmp_path / "teacher")
-    key = secrets.token_hex(16)
-    monkeypatch.setenv(KEY_ENV, key)
-    overrides = [*base_overrides, "train.steps=6", "train.log_every=1", "data.num_train=64"]
-    overrides += ["eval.generate_examples=0", "eval.max_batches=1", "teacher=hf", f"teacher.path={teacher}"]
-    overrides += ["teacher.topk=16"]
-    curves = {}
-    with SGLangGenerateFake_NoCUDA(teacher, key).serve() as url:
-        served = ["teacher.backend=endpoint", f"teacher.endpoint_url={url}", "teacher.endpoint_api=sglang"]
-        for name, extra in (("hf", []), ("sglang", [*served, f"teacher.endpoint_api_key_env={KEY_ENV}"])):
-            run(compose([*overrides, *extra], run_dir=str(tmp_path / name)))
-            curves[name] = read_metrics(tmp_path / name / "metrics.jsonl")
-    assert [r["step"] for r in curves["hf"]] == [r["step"] for r in curves["sglang"]] == list(range(6))
-    for h, s in zip(curves["hf"], curves["sglang"], strict=True):
-        for k in sorted(k for k in h if k.startswith("loss")):
-            assert s[k] == pytest.approx(h[k], rel=REL), (h["step"], k, s[k], h[k])
-    assert key not in (tmp_path / "sglang" / "config.yaml").read_text()
+    """teacher.endpoint_api=sglang end to end on the single-process path: the hf run's loss curve."""
+    assert_endpoint_run_follows_hf(
+        tiny_teacher,
+        base_overrides,
+        tmp_path,
+        monkeypatch,
+        serve=lambda teacher, key: SGLangGenerateFake_NoCUDA(teacher, key).serve(),
+        endpoint=lambda url: [f"teacher.endpoint_url={url}", "teacher.endpoint_api=sglang"],
+    )
