@@ -26,9 +26,10 @@ VOCAB, K = 129_280, 16
 
 
 def tiny_mla_teacher(folder, *, dense_layers: int = 1):
-    """2 layers (the first `dense_layers` dense, the rest MoE with 4 routed experts + 1 shared), 2 heads of R1's MLA
-    sizes: kv_lora_rank 512, qk_rope 64, qk_nope 128, v_head 128 (vLLM's MLA refuses other head sizes). R1's routing keys are added to
-    config.json (transformers does not write them; without them vLLM builds no e_score_correction_bias)."""
+    """2 layers (the first `dense_layers` dense, the rest MoE with 4 routed experts + 1 shared), 2 heads of R1's
+    MLA sizes: kv_lora_rank 512, qk_rope 64, qk_nope 128, v_head 128 (vLLM's MLA refuses other head sizes). R1's
+    routing keys are added to config.json (transformers does not write them; without them vLLM builds no
+    e_score_correction_bias)."""
     from distill.models import build_model, save_model, tiny_config
 
     config = tiny_config(

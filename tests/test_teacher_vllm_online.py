@@ -1,6 +1,7 @@
 """teacher.backend=vllm on the Ray path: vLLM engines inside the teacher actors (started in the vLLM environment's
 interpreter through a runtime_env), two replicas of tensor parallel size 2 (vLLM's multiprocessing executor on
-CPU), two ZeRO-2 student ranks, against the same run with teacher.backend=hf. Skipped, saying why, only when the vLLM environment is absent (`make test` builds it).
+CPU), two ZeRO-2 student ranks, against the same run with teacher.backend=hf. Skipped, saying why, only when the
+vLLM environment is absent (`make test` builds it).
 
 The teacher is a tiny Qwen2 on the test tokenizer with head_dim 64 (vLLM's CPU attention needs it; the session's
 demo teacher is a DeepSeek-V3 whose tiny MLA sizes vLLM refuses), random weights of std 0.1 so its next-token

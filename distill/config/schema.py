@@ -65,8 +65,8 @@ class TeacherConfig:
     backend: str = "hf"
     """Who scores batches: `hf` (transformers forward, the reference), `vllm` (a vLLM engine inside each teacher
     replica's Ray actor, in the vLLM environment of scripts/setup_vllm.sh), `endpoint` (a running vLLM or SGLang
-    server at `endpoint_url`, see `endpoint_api`). vllm and endpoint ship top-k log-probs (log-normaliser 0): same losses at every
-    temperature (distill/teacher/logprobs.py)."""
+    server at `endpoint_url`, see `endpoint_api`). vllm and endpoint ship top-k log-probs (log-normaliser 0):
+    same losses at every temperature (distill/teacher/logprobs.py)."""
     pipeline_parallel: int = 1
     """backend=vllm: pipeline stages per replica, one node each (`distill plan` prints it for a replica that spans
     nodes); vLLM's tensor parallel size is cluster.teacher_tp."""

@@ -8,7 +8,8 @@ as token ids), in one of two dialects (`teacher.endpoint_api`):
           likely first (None at position 0). logprob_start_len=0 also keeps SGLang's radix cache from serving
           cached positions (it only matches prefixes before logprob_start_len), and the scoring request's
           sampling parameters are neutral (T 1, top-p 1, no top-k) so no temperature or top-p normalisation
-          touches the log-probs (SGLang applies them unless RETURN_ORIGINAL_LOGPROB is set).
+          touches the log-probs (SGLang applies them to the log-probs it returns unless
+          SGLANG_RETURN_ORIGINAL_LOGPROB is set).
 Each prompt is sent with one extra token appended: attention is causal, so that token changes no earlier position,
 and its prompt entry is the distribution after the last real token (the one the hf engine puts at the last
 position), without reading the generated step's log-probs (OpenAI-format ones are keyed by decoded text).
