@@ -149,9 +149,8 @@ def distill_rate(cfg, run_dir: str, steps: int, warmup: int, staleness: int) -> 
     logged = [
         r for r in read_metrics(Path(run_dir) / "metrics.jsonl") if r["step"] in timed and "tokens" in r
     ]
-    for (
-        r
-    ) in logged:  # each covers the steps since the previous log, all after the warm-up's `staleness` steps
+    # Each logged row covers the steps since the previous log, all after the warm-up's `staleness` steps.
+    for r in logged:
         if r.get("onpolicy/share") != 1.0 or r.get("onpolicy/staleness") != staleness:
             raise RuntimeError(f"step {r['step']} is not on-policy at staleness {staleness}: {r}")
         if r["tokens"] != tokens[r["step"]]:

@@ -25,11 +25,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the tests' model builders and vLLM runner
 
 from distill.models import build_model, save_model, tiny_config
-from distill.teacher import TeacherEngine
 from tests import test_teacher_vllm_mla as mla
-from tests.test_teacher_vllm import score_in_vllm
 
-VOCAB, K = mla.VOCAB, mla.K
+VOCAB = mla.VOCAB
 
 
 def qwen2_dense(folder: Path) -> Path:
@@ -54,29 +52,15 @@ def mla_dense(folder: Path) -> Path:
 
 
 def measure(model: Path, work: Path) -> dict[str, float]:
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(2, VOCAB, (2, 24), generator=g)
-    mask = torch.ones_like(ids, dtype=torch.bool)
-    batch = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "loss_mask": mask.numpy()}
-    served = score_in_vllm(model, {"b": batch}, work, topk=K, dtype="bfloat16")["b"]
-    logp = {}
-    for dtype in ("float32", "bfloat16"):
-        engine = TeacherEngine.from_pretrained(model, K, dtype=dtype, length_groups=1)
-        logp[dtype] = torch.log_softmax(engine.logits(ids, mask).double(), -1).numpy()
-    fp32, bf16 = logp["float32"], logp["bfloat16"]
-    vllm_err = np.abs(
-        served["topk_logits"] - np.take_along_axis(fp32, served["topk_ids"].astype(np.int64), -1)
-    )
-    hf_ids = np.argsort(-bf16, -1)[..., :K]
-    hf_err = np.abs(np.take_along_axis(bf16, hf_ids, -1) - np.take_along_axis(fp32, hf_ids, -1))
-    top1 = fp32.argmax(-1)
+    e = mla.bf16_errors(model, work)
+    top1 = e["fp32"].argmax(-1)
     return {
-        "top1_vllm": float(np.mean(served["topk_ids"][..., 0] == top1)),
-        "top1_hf_bf16": float(np.mean(hf_ids[..., 0] == top1)),
-        "err_max_vllm": float(vllm_err.max()),
-        "err_mean_vllm": float(vllm_err.mean()),
-        "err_max_hf_bf16": float(hf_err.max()),
-        "err_mean_hf_bf16": float(hf_err.mean()),
+        "top1_vllm": float(np.mean(e["vllm_ids"][..., 0] == top1)),
+        "top1_hf_bf16": float(np.mean(e["hf_ids"][..., 0] == top1)),
+        "err_max_vllm": float(e["vllm_err"].max()),
+        "err_mean_vllm": float(e["vllm_err"].mean()),
+        "err_max_hf_bf16": float(e["hf_err"].max()),
+        "err_mean_hf_bf16": float(e["hf_err"].mean()),
     }
 
 

@@ -47,9 +47,12 @@ PY
 # that runs and tests share, so no run pays for it (distill.student.engine.use_interpreters_ninja says why the
 # ninja matters). GPU clusters leave DS_ACCELERATOR unset and skip this.
 if [ "${DS_ACCELERATOR:-}" = cpu ] && "$VENV/bin/python" -c "import deepspeed" 2>/dev/null; then
-  echo "building DeepSpeed's CPU comm op into ${TORCH_EXTENSIONS_DIR:-$HOME/.cache/distill/torch_extensions} ..."
-  PATH="$PWD/$VENV/bin:$PATH" TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$HOME/.cache/distill/torch_extensions}" \
-    "$VENV/bin/python" -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load()" \
-    > "$VENV/ds-op-build.log" 2>&1 || { cat "$VENV/ds-op-build.log" >&2; exit 1; }
+  export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$HOME/.cache/distill/torch_extensions}"
+  echo "building DeepSpeed's CPU comm op into $TORCH_EXTENSIONS_DIR ..."
+  "$VENV/bin/python" -c "
+from distill.student.engine import use_interpreters_ninja
+from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+use_interpreters_ninja()
+ShareMemCommBuilder().load()" > "$VENV/ds-op-build.log" 2>&1 || { cat "$VENV/ds-op-build.log" >&2; exit 1; }
 fi
 echo "$want" > "$stamp"

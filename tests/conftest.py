@@ -14,6 +14,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# DeepSpeed's JIT-built ops, shared by every process of the session (and by `make setup`, which builds the CPU comm
+# op there): the Ray student actors get it from here (distill.cluster.student_group forwards it).
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/distill/torch_extensions"))
 
 # Small enough for seconds per run, big enough that the teacher has learned something worth distilling.
 TEST_OVERRIDES = [

@@ -11,7 +11,6 @@ replaces a lost machine), so the session's cluster is whole again for the tests 
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -26,8 +25,6 @@ from distill.cluster.driver import Assignment, CheckpointStore
 from distill.errors import CheckpointError
 from distill.tracking.metrics_log import read_metrics
 from tests.test_online_distributed import _run, _stats, _weights
-
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/distill/torch_extensions"))
 
 REPO = Path(__file__).parent.parent
 STEPS = 12

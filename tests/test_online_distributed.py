@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -29,9 +28,6 @@ from distill.errors import CheckpointError, TopologyError
 from distill.tracking.metrics_log import read_metrics
 from distill.training.modes import StepHooks
 from launch.teacher_cache import build_cache
-
-# The student actors reuse the DeepSpeed comm op that test_student_deepspeed builds (~40 s once otherwise).
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/distill/torch_extensions"))
 
 distributed = [pytest.mark.distributed, pytest.mark.slow]
 STEPS = 20

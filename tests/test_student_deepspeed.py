@@ -247,10 +247,6 @@ def records(tmp_path_factory) -> dict[str, list[dict]]:
     with pytest.MonkeyPatch.context() as mp_env:
         mp_env.setenv("OMP_NUM_THREADS", "1")  # oversubscribed ranks make torch 5-10x slower here
         mp_env.setenv("DS_ACCELERATOR", "cpu")
-        mp_env.setenv(
-            "TORCH_EXTENSIONS_DIR",
-            os.environ.get("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/distill/torch_extensions")),
-        )
         for world in RUNS:
             _spawn(world, out)
     result = {}

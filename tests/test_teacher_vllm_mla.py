@@ -63,14 +63,16 @@ def tiny_mla_teacher(folder, *, dense_layers: int = 1):
     return out
 
 
-def test_vllm_bf16_mla_matches_hf_within_the_bf16_bound(tmp_path):
-    model = tiny_mla_teacher(tmp_path / "teacher")
+def bf16_errors(model, folder) -> dict[str, np.ndarray]:
+    """vLLM bf16 and hf bf16 against hf fp32 on two seeded random rows of `model`: hf fp32's log-probs (`fp32`
+    [B, T, V]), each bf16 forward's top-k ids (`vllm_ids`, `hf_ids`) and its |log-prob - hf fp32| at them
+    (`vllm_err`, `hf_err`). Shared with bench/vllm_bf16_error.py."""
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(2, VOCAB, (2, 24), generator=g)
     mask = torch.ones_like(ids, dtype=torch.bool)
     batch = {"input_ids": ids, "attention_mask": mask, "loss_mask": mask.clone()}
     served = score_in_vllm(
-        model, {"b": {k: v.numpy() for k, v in batch.items()}}, tmp_path, topk=K, dtype="bfloat16"
+        model, {"b": {k: v.numpy() for k, v in batch.items()}}, folder, topk=K, dtype="bfloat16"
     )
     served = served["b"]
     logp = {}
@@ -80,16 +82,22 @@ def test_vllm_bf16_mla_matches_hf_within_the_bf16_bound(tmp_path):
         del engine
     fp32, bf16 = logp["float32"], logp["bfloat16"]
     # Log-prob error against hf fp32 at the ids each bf16 forward shipped (vLLM's top-k; hf bf16's own top-k).
-    at = np.take_along_axis(fp32, served["topk_ids"].astype(np.int64), -1)
-    vllm_err = np.abs(served["topk_logits"] - at)
+    vllm_ids = served["topk_ids"].astype(np.int64)
+    vllm_err = np.abs(served["topk_logits"] - np.take_along_axis(fp32, vllm_ids, -1))
     hf_ids = np.argsort(-bf16, -1)[..., :K]
     hf_err = np.abs(np.take_along_axis(bf16, hf_ids, -1) - np.take_along_axis(fp32, hf_ids, -1))
+    return {"fp32": fp32, "vllm_ids": vllm_ids, "vllm_err": vllm_err, "hf_ids": hf_ids, "hf_err": hf_err}
+
+
+def test_vllm_bf16_mla_matches_hf_within_the_bf16_bound(tmp_path):
+    e = bf16_errors(tiny_mla_teacher(tmp_path / "teacher"), tmp_path)
+    fp32, vllm_err, hf_ids, hf_err = e["fp32"], e["vllm_err"], e["hf_ids"], e["hf_err"]
     # Top-1 is decidable in bf16 only where fp32's top-1/top-2 margin exceeds what bf16 rounding moves a log-prob
     # by (twice hf's own bf16 error: both entries move); elsewhere hf's own bf16 forward flips it too.
     top2 = np.sort(fp32, -1)[..., -2:]
     decidable = (top2[..., 1] - top2[..., 0]) > 2 * hf_err.max()
     top1 = fp32.argmax(-1)
-    agree_vllm = served["topk_ids"][..., 0] == top1
+    agree_vllm = e["vllm_ids"][..., 0] == top1
     agree_hf_bf16 = hf_ids[..., 0] == top1
     print(
         f"top-1 = hf fp32's: vllm bf16 {agree_vllm.mean():.2%} of all positions, {agree_vllm[decidable].mean():.2%} "

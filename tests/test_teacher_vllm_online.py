@@ -11,7 +11,6 @@ distribution is far from uniform.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -19,8 +18,6 @@ import pytest
 from distill.config import compose
 from distill.teacher.vllm_env import vllm_python
 from distill.tracking.metrics_log import read_metrics
-
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/distill/torch_extensions"))
 
 VLLM_PYTHON = vllm_python()
 pytestmark = [

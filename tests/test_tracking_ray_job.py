@@ -89,7 +89,7 @@ def test_ray_job_submit_runs_distill_with_wandb(ray_head, tiny_teacher, base_ove
     job_env = {
         **env,
         "WANDB_SILENT": "true",
-        "TORCH_EXTENSIONS_DIR": str(Path.home() / ".cache/distill/torch_extensions"),
+        "TORCH_EXTENSIONS_DIR": os.environ["TORCH_EXTENSIONS_DIR"],
     }
     proc = subprocess.run(
         [str(BIN / "ray"), "job", "submit", f"--address={dashboard}", "--", *entrypoint],

@@ -179,9 +179,8 @@ class OnPolicyFeed:
         # one's are written (on the rollout actors round-robin, each loading the version its step needs).
         self._pool = ThreadPoolExecutor(max(1, max_staleness), thread_name_prefix="onpolicy")
         self._reading = threading.Lock()
-        self._generation = (
-            -1
-        )  # reset() counts the feed's starts: a restore never reuses a failed world's versions
+        # reset() counts the feed's starts: a restore never reuses a failed world's versions.
+        self._generation = -1
         self.reset(0)
 
     # ---- what is written with what ----------------------------------------------------------------------------

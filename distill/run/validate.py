@@ -14,7 +14,7 @@ from distill.models.facts import ModelFacts
 from distill.models.head import check_fusable_type
 from distill.models.resolve import demo_teacher_dir, model_facts, student_facts
 from distill.models.tiny import TINY_ARCHS
-from distill.teacher.endpoint import ENDPOINT_APIS
+from distill.teacher.endpoint import check_endpoint_api
 from distill.teacher.engine import check_length_groups
 from distill.training.build import run_curriculum
 from distill.training.objective import term_params
@@ -162,11 +162,8 @@ def validate_teacher_backend(cfg) -> None:
                 "against a running `vllm serve` for the single-process path."
             )
         require_vllm_python(t.vllm_python)
-    if t.backend == "endpoint" and t.endpoint_api not in ENDPOINT_APIS:
-        raise ConfigError(
-            f"teacher.endpoint_api={t.endpoint_api!r} is unknown; valid: {', '.join(ENDPOINT_APIS)} (vllm: the "
-            "completions API with prompt_logprobs; sglang: SGLang's /generate with input_top_logprobs)"
-        )
+    if t.backend == "endpoint":
+        check_endpoint_api(t.endpoint_api)
     if t.backend == "endpoint" and not t.endpoint_url:
         raise ConfigError(
             "teacher.backend=endpoint needs teacher.endpoint_url (the server's base URL, e.g. "

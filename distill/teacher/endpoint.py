@@ -35,6 +35,15 @@ from distill.teacher.logprobs import Entries, score_served_batch
 ENDPOINT_APIS = ("vllm", "sglang")
 
 
+def check_endpoint_api(api: str) -> None:
+    """ConfigError unless `api` names a dialect this client speaks."""
+    if api not in ENDPOINT_APIS:
+        raise ConfigError(
+            f"teacher.endpoint_api={api!r} is unknown; valid: {', '.join(ENDPOINT_APIS)} (vllm: the completions "
+            "API with prompt_logprobs; sglang: SGLang's /generate with input_top_logprobs)"
+        )
+
+
 def json_entries(position: Mapping[str, Mapping] | None) -> Entries:
     """One prompt_logprobs entry of the JSON reply ({"<id>": {"logprob", "rank", ...}}) -> {id: (log-prob, rank)}."""
     return {int(token): (float(v["logprob"]), int(v["rank"])) for token, v in (position or {}).items()}
@@ -61,8 +70,7 @@ class EndpointTeacher:
         logits_dtype: torch.dtype = torch.float32,
         timeout_s: float = 600.0,
     ) -> None:
-        if api not in ENDPOINT_APIS:
-            raise ConfigError(f"teacher.endpoint_api={api!r} is unknown; valid: {', '.join(ENDPOINT_APIS)}")
+        check_endpoint_api(api)
         url = url.rstrip("/")
         self.url = url.removesuffix("/v1") if api == "sglang" else url
         self.model, self.topk, self.api = model, topk, api
@@ -103,34 +111,46 @@ class EndpointTeacher:
 
     def score_prompts(self, prompts: Sequence[Sequence[int]]) -> list[list[Entries]]:
         """Per prompt of n tokens, its n positions' entries (position i: the distribution of token i + 1)."""
-        if self.api == "sglang":
-            return self._score_sglang(prompts)
+        sent = [[*p, p[0]] for p in prompts]  # the extra token: see the module docstring
+        served = self._sglang_positions(sent) if self.api == "sglang" else self._vllm_positions(sent)
+        if len(served) != len(prompts):
+            raise ConfigError(
+                f"the teacher endpoint {self.url} returned {len(served)} results for {len(prompts)} prompts"
+            )
+        out = []
+        for prompt, positions in zip(prompts, served, strict=True):
+            if len(positions) <= len(prompt):
+                raise ConfigError(
+                    f"the teacher endpoint {self.url} returned {len(positions)} log-prob entries for a prompt of "
+                    f"{len(prompt) + 1} tokens: it must score every prompt position (teacher.endpoint_api)"
+                )
+            # Entry 0 is the first token's (no distribution); entries 1..n those after tokens 0..n-1.
+            out.append(positions[1 : len(prompt) + 1])
+        return out
+
+    def _vllm_positions(self, sent: list[list[int]]) -> list[list[Entries]]:
         body = {
             "model": self.model,
-            "prompt": [[*p, p[0]] for p in prompts],  # the extra token: see the module docstring
+            "prompt": sent,
             "max_tokens": 1,
             "temperature": 0.0,
             "prompt_logprobs": self.topk,
         }
         choices = sorted(self._post("completions", body)["choices"], key=lambda c: c["index"])
-        if len(choices) != len(prompts):
-            raise ConfigError(
-                f"the teacher endpoint {self.url} returned {len(choices)} choices for {len(prompts)} prompts"
-            )
         out = []
-        for prompt, choice in zip(prompts, choices, strict=True):
+        for choice in choices:
             entries = choice.get("prompt_logprobs")
             if entries is None:
                 raise ConfigError(
                     f"the teacher endpoint {self.url} returned no prompt_logprobs: teacher.backend=endpoint needs a "
                     "vLLM server (the completions API's prompt_logprobs extension)"
                 )
-            out.append([json_entries(e) for e in entries[1 : len(prompt) + 1]])
+            out.append([json_entries(e) for e in entries])
         return out
 
-    def _score_sglang(self, prompts: Sequence[Sequence[int]]) -> list[list[Entries]]:
+    def _sglang_positions(self, sent: list[list[int]]) -> list[list[Entries]]:
         body = {
-            "input_ids": [[*p, p[0]] for p in prompts],  # the extra token: see the module docstring
+            "input_ids": sent,
             "sampling_params": {"max_new_tokens": 1, "temperature": 1.0, "top_p": 1.0, "top_k": -1},
             "return_logprob": True,
             "logprob_start_len": 0,
@@ -138,21 +158,16 @@ class EndpointTeacher:
             "return_text_in_logprobs": False,
         }
         replies = self._post("generate", body)
-        replies = replies if isinstance(replies, list) else [replies]
-        if len(replies) != len(prompts):
-            raise ConfigError(
-                f"the teacher endpoint {self.url} returned {len(replies)} results for {len(prompts)} prompts"
-            )
         out = []
-        for prompt, reply in zip(prompts, replies, strict=True):
+        for reply in replies if isinstance(replies, list) else [replies]:
             entries = (reply.get("meta_info") or {}).get("input_top_logprobs")
-            if entries is None or len(entries) < len(prompt) + 1:
+            if entries is None:
                 raise ConfigError(
                     f"the teacher endpoint {self.url} returned no input_top_logprobs for every prompt position: "
                     "teacher.endpoint_api=sglang needs an SGLang server's /generate (return_logprob with "
                     "logprob_start_len=0); for a vLLM server set teacher.endpoint_api=vllm"
                 )
-            out.append([sglang_entries(e) for e in entries[1 : len(prompt) + 1]])
+            out.append([sglang_entries(e) for e in entries])
         return out
 
     def score_batch(
