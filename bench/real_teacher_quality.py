@@ -21,13 +21,19 @@ and KL everywhere; and is never worse than KD one-stage on CE by more than noise
 
     python bench/real_teacher_quality.py --budgets 100,300 --seeds 0,1        # both texts, both students
     python bench/real_teacher_quality.py --texts stdlib --students pretrained  # the untuned second case
+
+Each run's scores go to bench/results/real_teacher_quality.json (`--ledger`), under its case and a hash of its
+composed config; a run already there is read back, not run again. The 1,000-step matrix takes longer than one
+session of a 2-core machine, so it continues where the ledger stops.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,7 +41,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from real_teacher_assets import build_assets, cache_root
+from real_teacher_assets import ASSETS_VERSION, build_assets, cache_root
 
 from distill.config import compose
 from distill.io import atomic_write_json
@@ -195,18 +201,72 @@ def failures(case: tuple[str, str, int], results: dict[str, list[dict]]) -> list
     return missed
 
 
-def scored_run(folder: Path, overrides: list[str], evaluate: Evaluator) -> dict:
-    """One run and its independent scores; a run already scored with the same overrides is read back, so a
-    matrix of several hours can be stopped and continued with the same --out."""
-    done = folder / "scores.json"
-    if done.exists():
-        saved = json.loads(done.read_text(encoding="utf-8"))
-        if saved.get("overrides") == overrides:
-            return saved["scores"]
-    summary = run(compose(overrides, run_dir=str(folder)))
+LEDGER = Path(__file__).resolve().parent / "results" / "real_teacher_quality.json"
+
+
+def run_identity(cfg, assets_root: Path, folder: Path) -> str:
+    """What decides a run's scores: its composed config, resolved, without the run folder, the machine's paths,
+    progress display and tracking. A changed default (loss, curriculum, optimizer) changes it."""
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.to_container(cfg, resolve=True)
+    for key in ("run_dir", "prepare", "tracking"):
+        config.pop(key, None)
+    text = json.dumps(config, sort_keys=True)
+    text = text.replace(str(folder), "<run>").replace(str(assets_root), "<assets>")
+    text = text.replace(str(Path.home()), "<home>")  # caches (token maps) that do not change a result
+    text += f"assets v{ASSETS_VERSION}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return out.stdout.strip()
+
+
+class Ledger:
+    """Scores by case (text/student/budget/recipe/seed), then run identity, in a JSON file kept with the project:
+    a matrix of many CPU hours continues where it stopped, in a later session or on another machine, and a run
+    whose config has changed since is run again."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.entries = json.loads(path.read_text(encoding="utf-8")) if path and path.is_file() else {}
+
+    def get(self, case: str, identity: str) -> dict | None:
+        entry = self.entries.get(case, {}).get(identity)
+        return entry["scores"] if entry else None
+
+    def put(self, case: str, identity: str, scores: dict, seconds: float) -> None:
+        self.entries.setdefault(case, {})[identity] = {
+            "scores": scores,
+            "commit": git_commit(),
+            "seconds": round(seconds),
+            "date": time.strftime("%Y-%m-%d"),
+        }
+        if self.path:
+            atomic_write_json(self.path, self.entries)
+
+
+def scored_run(
+    case: str, folder: Path, overrides: list[str], assets_root: Path, evaluate, ledger: Ledger
+) -> dict:
+    """One run and its independent scores, or the ledger's scores of the same case and config."""
+    cfg = compose(overrides, run_dir=str(folder))
+    identity = run_identity(cfg, assets_root, folder)
+    saved = ledger.get(case, identity)
+    if saved is not None:
+        return saved
+    t0 = time.time()
+    summary = run(cfg)
     scores = evaluate(str(folder / "student"))
     scores["run_ce"] = summary.get("ce")
-    atomic_write_json(done, {"overrides": overrides, "scores": scores})
+    ledger.put(case, identity, scores, time.time() - t0)
     return scores
 
 
@@ -229,9 +289,12 @@ def main() -> int:
     p.add_argument("--recipe", action="append", default=[], help="extra recipe: name=override,override")
     p.add_argument("--out", default=f"runs/real_teacher_quality/{time.strftime('%Y-%m-%d_%H-%M-%S')}")
     p.add_argument("--assets", default=None, help="assets folder (default: $DISTILL_CACHE/real_teacher/v<N>)")
+    p.add_argument("--ledger", default=str(LEDGER), help="scores kept across sessions ('' for none)")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = p.parse_args()
-    assets = build_assets(Path(args.assets) if args.assets else cache_root())
+    assets_root = (Path(args.assets) if args.assets else cache_root()).resolve()
+    assets = build_assets(assets_root)
+    ledger = Ledger(Path(args.ledger) if args.ledger else None)
     if "teacher_mass_kept" in assets:
         print(
             f"teacher: {assets['teacher']} ({assets['vocab']} tokens kept, holding "
@@ -248,13 +311,14 @@ def main() -> int:
                 results: dict[str, list[dict]] = {name: [] for name in recipes}
                 for seed in (int(s) for s in args.seeds.split(",")):
                     for name, extra in recipes.items():
-                        folder = out / text / student / f"{budget}" / name.replace(" ", "_") / f"seed{seed}"
+                        case = f"{text}/{student}/{budget}/{name.replace(' ', '_')}/seed{seed}"
+                        folder = out / case
                         t0 = time.time()
                         overrides = [
                             *run_overrides(assets, text, student, budget, seed, args.batch, extra),
                             *args.overrides,
                         ]
-                        scores = scored_run(folder, overrides, evaluate)
+                        scores = scored_run(case, folder, overrides, assets_root, evaluate, ledger)
                         results[name].append(scores)
                         print(
                             f"{text} {student} {budget} {name} seed {seed}: {json.dumps(scores)} "
