@@ -128,3 +128,70 @@ def test_killed_actor_recovers_and_every_batch_arrives_exactly_once(ray_cluster,
         assert group.replicas[0].restarts == 0
     finally:
         group.shutdown()
+
+
+class SlowEchoWorker:
+    """A teacher worker with the TeacherWorker protocol and no model (a stand-in for a slow forward): each batch
+    takes `spec` seconds and comes back as its own tokens, so a test can hold batches in flight on an actor."""
+
+    def __init__(self, spec: float, replica: int, rank: int, tp: int) -> None:
+        self.seconds, self.replica = spec, replica
+
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
+
+    def rendezvous_address(self) -> tuple[str, int]:
+        return "127.0.0.1", 0
+
+    def setup(self, address) -> int:
+        return self.pid()
+
+    def score(self, batch_id, inputs):
+        import time
+
+        from distill.batch import TeacherBatch
+        from distill.cluster.teacher_group import BatchMeta
+
+        time.sleep(self.seconds)
+        ids = inputs["input_ids"]
+        mask = np.ones(ids.shape, dtype=bool)
+        zeros = np.zeros(ids.shape, dtype=np.float32)
+        out = TeacherBatch(tuple(batch_id), ids, mask, mask, ids[..., None], zeros[..., None], zeros)
+        return BatchMeta(tuple(batch_id), out.num_tokens, out.nbytes(), self.replica, self.pid()), out
+
+
+def test_two_streams_that_lose_one_replica_restart_it_once_and_get_every_batch(ray_cluster):
+    """The driver's producer thread and the on-policy feed's threads stream through one group at once. When the
+    replica they share dies, both streams hold batches on it: it is restarted once, not once per stream (a second
+    restart would kill the actors the first one started), and each stream gets each of its batches once, in order."""
+    import threading
+    import time
+
+    import ray
+
+    group = TeacherGroup(1.0, worker=SlowEchoWorker, replicas=1, tp=1, cpus_per_actor=0.5)
+    streams = {
+        s: [((s, i), {"input_ids": np.full((1, 4), 10 * s + i, dtype=np.int32)}) for i in range(3)]
+        for s in range(2)
+    }
+    got: dict[int, list] = {}
+
+    def consume(s: int) -> None:
+        got[s] = [
+            (meta.batch_id, int(ray.get(ref).input_ids[0, 0])) for meta, ref in group.score_stream(streams[s])
+        ]
+
+    threads = [threading.Thread(target=consume, args=(s,)) for s in streams]
+    try:
+        for t in threads:
+            t.start()
+        time.sleep(0.5)  # both streams have sent their first two batches; the actor is still on the first
+        group.kill_actor(replica=0, rank=0)
+        for t in threads:
+            t.join(timeout=120)
+        assert got == {s: [((s, i), 10 * s + i) for i in range(3)] for s in streams}
+        assert group.replicas[0].restarts == 1 and len(group.restart_log) == 1
+    finally:
+        group.shutdown()

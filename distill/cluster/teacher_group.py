@@ -10,13 +10,16 @@ ranks are stuck in a collective with a dead peer. The group therefore recovers a
 the replica's actors, starts new ones in the same placement group (new rendezvous port) and re-dispatches the
 replica's in-flight batches. Every batch's output is yielded exactly once, in submission order. A replica whose
 node is gone gets a new placement group on any node with room (waiting up to `placement_timeout_s` for one, e.g.
-a node added back), as Ray Train re-places a worker group.
+a node added back), as Ray Train re-places a worker group. Several threads may stream through one group at once
+(the driver's producer and the on-policy feed's graders); a replica they all lose is restarted once, and each
+stream re-dispatches its own batches to the new actors.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -149,6 +152,11 @@ class _Replica:
     pg: object
     actors: list = field(default_factory=list)
     restarts: int = 0
+    # Several threads stream through one group (the driver's producer, the on-policy feed's graders): the lock
+    # makes a restart and the sends to the replica's actors one at a time; `generation` (bumped by each restart)
+    # tells a stream whose batch died with the old actors that another stream has restarted them already.
+    generation: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
 
 @dataclass
@@ -156,6 +164,7 @@ class _InFlight:
     batch_id: BatchId
     inputs: ray.ObjectRef
     replica: int
+    generation: int  # of the replica's actors it was sent to
     meta: ray.ObjectRef
     payload: ray.ObjectRef
     others: list[ray.ObjectRef]  # TP ranks 1.. : their memory figures (resolved once their forward is done)
@@ -269,6 +278,7 @@ class TeacherGroup:
                 f"{self.max_replica_restarts}). Check the actor logs for the cause."
             )
         rep.restarts += 1
+        rep.generation += 1
         clock, lost = time.perf_counter(), rep.node_id
         log.warning("teacher replica %d died; restarting it (restart %d)", rep.index, rep.restarts)
         while True:
@@ -308,9 +318,11 @@ class TeacherGroup:
         if replica is None:
             replica, self._next = self._next, (self._next + 1) % len(self.replicas)
         rep = self.replicas[replica]
-        refs = [a.score.options(num_returns=2).remote(batch_id, inputs) for a in rep.actors]
+        with rep.lock:  # not to actors a restart is replacing
+            refs = [a.score.options(num_returns=2).remote(batch_id, inputs) for a in rep.actors]
+            generation = rep.generation
         (meta, payload), others = refs[0], [memory for memory, _ in refs[1:]]
-        return _InFlight(tuple(batch_id), inputs, replica, meta, payload, others)
+        return _InFlight(tuple(batch_id), inputs, replica, generation, meta, payload, others)
 
     def score_stream(
         self, batches: Iterable[tuple[BatchId, dict[str, np.ndarray]]]
@@ -338,28 +350,31 @@ class TeacherGroup:
                 # The other TP ranks must have finished too; they hold no payload, only their memory figures.
                 others = ray.get(head.others)
             except (RayActorError, RayTaskError) as err:
-                self._recover(pending, head.replica, err)
+                self._recover(pending, head, err)
                 continue
             pending.popleft()
             for rank, memory in enumerate([meta.memory, *others]):
                 self._memory[f"{head.replica}.{rank}"] = memory
             yield meta, _in_object_store(head.payload, meta.nbytes)
 
-    def _recover(self, pending: deque[_InFlight], replica: int, err: Exception) -> None:
-        """Restart a dead replica and re-dispatch every in-flight batch it held, keeping their order."""
-        rep = self.replicas[replica]
-        # A dead TP peer surfaces on the surviving ranks as a failed collective (a plain task error), so the
-        # replica is judged by whether all its actors are alive, not by the error's type.
-        if (
-            isinstance(err, RayTaskError)
-            and not isinstance(err.cause, RayActorError)
-            and self._all_alive(rep)
-        ):
-            raise err  # a bug in the forward, not a dead process: retrying would fail the same way
-        self._restart(rep)
+    def _recover(self, pending: deque[_InFlight], failed: _InFlight, err: Exception) -> None:
+        """Restart a dead replica (unless another stream has since `failed` was sent) and re-dispatch every
+        in-flight batch this stream held on its old actors, keeping their order."""
+        rep = self.replicas[failed.replica]
+        with rep.lock:
+            if rep.generation == failed.generation:
+                # A dead TP peer surfaces on the surviving ranks as a failed collective (a plain task error), so
+                # the replica is judged by whether all its actors are alive, not by the error's type.
+                if (
+                    isinstance(err, RayTaskError)
+                    and not isinstance(err.cause, RayActorError)
+                    and self._all_alive(rep)
+                ):
+                    raise err  # a bug in the forward, not a dead process: retrying would fail the same way
+                self._restart(rep)
         for i, item in enumerate(pending):
-            if item.replica == replica:
-                pending[i] = self._submit(item.batch_id, item.inputs, replica)
+            if item.replica == failed.replica and item.generation != rep.generation:
+                pending[i] = self._submit(item.batch_id, item.inputs, item.replica)
 
     def score(self, batch_id: BatchId, arrays: dict[str, np.ndarray]) -> TeacherBatch:
         """One batch, fetched to the caller (tests and tools; the training path passes refs on)."""
