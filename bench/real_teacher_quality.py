@@ -237,6 +237,7 @@ class Ledger:
     def __init__(self, path: Path | None) -> None:
         self.path = path
         self.entries = json.loads(path.read_text(encoding="utf-8")) if path and path.is_file() else {}
+        self.commit = git_commit()  # the code these runs use (HEAD may move while a matrix runs)
 
     def get(self, case: str, identity: str) -> dict | None:
         entry = self.entries.get(case, {}).get(identity)
@@ -245,7 +246,7 @@ class Ledger:
     def put(self, case: str, identity: str, scores: dict, seconds: float) -> None:
         self.entries.setdefault(case, {})[identity] = {
             "scores": scores,
-            "commit": git_commit(),
+            "commit": self.commit,
             "seconds": round(seconds),
             "date": time.strftime("%Y-%m-%d"),
         }
