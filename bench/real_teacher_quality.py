@@ -219,6 +219,17 @@ def run_identity(cfg, assets_root: Path, folder: Path) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def assets_fingerprint(assets: dict) -> str:
+    """The assets' content: `docs` is built from the installed packages' descriptions, so another package set (a
+    lock change) gives other texts and another trimmed vocabulary under the same paths."""
+    digest = hashlib.sha256(json.dumps([assets.get("vocab"), sorted(assets["texts"])]).encode())
+    for name in sorted(assets["texts"]):
+        for arrow in sorted(Path(assets["texts"][name]).rglob("*.arrow")):
+            digest.update(arrow.read_bytes())
+    digest.update((Path(assets["teacher"]) / "model.safetensors").read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def git_commit() -> str | None:
     try:
         out = subprocess.run(
@@ -234,18 +245,21 @@ class Ledger:
     a matrix of many CPU hours continues where it stopped, in a later session or on another machine, and a run
     whose config has changed since is run again."""
 
-    def __init__(self, path: Path | None) -> None:
-        self.path = path
+    def __init__(self, path: Path | None, assets: str) -> None:
+        self.path, self.assets = path, assets
         self.entries = json.loads(path.read_text(encoding="utf-8")) if path and path.is_file() else {}
         self.commit = git_commit()  # the code these runs use (HEAD may move while a matrix runs)
 
     def get(self, case: str, identity: str) -> dict | None:
         entry = self.entries.get(case, {}).get(identity)
-        return entry["scores"] if entry else None
+        return entry["scores"] if entry and entry.get("assets") == self.assets else None
 
     def put(self, case: str, identity: str, scores: dict, seconds: float) -> None:
+        if self.path and self.path.is_file():  # what other matrices sharing the file wrote meanwhile
+            self.entries = json.loads(self.path.read_text(encoding="utf-8"))
         self.entries.setdefault(case, {})[identity] = {
             "scores": scores,
+            "assets": self.assets,
             "commit": self.commit,
             "seconds": round(seconds),
             "date": time.strftime("%Y-%m-%d"),
@@ -295,7 +309,7 @@ def main() -> int:
     args = p.parse_args()
     assets_root = (Path(args.assets) if args.assets else cache_root()).resolve()
     assets = build_assets(assets_root)
-    ledger = Ledger(Path(args.ledger) if args.ledger else None)
+    ledger = Ledger(Path(args.ledger) if args.ledger else None, assets_fingerprint(assets))
     if "teacher_mass_kept" in assets:
         print(
             f"teacher: {assets['teacher']} ({assets['vocab']} tokens kept, holding "
