@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
 
-from distill.cluster.teacher_group import TeacherGroup, TeacherSpec
+from distill.batch import TeacherBatch
+from distill.cluster.teacher_group import BatchMeta, TeacherGroup, TeacherSpec
+from distill.cluster.worker import TorchrunWorker
 from distill.models.loading import save_model
 from distill.models.tiny import build_model, tiny_config
 from distill.teacher.engine import TeacherEngine
@@ -130,30 +134,17 @@ def test_killed_actor_recovers_and_every_batch_arrives_exactly_once(ray_cluster,
         group.shutdown()
 
 
-class SlowEchoWorker:
+class SlowEchoWorker(TorchrunWorker):
     """A teacher worker with the TeacherWorker protocol and no model (a stand-in for a slow forward): each batch
     takes `spec` seconds and comes back as its own tokens, so a test can hold batches in flight on an actor."""
 
     def __init__(self, spec: float, replica: int, rank: int, tp: int) -> None:
         self.seconds, self.replica = spec, replica
 
-    def pid(self) -> int:
-        import os
-
-        return os.getpid()
-
-    def rendezvous_address(self) -> tuple[str, int]:
-        return "127.0.0.1", 0
-
     def setup(self, address) -> int:
         return self.pid()
 
     def score(self, batch_id, inputs):
-        import time
-
-        from distill.batch import TeacherBatch
-        from distill.cluster.teacher_group import BatchMeta
-
         time.sleep(self.seconds)
         ids = inputs["input_ids"]
         mask = np.ones(ids.shape, dtype=bool)
@@ -167,7 +158,6 @@ def test_two_streams_that_lose_one_replica_restart_it_once_and_get_every_batch(r
     replica they share dies, both streams hold batches on it: it is restarted once, not once per stream (a second
     restart would kill the actors the first one started), and each stream gets each of its batches once, in order."""
     import threading
-    import time
 
     import ray
 
