@@ -247,16 +247,20 @@ class Ledger:
 
     def __init__(self, path: Path | None, assets: str) -> None:
         self.path, self.assets = path, assets
-        self.entries = json.loads(path.read_text(encoding="utf-8")) if path and path.is_file() else {}
+        self.entries = self._read()
         self.commit = git_commit()  # the code these runs use (HEAD may move while a matrix runs)
+
+    def _read(self) -> dict:
+        return json.loads(self.path.read_text(encoding="utf-8")) if self.path and self.path.is_file() else {}
 
     def get(self, case: str, identity: str) -> dict | None:
         entry = self.entries.get(case, {}).get(identity)
         return entry["scores"] if entry and entry.get("assets") == self.assets else None
 
     def put(self, case: str, identity: str, scores: dict, seconds: float) -> None:
-        if self.path and self.path.is_file():  # what other matrices sharing the file wrote meanwhile
-            self.entries = json.loads(self.path.read_text(encoding="utf-8"))
+        self.entries = (
+            self._read() or self.entries
+        )  # with what other matrices sharing the file wrote meanwhile
         self.entries.setdefault(case, {})[identity] = {
             "scores": scores,
             "assets": self.assets,
