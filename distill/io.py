@@ -16,6 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
+
 
 def current_umask() -> int:
     """The process umask, read without changing it where /proc allows (os.umask would set it for a moment)."""
@@ -101,6 +103,15 @@ def atomic_dir(final: str | Path, fill: Callable[[Path], None]) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def build_lock(folder: str | Path) -> FileLock:
+    """Held while a cached folder is checked and built. Jobs that share a cache (a sweep's runs, parallel test
+    workers) and want the same folder: one builds it, the others wait and then read it. Without it each builds its
+    own copy, and `atomic_dir` replaces the folder under the feet of a job already reading it."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(folder.parent / f".{folder.name}.lock")
 
 
 def describe_files(root: str | Path) -> dict[str, dict[str, Any]]:

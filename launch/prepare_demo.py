@@ -20,7 +20,7 @@ from distill.data import DOMAINS, build_task_dataset, encode_example
 from distill.data.build import RunData, batch_stream
 from distill.errors import ConfigError
 from distill.eval.runs import evaluate
-from distill.io import atomic_dir, atomic_write_json
+from distill.io import atomic_dir, atomic_write_json, build_lock
 from distill.models.loading import load_causal_lm, load_tokenizer, load_tokenizer_folder, save_model
 from distill.models.resolve import demo_student_tokenizer_dir, demo_teacher_dir, demo_teacher_tokenizer_dir
 from distill.models.tiny import TINY_ARCHS, build_model, tiny_config
@@ -41,9 +41,14 @@ def prepare_demo(cfg: DictConfig) -> dict:
             f"prepare-demo trains a tiny teacher; teacher={cfg.teacher.name} is not one of {TINY_ARCHS}."
         )
     teacher_domains(cfg.prepare)  # an unknown domain fails before anything is trained
+    out = demo_teacher_dir(cfg)
+    with build_lock(out):
+        return _prepare_locked(cfg, out)
+
+
+def _prepare_locked(cfg: DictConfig, out: Path) -> dict:
     if cfg.prepare.student_vocab_size:
         prepare_student_tokenizer(cfg)
-    out = demo_teacher_dir(cfg)
     if (out / EVAL_FILE).is_file() and not cfg.prepare.force:
         summary = json.loads((out / EVAL_FILE).read_text())
         print(f"cached teacher: {out}\n{_describe(summary)}")
@@ -128,9 +133,10 @@ def prepare_student_tokenizer(cfg: DictConfig) -> Path:
     so its merges differ from the teacher's. Cached; pass its folder as student.tokenizer."""
     p = cfg.prepare
     out = demo_student_tokenizer_dir(cfg)
-    if not (out / "tokenizer.json").is_file() or p.force:
-        tokenizer = train_tokenizer(task_corpus(p.seed + 1), p.student_vocab_size)
-        atomic_dir(out, lambda tmp: tokenizer.save_pretrained(str(tmp)))
+    with build_lock(out):
+        if not (out / "tokenizer.json").is_file() or p.force:
+            tokenizer = train_tokenizer(task_corpus(p.seed + 1), p.student_vocab_size)
+            atomic_dir(out, lambda tmp: tokenizer.save_pretrained(str(tmp)))
     print(f"student tokenizer ({p.student_vocab_size} tokens): {out}")
     return out
 

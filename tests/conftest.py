@@ -35,7 +35,13 @@ TEST_OVERRIDES = [
 def cache_dir(tmp_path_factory) -> Path:
     """DISTILL_TEST_CACHE keeps the trained test teacher between local sessions; CI starts empty."""
     keep = os.environ.get("DISTILL_TEST_CACHE")
-    return Path(keep) if keep else tmp_path_factory.mktemp("distill-cache")
+    if keep:
+        return Path(keep)
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # the workers share one (prepare_demo locks what it builds)
+        shared = tmp_path_factory.getbasetemp().parent / "distill-cache"
+        shared.mkdir(exist_ok=True)
+        return shared
+    return tmp_path_factory.mktemp("distill-cache")
 
 
 @pytest.fixture(scope="session")
@@ -70,7 +76,8 @@ def second_teacher(tiny_teacher, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One simulated two-node Ray cluster for the whole session (each node: 2 CPUs, its own object store)."""
+    """One simulated two-node Ray cluster for the whole session (each node: 2 CPUs, its own object store). Under
+    `make test`'s two pytest-xdist workers, each worker's session starts its own."""
     import tempfile
 
     import ray
