@@ -20,8 +20,8 @@ setup-vllm:
 demo: setup
 	$(VENV)/bin/distill demo
 
-# Two pytest-xdist workers: while one waits on Ray actors or other processes, the other runs (1682 s against
-# 1998 s in one process, both beside the #16 matrix at nice 19). Empty (PYTEST_WORKERS=) runs one process.
+# Two pytest-xdist workers: while one waits on Ray actors or other processes, the other runs (fresh-clone CI:
+# 1908 s against 1998 s in one process, both beside a bench at nice 19). PYTEST_WORKERS= runs one process.
 PYTEST_WORKERS ?= -n 2
 
 test: setup setup-vllm
