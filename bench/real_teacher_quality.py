@@ -258,9 +258,8 @@ class Ledger:
         return entry["scores"] if entry and entry.get("assets") == self.assets else None
 
     def put(self, case: str, identity: str, scores: dict, seconds: float) -> None:
-        self.entries = (
-            self._read() or self.entries
-        )  # with what other matrices sharing the file wrote meanwhile
+        # With what other matrices sharing the file wrote meanwhile.
+        self.entries = self._read() or self.entries
         self.entries.setdefault(case, {})[identity] = {
             "scores": scores,
             "assets": self.assets,
