@@ -114,6 +114,16 @@ def build_lock(folder: str | Path) -> FileLock:
     return FileLock(folder.parent / f".{folder.name}.lock")
 
 
+def cached_dir(folder: str | Path, marker: str, fill: Callable[[Path], None], rebuild: bool = False) -> Path:
+    """`folder`, built once with `atomic_dir(folder, fill)` unless `folder/marker` already exists (or `rebuild`),
+    under `build_lock`, so jobs sharing a cache build it once and never read a half-written or replaced copy."""
+    folder = Path(folder)
+    with build_lock(folder):
+        if rebuild or not (folder / marker).is_file():
+            atomic_dir(folder, fill)
+    return folder
+
+
 def describe_files(root: str | Path) -> dict[str, dict[str, Any]]:
     """{path under root (posix): {"bytes": size, "sha256": hex}} of every file under `root`. Hashed on a few
     threads: hashlib releases the GIL, and a ZeRO checkpoint has a file per rank."""

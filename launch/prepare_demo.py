@@ -20,7 +20,7 @@ from distill.data import DOMAINS, build_task_dataset, encode_example
 from distill.data.build import RunData, batch_stream
 from distill.errors import ConfigError
 from distill.eval.runs import evaluate
-from distill.io import atomic_dir, atomic_write_json, build_lock
+from distill.io import atomic_dir, atomic_write_json, build_lock, cached_dir
 from distill.models.loading import load_causal_lm, load_tokenizer, load_tokenizer_folder, save_model
 from distill.models.resolve import demo_student_tokenizer_dir, demo_teacher_dir, demo_teacher_tokenizer_dir
 from distill.models.tiny import TINY_ARCHS, build_model, tiny_config
@@ -133,10 +133,12 @@ def prepare_student_tokenizer(cfg: DictConfig) -> Path:
     so its merges differ from the teacher's. Cached; pass its folder as student.tokenizer."""
     p = cfg.prepare
     out = demo_student_tokenizer_dir(cfg)
-    with build_lock(out):
-        if not (out / "tokenizer.json").is_file() or p.force:
-            tokenizer = train_tokenizer(task_corpus(p.seed + 1), p.student_vocab_size)
-            atomic_dir(out, lambda tmp: tokenizer.save_pretrained(str(tmp)))
+    cached_dir(
+        out,
+        "tokenizer.json",
+        lambda tmp: train_tokenizer(task_corpus(p.seed + 1), p.student_vocab_size).save_pretrained(str(tmp)),
+        rebuild=p.force,
+    )
     print(f"student tokenizer ({p.student_vocab_size} tokens): {out}")
     return out
 

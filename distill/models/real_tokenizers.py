@@ -29,7 +29,7 @@ from transformers import PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import TikTokenConverter
 
 from distill.errors import CheckpointError, ConfigError
-from distill.io import atomic_dir, build_lock
+from distill.io import cached_dir
 from distill.models.loading import load_tokenizer_folder
 
 # Bump when a builder below changes what it writes, so cached folders are rebuilt.
@@ -269,12 +269,11 @@ def real_tokenizer_dir(name: str, cache_dir: str | Path) -> Path:
 
 def ensure_real_tokenizer(name: str, cache_dir: str | Path) -> Path:
     """The folder of tokenizer `name`, built and saved on first use (seconds), then reused."""
-    folder = real_tokenizer_dir(name, cache_dir)
-    with build_lock(folder):
-        if not (folder / "tokenizer.json").is_file():
-            tokenizer = real_tokenizer(name).build()
-            atomic_dir(folder, lambda tmp: tokenizer.save_pretrained(str(tmp)))
-    return folder
+    return cached_dir(
+        real_tokenizer_dir(name, cache_dir),
+        "tokenizer.json",
+        lambda tmp: real_tokenizer(name).build().save_pretrained(str(tmp)),
+    )
 
 
 def load_real_tokenizer(name: str, cache_dir: str | Path):
